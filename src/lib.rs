@@ -1,0 +1,20 @@
+//! # uamt: uncertainty-aware mean teacher for semi-supervised 3D segmentation
+//!
+//! The core library: everything here is plain, single-threaded and testable without an actor
+//! framework. The daemon in `actors/` wires these pieces into a pipeline.
+//!
+//! # Layout
+//! - [`model`]: the V-Net as UA-MT uses it, with parameter names equal to the reference
+//!   PyTorch module's `state_dict` keys, and the named parameter store it lives in.
+//! - [`uamt`]: the method's math: losses, uncertainty, ramps, EMA, SGD, learning-rate schedule
+//!   and the counter-based random numbers that make every pass reproducible by construction.
+//! - [`train`]: one full sequential UA-MT iteration ([`train::Trainer::step`]), the ground truth
+//!   that the actor pipeline must reproduce.
+//! - [`error`]: the library's typed errors.
+
+pub mod error;
+pub mod model;
+pub mod train;
+pub mod uamt;
+
+pub use error::{Error, Result};

@@ -1,0 +1,7 @@
+//! The segmentation network and the named tensors it is made of.
+
+pub mod params;
+pub mod vnet;
+
+pub use params::{Param, ParamStore};
+pub use vnet::{Dropout, DropoutMasks, Normalization, VNet, VNetConfig};

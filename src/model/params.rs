@@ -1,0 +1,146 @@
+//! A named, ordered store of a model's tensors: trainable parameters and buffers (BatchNorm
+//! running statistics), named like the reference PyTorch module's `state_dict` keys. The order
+//! is the module's registration order, i.e. the order of PyTorch's `.parameters()`.
+
+use crate::{Error, Result};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// One named tensor of a model.
+#[derive(Debug)]
+pub struct Param {
+    /// The `state_dict` key, e.g. `block_one.conv.0.weight`.
+    pub name: String,
+    /// The tensor itself; layers hold shallow clones of it, so in-place updates are seen by both.
+    pub tensor: Tensor,
+    /// Whether the optimiser updates it (parameters) or the forward pass does (buffers).
+    pub trainable: bool,
+}
+
+/// The tensors of one model, in registration order.
+#[derive(Debug)]
+pub struct ParamStore {
+    /// All tensors, parameters and buffers interleaved as the module registers them.
+    entries: Vec<Param>,
+    /// Where every tensor lives.
+    device: Device,
+}
+
+impl ParamStore {
+    /// An empty store whose tensors will live on `device`.
+    pub fn new(device: Device) -> Self {
+        ParamStore { entries: Vec::new(), device }
+    }
+
+    /// The device every tensor lives on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Registers `tensor` under `name` and returns a shallow clone for the layer to hold.
+    /// Trainable tensors are made leaves that require gradients.
+    pub(crate) fn add(&mut self, name: String, tensor: Tensor, trainable: bool) -> Tensor {
+        let tensor = tensor.to_device(self.device).detach();
+        let tensor = if trainable { tensor.set_requires_grad(true) } else { tensor };
+        let handle = tensor.shallow_clone();
+        self.entries.push(Param { name, tensor, trainable });
+        handle
+    }
+
+    /// Every tensor, in registration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Param> {
+        self.entries.iter()
+    }
+
+    /// The trainable parameters, in the order of PyTorch's `.parameters()`.
+    pub fn trainable(&self) -> impl Iterator<Item = &Param> {
+        self.entries.iter().filter(|p| p.trainable)
+    }
+
+    /// The buffers (not trained by the optimiser).
+    pub fn buffers(&self) -> impl Iterator<Item = &Param> {
+        self.entries.iter().filter(|p| !p.trainable)
+    }
+
+    /// The tensor registered under `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.entries.iter().find(|p| p.name == name).map(|p| &p.tensor)
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_trainable(&self) -> i64 {
+        self.trainable().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    /// Shallow clones of every tensor with its name (for saving).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.entries.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect()
+    }
+
+    /// Copies values in place from `named` by name. Every tensor of the store must be present with
+    /// the same shape; `origin` names the source in errors. Extra names in `named` are errors too
+    /// unless `allow_extra` (a file may hold several models under prefixes handled by the caller).
+    pub fn load_named(&self, named: &[(String, Tensor)], origin: &Path, allow_extra: bool) -> Result<()> {
+        let file_err = |why: String| Error::File { path: origin.to_path_buf(), why };
+        if !allow_extra {
+            if let Some((name, _)) = named.iter().find(|(n, _)| self.get(n).is_none()) {
+                return Err(file_err(format!("unexpected tensor `{name}`")));
+            }
+        }
+        for p in &self.entries {
+            let src = named
+                .iter()
+                .find(|(n, _)| *n == p.name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| file_err(format!("missing tensor `{}`", p.name)))?;
+            if src.size() != p.tensor.size() {
+                return Err(file_err(format!(
+                    "tensor `{}` has shape {:?}, the model expects {:?}",
+                    p.name,
+                    src.size(),
+                    p.tensor.size()
+                )));
+            }
+            let src = src.to_device(self.device).to_kind(p.tensor.kind());
+            tch::no_grad(|| p.tensor.shallow_clone().f_copy_(&src))?;
+        }
+        Ok(())
+    }
+
+    /// Copies every trainable parameter's value from `other` (same architecture) in place.
+    pub fn copy_trainable_from(&self, other: &ParamStore) -> Result<()> {
+        for (dst, src) in self.trainable().zip(other.trainable()) {
+            if dst.name != src.name {
+                return Err(Error::invalid("model", format!("parameter order differs: {} vs {}", dst.name, src.name)));
+            }
+            tch::no_grad(|| dst.tensor.shallow_clone().f_copy_(&src.tensor))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `.npz` or `.safetensors` (by extension) into this store by name.
+    pub fn load_file(&self, path: &Path) -> Result<()> {
+        let named = read_named(path)?;
+        self.load_named(&named, path, false)
+    }
+}
+
+/// Reads named tensors from an `.npz` or `.safetensors` file.
+pub fn read_named(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let err = |e: tch::TchError| Error::File { path: path.to_path_buf(), why: e.to_string() };
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("npz") => Tensor::read_npz(path).map_err(err),
+        Some("safetensors") => Tensor::read_safetensors(path).map_err(err),
+        _ => Tensor::load_multi(path).map_err(err),
+    }
+}
+
+/// A scalar of a named-tensor list as f64, for reading fixtures and checkpoints.
+pub fn scalar_of(named: &[(String, Tensor)], name: &str, origin: &Path) -> Result<f64> {
+    let t = named.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| Error::File {
+        path: origin.to_path_buf(),
+        why: format!("missing `{name}`"),
+    })?;
+    Ok(t.to_kind(Kind::Double).f_double_value(&[])
+        .or_else(|_| t.to_kind(Kind::Double).f_double_value(&[0]))?)
+}

@@ -1,0 +1,373 @@
+//! V-Net as UA-MT uses it (Milletari et al. 2016, in the form of the reference `vnet.py`):
+//! five encoder levels of 1, 2, 3, 3, 3 conv -> BatchNorm -> ReLU units, strided 2x2x2 convs
+//! between them, a decoder of transposed convs whose outputs are ADDED to the skips, one
+//! Dropout3d on the bottleneck (x5) and on the last decoder features (x9), and a 1x1x1 output conv.
+//!
+//! Tensor names equal the reference module's `state_dict` keys (`block_one.conv.0.weight`, ...),
+//! so weights exported from PyTorch load directly.
+
+use super::params::ParamStore;
+use crate::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Which normalisation follows each convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalization {
+    /// BatchNorm3d (the recipe's choice).
+    Batchnorm,
+    /// No normalisation: conv -> ReLU.
+    None,
+}
+
+/// The shape of a V-Net.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VNetConfig {
+    /// Input channels (1 for MRI).
+    pub n_channels: i64,
+    /// Output classes (2: background, left atrium).
+    pub n_classes: i64,
+    /// Channels at the first level; doubled at each of the four downsamplings.
+    pub n_filters: i64,
+    /// Normalisation after each convolution.
+    pub normalization: Normalization,
+    /// Whether Dropout3d is applied to x5 and x9 in training mode.
+    pub has_dropout: bool,
+    /// Dropout3d probability of zeroing a channel.
+    pub dropout_p: f64,
+}
+
+impl Default for VNetConfig {
+    fn default() -> Self {
+        VNetConfig {
+            n_channels: 1,
+            n_classes: 2,
+            n_filters: 16,
+            normalization: Normalization::Batchnorm,
+            has_dropout: true,
+            dropout_p: 0.5,
+        }
+    }
+}
+
+/// Channel-dropout masks for one forward pass, already scaled (each entry is 0 or 1/(1-p)).
+#[derive(Debug)]
+pub struct DropoutMasks {
+    /// `[batch, 16 * n_filters, 1, 1, 1]`, applied to the bottleneck.
+    pub x5: Tensor,
+    /// `[batch, n_filters, 1, 1, 1]`, applied to the last decoder features.
+    pub x9: Tensor,
+}
+
+/// Where a training-mode forward pass takes its dropout from.
+#[derive(Debug, Clone, Copy)]
+pub enum Dropout<'a> {
+    /// Drawn from libtorch's global generator (as `nn.Dropout3d` does).
+    Random,
+    /// Given explicitly: reproducible whichever thread runs the pass.
+    Masks(&'a DropoutMasks),
+}
+
+/// A 3-D convolution or transposed convolution with bias.
+#[derive(Debug)]
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    stride: i64,
+    padding: i64,
+    transposed: bool,
+}
+
+impl Conv {
+    /// Registers `prefix.weight` and `prefix.bias`, initialised as PyTorch does by default:
+    /// both uniform in +-1/sqrt(fan_in), fan_in taken from the weight's second dimension.
+    fn new(store: &mut ParamStore, prefix: &str, c_in: i64, c_out: i64, kernel: i64, stride: i64, padding: i64, transposed: bool) -> Self {
+        let shape = if transposed {
+            [c_in, c_out, kernel, kernel, kernel]
+        } else {
+            [c_out, c_in, kernel, kernel, kernel]
+        };
+        let fan_in = (shape[1] * kernel * kernel * kernel) as f64;
+        let bound = 1.0 / fan_in.sqrt();
+        let opts = (Kind::Float, Device::Cpu);
+        let weight = Tensor::empty(shape, opts).uniform_(-bound, bound);
+        let bias = Tensor::empty([c_out], opts).uniform_(-bound, bound);
+        Conv {
+            weight: store.add(format!("{prefix}.weight"), weight, true),
+            bias: store.add(format!("{prefix}.bias"), bias, true),
+            stride,
+            padding,
+            transposed,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (s, p) = ([self.stride; 3], [self.padding; 3]);
+        if self.transposed {
+            x.conv_transpose3d(&self.weight, Some(&self.bias), s, p, [0; 3], 1, [1; 3])
+        } else {
+            x.conv3d(&self.weight, Some(&self.bias), s, p, [1; 3], 1)
+        }
+    }
+}
+
+/// BatchNorm3d with PyTorch's defaults (momentum 0.1, eps 1e-5, affine, running statistics).
+#[derive(Debug)]
+struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+}
+
+impl BatchNorm {
+    fn new(store: &mut ParamStore, prefix: &str, c: i64) -> Self {
+        let opts = (Kind::Float, Device::Cpu);
+        BatchNorm {
+            weight: store.add(format!("{prefix}.weight"), Tensor::ones([c], opts), true),
+            bias: store.add(format!("{prefix}.bias"), Tensor::zeros([c], opts), true),
+            running_mean: store.add(format!("{prefix}.running_mean"), Tensor::zeros([c], opts), false),
+            running_var: store.add(format!("{prefix}.running_var"), Tensor::ones([c], opts), false),
+            num_batches_tracked: store.add(
+                format!("{prefix}.num_batches_tracked"),
+                Tensor::zeros([], (Kind::Int64, Device::Cpu)),
+                false,
+            ),
+        }
+    }
+
+    /// Training mode normalises with the batch's statistics and updates the running ones.
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if train {
+            tch::no_grad(|| {
+                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+            });
+        }
+        let cudnn = x.device().is_cuda();
+        x.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            train,
+            0.1,
+            1e-5,
+            cudnn,
+        )
+    }
+}
+
+/// conv -> [BatchNorm] -> ReLU.
+#[derive(Debug)]
+struct Unit {
+    conv: Conv,
+    norm: Option<BatchNorm>,
+}
+
+impl Unit {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = self.conv.forward(x);
+        let y = match &self.norm {
+            Some(bn) => bn.forward(&y, train),
+            None => y,
+        };
+        y.relu()
+    }
+}
+
+/// A `nn.Sequential` of units under `<name>.conv.<index>`.
+#[derive(Debug)]
+struct Block {
+    units: Vec<Unit>,
+}
+
+/// What kind of block, to build the reference's layers.
+#[derive(Clone, Copy)]
+enum BlockKind {
+    /// `n` 3x3x3 convs, padding 1.
+    Conv(usize),
+    /// One 2x2x2 conv, stride 2.
+    Down,
+    /// One 2x2x2 transposed conv, stride 2.
+    Up,
+}
+
+impl Block {
+    fn new(store: &mut ParamStore, name: &str, kind: BlockKind, c_in: i64, c_out: i64, norm: Normalization) -> Self {
+        // Each unit occupies conv, [bn,] relu slots in the reference's nn.Sequential.
+        let slots = if norm == Normalization::Batchnorm { 3 } else { 2 };
+        let (n, kernel, stride, padding, transposed) = match kind {
+            BlockKind::Conv(n) => (n, 3, 1, 1, false),
+            BlockKind::Down => (1, 2, 2, 0, false),
+            BlockKind::Up => (1, 2, 2, 0, true),
+        };
+        let units = (0..n)
+            .map(|i| {
+                let c = if i == 0 { c_in } else { c_out };
+                let conv = Conv::new(store, &format!("{name}.conv.{}", i * slots), c, c_out, kernel, stride, padding, transposed);
+                let norm = (norm == Normalization::Batchnorm)
+                    .then(|| BatchNorm::new(store, &format!("{name}.conv.{}", i * slots + 1), c_out));
+                Unit { conv, norm }
+            })
+            .collect();
+        Block { units }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut y = self.units[0].forward(x, train);
+        for u in &self.units[1..] {
+            y = u.forward(&y, train);
+        }
+        y
+    }
+}
+
+/// The V-Net. Owns its [`ParamStore`]; layers hold shallow clones of the store's tensors.
+#[derive(Debug)]
+pub struct VNet {
+    config: VNetConfig,
+    store: ParamStore,
+    enc: [Block; 5],
+    down: [Block; 4],
+    up: [Block; 4],
+    dec: [Block; 4],
+    out_conv: Conv,
+}
+
+impl VNet {
+    /// Builds a V-Net on `device`, initialised from libtorch's global generator as PyTorch's
+    /// default initialisation does (seed it with `tch::manual_seed` for a reproducible start).
+    pub fn new(config: &VNetConfig, device: Device) -> Result<Self> {
+        if config.n_channels < 1 || config.n_classes < 2 || config.n_filters < 1 {
+            return Err(Error::invalid("model", format!("n_channels >= 1, n_classes >= 2, n_filters >= 1 required, got {config:?}")));
+        }
+        if !(0.0..1.0).contains(&config.dropout_p) {
+            return Err(Error::invalid("model.dropout_p", format!("must be in [0, 1), got {}", config.dropout_p)));
+        }
+        let mut s = ParamStore::new(device);
+        let (nf, norm) = (config.n_filters, config.normalization);
+        let b = |s: &mut ParamStore, name: &str, kind, i, o| Block::new(s, name, kind, i, o, norm);
+        // Registration order equals the reference module's, so `.parameters()` orders agree.
+        let e1 = b(&mut s, "block_one", BlockKind::Conv(1), config.n_channels, nf);
+        let d1 = b(&mut s, "block_one_dw", BlockKind::Down, nf, 2 * nf);
+        let e2 = b(&mut s, "block_two", BlockKind::Conv(2), 2 * nf, 2 * nf);
+        let d2 = b(&mut s, "block_two_dw", BlockKind::Down, 2 * nf, 4 * nf);
+        let e3 = b(&mut s, "block_three", BlockKind::Conv(3), 4 * nf, 4 * nf);
+        let d3 = b(&mut s, "block_three_dw", BlockKind::Down, 4 * nf, 8 * nf);
+        let e4 = b(&mut s, "block_four", BlockKind::Conv(3), 8 * nf, 8 * nf);
+        let d4 = b(&mut s, "block_four_dw", BlockKind::Down, 8 * nf, 16 * nf);
+        let e5 = b(&mut s, "block_five", BlockKind::Conv(3), 16 * nf, 16 * nf);
+        let u5 = b(&mut s, "block_five_up", BlockKind::Up, 16 * nf, 8 * nf);
+        let c6 = b(&mut s, "block_six", BlockKind::Conv(3), 8 * nf, 8 * nf);
+        let u6 = b(&mut s, "block_six_up", BlockKind::Up, 8 * nf, 4 * nf);
+        let c7 = b(&mut s, "block_seven", BlockKind::Conv(3), 4 * nf, 4 * nf);
+        let u7 = b(&mut s, "block_seven_up", BlockKind::Up, 4 * nf, 2 * nf);
+        let c8 = b(&mut s, "block_eight", BlockKind::Conv(2), 2 * nf, 2 * nf);
+        let u8 = b(&mut s, "block_eight_up", BlockKind::Up, 2 * nf, nf);
+        let c9 = b(&mut s, "block_nine", BlockKind::Conv(1), nf, nf);
+        let out_conv = Conv::new(&mut s, "out_conv", nf, config.n_classes, 1, 1, 0, false);
+        Ok(VNet {
+            config: config.clone(),
+            store: s,
+            enc: [e1, e2, e3, e4, e5],
+            down: [d1, d2, d3, d4],
+            up: [u5, u6, u7, u8],
+            dec: [c6, c7, c8, c9],
+            out_conv,
+        })
+    }
+
+    /// The network's shape.
+    pub fn config(&self) -> &VNetConfig {
+        &self.config
+    }
+
+    /// The named parameters and buffers.
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.store.device()
+    }
+
+    /// Fresh dropout masks for a batch of `n`, drawn from `uniform(shape) -> U[0, 1)`.
+    pub fn dropout_masks(&self, n: i64, mut uniform: impl FnMut(&[i64]) -> Tensor) -> DropoutMasks {
+        let keep = 1.0 - self.config.dropout_p;
+        let mut mask = |c: i64| uniform(&[n, c, 1, 1, 1]).lt(keep).to_kind(Kind::Float) / keep;
+        let x5 = mask(16 * self.config.n_filters);
+        let x9 = mask(self.config.n_filters);
+        DropoutMasks { x5, x9 }
+    }
+
+    /// Checks that `x` is `[batch, n_channels, X, Y, Z]` with every side divisible by 16, and
+    /// that `masks` (if any) fit it.
+    pub fn check_input(&self, x: &Tensor, masks: Option<&DropoutMasks>) -> Result<()> {
+        let size = x.size();
+        let ok = size.len() == 5 && size[1] == self.config.n_channels && size[2..].iter().all(|s| *s > 0 && s % 16 == 0);
+        if !ok {
+            return Err(Error::shape(
+                "v-net input",
+                format!("[batch, {}, X, Y, Z] with X, Y, Z divisible by 16", self.config.n_channels),
+                size,
+            ));
+        }
+        if let Some(m) = masks {
+            let nf = self.config.n_filters;
+            for (what, t, c) in [("dropout mask x5", &m.x5, 16 * nf), ("dropout mask x9", &m.x9, nf)] {
+                if t.size() != [size[0], c, 1, 1, 1] {
+                    return Err(Error::shape(what, format!("[{}, {c}, 1, 1, 1]", size[0]), t.size()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Logits `[batch, n_classes, X, Y, Z]`. In training mode BatchNorm uses batch statistics
+    /// (and updates the running ones) and, if the net has dropout, channels are dropped as
+    /// `dropout` says; in eval mode neither.
+    pub fn forward_with(&self, x: &Tensor, train: bool, dropout: Dropout<'_>) -> Result<Tensor> {
+        let masks = match dropout {
+            Dropout::Masks(m) => Some(m),
+            Dropout::Random => None,
+        };
+        self.check_input(x, masks)?;
+        let drop = |t: Tensor, pick: fn(&DropoutMasks) -> &Tensor| -> Tensor {
+            if !(train && self.config.has_dropout) {
+                return t;
+            }
+            match dropout {
+                Dropout::Random => t.feature_dropout(self.config.dropout_p, true),
+                Dropout::Masks(m) => t * pick(m),
+            }
+        };
+        // Encoder: x1 [b, nf, X, Y, Z] ... x5 [b, 16nf, X/16, Y/16, Z/16].
+        let mut skips = Vec::with_capacity(4);
+        let mut h = x.shallow_clone();
+        for (level, block) in self.enc.iter().enumerate() {
+            h = block.forward(&h, train);
+            if level < 4 {
+                let next = self.down[level].forward(&h, train);
+                skips.push(h);
+                h = next;
+            }
+        }
+        let mut h = drop(h, |m| &m.x5);
+        // Decoder: upsample, add the skip of the same level, convolve.
+        for (up, dec) in self.up.iter().zip(&self.dec) {
+            let skip = skips.pop().expect("four skips for four upsamplings");
+            h = dec.forward(&(up.forward(&h, train) + skip), train);
+        }
+        let h = drop(h, |m| &m.x9); // x9 [b, nf, X, Y, Z]
+        Ok(self.out_conv.forward(&h))
+    }
+}
+
+impl tch::nn::ModuleT for VNet {
+    /// Panics on an input of the wrong shape; use [`VNet::forward_with`] where data decides shapes.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.forward_with(xs, train, Dropout::Random).expect("v-net input of the wrong shape")
+    }
+}

@@ -1,0 +1,404 @@
+//! One full sequential UA-MT iteration: the ground truth that the actor pipeline reproduces.
+//!
+//! The iteration, for a batch of `labelled_bs` labelled patches followed by unlabelled ones:
+//! student forward on all patches; teacher forward on the unlabelled patches plus noise (the
+//! consistency target); T more noisy teacher passes whose mean softmax's entropy is the
+//! uncertainty; supervised loss on the labelled part; masked softmax-MSE consistency on the
+//! unlabelled part; backward; SGD; EMA. All randomness (noise, dropout masks) comes in a
+//! [`StepRandom`], drawn from a seed and the iteration, so any thread can draw any part of it.
+
+use crate::model::{Dropout, DropoutMasks, VNet, VNetConfig};
+use crate::uamt::{self, losses, rng, Sgd};
+use crate::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Which method a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Uncertainty-aware mean teacher: consistency only where the teacher is certain.
+    Uamt,
+    /// Mean teacher: consistency everywhere (mask all ones), no Monte-Carlo passes.
+    MeanTeacher,
+    /// Labelled patches only, no teacher.
+    Supervised,
+}
+
+/// Hyper-parameters of one step; the defaults are the recipe's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepConfig {
+    /// The method.
+    pub method: Method,
+    /// Labelled patches at the head of each batch.
+    pub labelled_bs: i64,
+    /// Monte-Carlo teacher passes T for the uncertainty.
+    pub mc_passes: i64,
+    /// Copies of the unlabelled patches per teacher forward (the reference: 2, so T=8 is 4 forwards
+    /// of batch 4). BatchNorm statistics are taken over each forward's batch.
+    pub mc_repeats: i64,
+    /// Standard deviation of the teacher's input noise.
+    pub noise_std: f64,
+    /// The noise is clamped to +-this.
+    pub noise_clip: f64,
+    /// Maximum consistency weight.
+    pub consistency: f64,
+    /// The consistency ramp counts in units of this many iterations.
+    pub consistency_interval: i64,
+    /// Length of the consistency ramp-up, in those units.
+    pub consistency_rampup: f64,
+    /// Total iterations (the threshold ramps up over them).
+    pub max_iter: i64,
+    /// EMA decay ceiling.
+    pub ema_decay: f64,
+    /// Initial learning rate.
+    pub base_lr: f64,
+    /// The learning rate is multiplied by `lr_gamma` every `lr_step` iterations.
+    pub lr_step: i64,
+    /// Factor of each learning-rate drop.
+    pub lr_gamma: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// SGD weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for StepConfig {
+    fn default() -> Self {
+        StepConfig {
+            method: Method::Uamt,
+            labelled_bs: 2,
+            mc_passes: 8,
+            mc_repeats: 2,
+            noise_std: 0.1,
+            noise_clip: 0.2,
+            consistency: 0.1,
+            consistency_interval: 150,
+            consistency_rampup: 40.0,
+            max_iter: 6000,
+            ema_decay: 0.99,
+            base_lr: 0.01,
+            lr_step: 2500,
+            lr_gamma: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+        }
+    }
+}
+
+impl StepConfig {
+    /// Checks ranges; the error names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, why: String| Err(Error::invalid(k, why));
+        if self.labelled_bs < 1 {
+            return bad("labelled_bs", format!("must be >= 1, got {}", self.labelled_bs));
+        }
+        if self.method == Method::Uamt {
+            if self.mc_passes < 1 || self.mc_repeats < 1 || self.mc_passes % self.mc_repeats != 0 {
+                return bad("mc_passes", format!("must be a positive multiple of mc_repeats ({}), got {}", self.mc_repeats, self.mc_passes));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.ema_decay) {
+            return bad("ema_decay", format!("must be in [0, 1], got {}", self.ema_decay));
+        }
+        if !(self.base_lr > 0.0) {
+            return bad("base_lr", format!("must be > 0, got {}", self.base_lr));
+        }
+        if self.noise_std < 0.0 || self.noise_clip < 0.0 {
+            return bad("noise_std", "noise_std and noise_clip must be >= 0".into());
+        }
+        if self.max_iter < 1 || self.consistency_interval < 1 {
+            return bad("max_iter", "max_iter and consistency_interval must be >= 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Randomness of one network pass: additive input noise and dropout masks.
+#[derive(Debug)]
+pub struct PassRandom {
+    /// Added to the input (already scaled and clamped); `None` for the student.
+    pub noise: Option<Tensor>,
+    /// Dropout3d masks for x5 and x9.
+    pub dropout: DropoutMasks,
+}
+
+/// All randomness of one iteration.
+#[derive(Debug)]
+pub struct StepRandom {
+    /// The student's dropout.
+    pub student: PassRandom,
+    /// The teacher's single noisy pass that gives the consistency target.
+    pub teacher: Option<PassRandom>,
+    /// The Monte-Carlo passes, `mc_passes / mc_repeats` of them, each on `mc_repeats` copies.
+    pub mc: Vec<PassRandom>,
+}
+
+/// Stream identifiers under a (seed, iteration) key.
+const STREAM_STUDENT: u64 = 0;
+const STREAM_TEACHER: u64 = 1;
+const STREAM_MC: u64 = 2;
+
+impl StepRandom {
+    /// The student's part for iteration `iter`: depends only on (seed, iter, batch size).
+    pub fn draw_student(net: &VNet, seed: u64, iter: i64, batch: i64) -> PassRandom {
+        draw_pass(net, rng::key(seed, &[iter as u64, STREAM_STUDENT]), batch, None)
+    }
+
+    /// The teacher's parts (target pass and Monte-Carlo passes) for iteration `iter`, for
+    /// unlabelled patches of `unl_shape` `[u, C, X, Y, Z]`.
+    pub fn draw_teacher(net: &VNet, cfg: &StepConfig, seed: u64, iter: i64, unl_shape: &[i64]) -> (Option<PassRandom>, Vec<PassRandom>) {
+        if cfg.method == Method::Supervised {
+            return (None, Vec::new());
+        }
+        let noise = |k: u64, n: i64| {
+            let mut shape = unl_shape.to_vec();
+            shape[0] = n;
+            let z = rng::normal(rng::key(k, &[0]), &shape, net.device()) * cfg.noise_std;
+            (z.clamp(-cfg.noise_clip, cfg.noise_clip), n)
+        };
+        let u = unl_shape[0];
+        let teacher = draw_pass(net, rng::key(seed, &[iter as u64, STREAM_TEACHER]), u, Some(&noise));
+        let mc = if cfg.method == Method::Uamt {
+            (0..cfg.mc_passes / cfg.mc_repeats)
+                .map(|k| draw_pass(net, rng::key(seed, &[iter as u64, STREAM_MC, k as u64]), u * cfg.mc_repeats, Some(&noise)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (Some(teacher), mc)
+    }
+
+    /// Everything for iteration `iter` on a batch of `images_shape` `[b, C, X, Y, Z]`.
+    pub fn draw(net: &VNet, cfg: &StepConfig, seed: u64, iter: i64, images_shape: &[i64]) -> StepRandom {
+        let student_batch = if cfg.method == Method::Supervised { cfg.labelled_bs } else { images_shape[0] };
+        let student = Self::draw_student(net, seed, iter, student_batch);
+        let mut unl = images_shape.to_vec();
+        unl[0] -= cfg.labelled_bs;
+        let (teacher, mc) = Self::draw_teacher(net, cfg, seed, iter, &unl);
+        StepRandom { student, teacher, mc }
+    }
+}
+
+type NoiseFn<'a> = dyn Fn(u64, i64) -> (Tensor, i64) + 'a;
+
+fn draw_pass(net: &VNet, key: u64, batch: i64, noise: Option<&NoiseFn<'_>>) -> PassRandom {
+    let mut sub = 1u64;
+    let dropout = net.dropout_masks(batch, |shape| {
+        sub += 1;
+        rng::uniform(rng::key(key, &[sub]), shape, net.device())
+    });
+    PassRandom { noise: noise.map(|f| f(rng::key(key, &[0]), batch).0), dropout }
+}
+
+/// What the teacher hands the student for one iteration.
+#[derive(Debug)]
+pub struct Guidance {
+    /// Logits of the single noisy pass on the unlabelled patches `[u, C, X, Y, Z]`.
+    pub target: Tensor,
+    /// Voxels where consistency counts `[u, 1, X, Y, Z]` (float 0/1).
+    pub mask: Tensor,
+    /// Entropy of the mean Monte-Carlo softmax `[u, 1, X, Y, Z]` (UA-MT only).
+    pub uncertainty: Option<Tensor>,
+    /// The threshold the mask was cut at (UA-MT), in nats.
+    pub threshold: f64,
+}
+
+/// The teacher's work for one iteration: the noisy target pass and, for UA-MT, the T Monte-Carlo
+/// passes, their uncertainty and the mask. Runs under no_grad; the teacher stays in train mode.
+pub fn teacher_guidance(teacher: &VNet, cfg: &StepConfig, iter: i64, unlabelled: &Tensor, teacher_rnd: &PassRandom, mc_rnd: &[PassRandom]) -> Result<Guidance> {
+    tch::no_grad(|| {
+        let noisy = |x: &Tensor, r: &PassRandom| match &r.noise {
+            Some(n) => x + n,
+            None => x.shallow_clone(),
+        };
+        let target = teacher.forward_with(&noisy(unlabelled, teacher_rnd), true, Dropout::Masks(&teacher_rnd.dropout))?;
+        let n_classes = teacher.config().n_classes;
+        if cfg.method != Method::Uamt {
+            let mask = Tensor::ones_like(&target.narrow(1, 0, 1));
+            return Ok(Guidance { target, mask, uncertainty: None, threshold: f64::INFINITY });
+        }
+        let expect = (cfg.mc_passes / cfg.mc_repeats) as usize;
+        if mc_rnd.len() != expect {
+            return Err(Error::invalid("mc_passes", format!("{} Monte-Carlo pass randoms given, {expect} expected", mc_rnd.len())));
+        }
+        let repeated = unlabelled.repeat([cfg.mc_repeats, 1, 1, 1, 1]);
+        let logits = mc_rnd
+            .iter()
+            .map(|r| teacher.forward_with(&noisy(&repeated, r), true, Dropout::Masks(&r.dropout)))
+            .collect::<Result<Vec<_>>>()?;
+        let u = losses::uncertainty(&Tensor::cat(&logits, 0), cfg.mc_passes);
+        let threshold = uamt::threshold(iter, cfg.max_iter, n_classes);
+        let mask = u.lt(threshold).to_kind(Kind::Float);
+        Ok(Guidance { target, mask, uncertainty: Some(u), threshold })
+    })
+}
+
+/// The numbers one step produced, still on the device (reading them synchronises).
+#[derive(Debug)]
+pub struct StepStats {
+    /// The iteration this step ran as (0-based).
+    pub iter: i64,
+    /// Total loss.
+    pub loss: Tensor,
+    /// `0.5 * (ce + dice)`.
+    pub supervised: Tensor,
+    /// Cross-entropy.
+    pub ce: Tensor,
+    /// Dice loss.
+    pub dice: Tensor,
+    /// Masked consistency before weighting (0 for supervised).
+    pub consistency: Tensor,
+    /// Fraction of unlabelled voxels under the threshold (1 for mean teacher, 0 for supervised).
+    pub mask_fraction: Tensor,
+    /// Consistency weight used.
+    pub weight: f64,
+    /// Uncertainty threshold used (infinite without a mask).
+    pub threshold: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// [`StepStats`] read back to the host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    pub iter: i64,
+    pub loss: f64,
+    pub supervised: f64,
+    pub ce: f64,
+    pub dice: f64,
+    pub consistency: f64,
+    pub mask_fraction: f64,
+    pub weight: f64,
+    pub threshold: f64,
+    pub lr: f64,
+}
+
+impl StepStats {
+    /// Copies the scalars to the host.
+    pub fn report(&self) -> StepReport {
+        let v = |t: &Tensor| t.double_value(&[]);
+        StepReport {
+            iter: self.iter,
+            loss: v(&self.loss),
+            supervised: v(&self.supervised),
+            ce: v(&self.ce),
+            dice: v(&self.dice),
+            consistency: v(&self.consistency),
+            mask_fraction: v(&self.mask_fraction),
+            weight: self.weight,
+            threshold: self.threshold,
+            lr: self.lr,
+        }
+    }
+}
+
+/// The student, the teacher, the optimiser and the iteration counter.
+#[derive(Debug)]
+pub struct Trainer {
+    /// The network being trained.
+    pub student: VNet,
+    /// The EMA of the student (absent for supervised training).
+    pub teacher: Option<VNet>,
+    /// SGD and its momentum buffers.
+    pub opt: Sgd,
+    /// Steps done so far; the next step runs as this iteration.
+    pub iter: i64,
+    /// Hyper-parameters.
+    pub cfg: StepConfig,
+}
+
+impl Trainer {
+    /// A student and (unless supervised) a separately initialised teacher, as the reference
+    /// builds two models; the first EMA update copies the student into the teacher.
+    pub fn new(net: &VNetConfig, cfg: StepConfig, device: Device) -> Result<Self> {
+        cfg.validate()?;
+        let student = VNet::new(net, device)?;
+        let teacher = match cfg.method {
+            Method::Supervised => None,
+            _ => Some(VNet::new(net, device)?),
+        };
+        let opt = Sgd::new(student.store(), cfg.momentum, cfg.weight_decay);
+        Ok(Trainer { student, teacher, opt, iter: 0, cfg })
+    }
+
+    /// Draws this iteration's randomness for a batch of `images_shape`.
+    pub fn draw_random(&self, seed: u64, images_shape: &[i64]) -> StepRandom {
+        StepRandom::draw(&self.student, &self.cfg, seed, self.iter, images_shape)
+    }
+
+    /// Checks a batch: images `[b, C, X, Y, Z]`, labels `[labelled_bs, X, Y, Z]` int64.
+    fn check_batch(&self, images: &Tensor, labels: &Tensor) -> Result<()> {
+        let (is, ls) = (images.size(), labels.size());
+        let l = self.cfg.labelled_bs;
+        let need_unl = self.cfg.method != Method::Supervised;
+        if is.len() != 5 || is[0] < l + need_unl as i64 {
+            return Err(Error::shape("batch images", format!("[b >= {}, C, X, Y, Z]", l + need_unl as i64), is));
+        }
+        if ls.len() != 4 || ls[0] != l || ls[1..] != is[2..] {
+            return Err(Error::shape("batch labels", format!("[{l}, {}, {}, {}]", is[2], is[3], is[4]), ls));
+        }
+        if labels.kind() != Kind::Int64 {
+            return Err(Error::shape("batch labels kind", "int64", labels.kind()));
+        }
+        Ok(())
+    }
+
+    /// One sequential iteration. `images` holds `labelled_bs` labelled patches then the unlabelled
+    /// ones; `labels` the labelled patches' classes.
+    pub fn step(&mut self, images: &Tensor, labels: &Tensor, rnd: &StepRandom) -> Result<StepStats> {
+        self.check_batch(images, labels)?;
+        let guidance = match (&self.teacher, self.cfg.method) {
+            (Some(teacher), m) if m != Method::Supervised => {
+                let l = self.cfg.labelled_bs;
+                let unl = images.narrow(0, l, images.size()[0] - l);
+                let t = rnd.teacher.as_ref().ok_or_else(|| Error::invalid("random", "teacher pass randomness missing"))?;
+                Some(teacher_guidance(teacher, &self.cfg, self.iter, &unl, t, &rnd.mc)?)
+            }
+            _ => None,
+        };
+        self.student_step(images, labels, &rnd.student, guidance.as_ref())
+    }
+
+    /// The student's half of an iteration given the teacher's guidance: forward, losses,
+    /// backward, SGD, EMA, counter.
+    pub fn student_step(&mut self, images: &Tensor, labels: &Tensor, rnd: &PassRandom, guidance: Option<&Guidance>) -> Result<StepStats> {
+        let cfg = &self.cfg;
+        let (iter, l) = (self.iter, cfg.labelled_bs);
+        let inputs = if cfg.method == Method::Supervised { images.narrow(0, 0, l) } else { images.shallow_clone() };
+        let logits = self.student.forward_with(&inputs, true, Dropout::Masks(&rnd.dropout))?; // [b, C, X, Y, Z]
+        let sup = losses::supervised_loss(&logits.narrow(0, 0, l), labels);
+        let weight = uamt::consistency_weight(iter, cfg.consistency, cfg.consistency_interval, cfg.consistency_rampup);
+        let (loss, consistency, mask_fraction, threshold) = match guidance {
+            Some(g) => {
+                let b = logits.size()[0];
+                let dist = losses::softmax_mse(&logits.narrow(0, l, b - l), &g.target);
+                let cons = losses::masked_consistency(&dist, &g.mask);
+                (&sup.loss + &cons * weight, cons.detach(), g.mask.mean(Kind::Float), g.threshold)
+            }
+            None => {
+                let zero = Tensor::zeros([], (Kind::Float, logits.device()));
+                (sup.loss.shallow_clone(), zero.shallow_clone(), zero, f64::INFINITY)
+            }
+        };
+        let lr = uamt::learning_rate(iter, cfg.base_lr, cfg.lr_step, cfg.lr_gamma);
+        Sgd::zero_grad(self.student.store());
+        loss.f_backward()?;
+        self.opt.step(self.student.store(), lr)?;
+        if let Some(teacher) = &self.teacher {
+            uamt::ema_update(teacher.store(), self.student.store(), iter, cfg.ema_decay)?;
+        }
+        self.iter += 1;
+        Ok(StepStats {
+            iter,
+            loss: loss.detach(),
+            supervised: sup.loss.detach(),
+            ce: sup.ce.detach(),
+            dice: sup.dice.detach(),
+            consistency,
+            mask_fraction,
+            weight: if guidance.is_some() { weight } else { 0.0 },
+            threshold,
+            lr,
+        })
+    }
+}
