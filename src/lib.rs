@@ -12,6 +12,7 @@
 //!   that the actor pipeline must reproduce.
 //! - [`error`]: the library's typed errors.
 
+pub mod data;
 pub mod error;
 pub mod model;
 pub mod train;

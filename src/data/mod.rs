@@ -1,0 +1,40 @@
+//! Data: NIfTI volumes read in place through memory maps, dataset folders, importers,
+//! synthetic data, augmentation and batch sampling.
+//!
+//! # Axis order
+//! A whole volume ([`Volume`]) has shape `[X, Y, Z]` and is stored x fastest, as NIfTI and NRRD
+//! store it on disk, so voxel `(x, y, z)` is at `x + X * (y + Y * z)`. UA-MT's HDF5 arrays
+//! (`image[x][y][z]`, numpy C order) are transposed on import. Patches and batches are C order
+//! (z fastest), the layout of tch tensors `[b, 1, X, Y, Z]`; [`Volume::to_tensor`] permutes.
+//!
+//! # Layout
+//! - [`nifti`]: NIfTI-1 reading (memory-mapped; `.nii.gz` through a cache) and atomic writing.
+//! - [`nrrd`], [`h5`]: the readers the importers need.
+//! - [`dataset`]: the dataset folder (`dataset.json`, `imagesTr/`, `labelsTr/`, ...).
+//! - [`import`]: UA-MT HDF5 and 2018 challenge NRRD importers; [`synth`]: synthetic cases.
+//! - [`augment`]: rot90 + flip + padded random crop, cut straight from the mapped file.
+//! - [`sampler`]: labelled-first batches, seeded per iteration, as tensors for the trainer.
+//! - [`stats`]: what `uamt info` prints. [`rng`]: the seeded generator. [`error`]: [`DataError`].
+
+pub mod augment;
+pub mod dataset;
+pub mod error;
+pub mod h5;
+pub mod import;
+pub mod nifti;
+pub mod nrrd;
+pub mod rng;
+pub mod sampler;
+pub mod stats;
+pub mod synth;
+pub mod volume;
+
+pub use augment::{extract, Augment, VoxelSource};
+pub use dataset::{Case, Dataset, DatasetOptions, Manifest};
+pub use error::DataError;
+pub use import::{import_h5, import_nrrd, H5Import, ImportReport, Margin, NrrdImport};
+pub use nifti::{write_nifti, DType, GzCache, NiftiVolume};
+pub use rng::Rng;
+pub use sampler::{BatchIndices, BatchSampler, HostBatch, LoaderConfig, PatchLoader, SamplerConfig};
+pub use synth::{synth_case, write_synth, SynthConfig};
+pub use volume::{Geometry, Volume};
