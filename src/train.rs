@@ -140,27 +140,27 @@ const STREAM_MC: u64 = 2;
 
 impl StepRandom {
     /// The student's part for iteration `iter`: depends only on (seed, iter, batch size).
-    pub fn draw_student(net: &VNet, seed: u64, iter: i64, batch: i64) -> PassRandom {
-        draw_pass(net, rng::key(seed, &[iter as u64, STREAM_STUDENT]), batch, None)
+    pub fn draw_student(net: &VNetConfig, device: Device, seed: u64, iter: i64, batch: i64) -> PassRandom {
+        draw_pass(net, device, rng::key(seed, &[iter as u64, STREAM_STUDENT]), batch, None)
     }
 
     /// The teacher's parts (target pass and Monte-Carlo passes) for iteration `iter`, for
     /// unlabelled patches of `unl_shape` `[u, C, X, Y, Z]`.
-    pub fn draw_teacher(net: &VNet, cfg: &StepConfig, seed: u64, iter: i64, unl_shape: &[i64]) -> (Option<PassRandom>, Vec<PassRandom>) {
+    pub fn draw_teacher(net: &VNetConfig, device: Device, cfg: &StepConfig, seed: u64, iter: i64, unl_shape: &[i64]) -> (Option<PassRandom>, Vec<PassRandom>) {
         if cfg.method == Method::Supervised {
             return (None, Vec::new());
         }
         let noise = |k: u64, n: i64| {
             let mut shape = unl_shape.to_vec();
             shape[0] = n;
-            let z = rng::normal(rng::key(k, &[0]), &shape, net.device()) * cfg.noise_std;
+            let z = rng::normal(rng::key(k, &[0]), &shape, device) * cfg.noise_std;
             (z.clamp(-cfg.noise_clip, cfg.noise_clip), n)
         };
         let u = unl_shape[0];
-        let teacher = draw_pass(net, rng::key(seed, &[iter as u64, STREAM_TEACHER]), u, Some(&noise));
+        let teacher = draw_pass(net, device, rng::key(seed, &[iter as u64, STREAM_TEACHER]), u, Some(&noise));
         let mc = if cfg.method == Method::Uamt {
             (0..cfg.mc_passes / cfg.mc_repeats)
-                .map(|k| draw_pass(net, rng::key(seed, &[iter as u64, STREAM_MC, k as u64]), u * cfg.mc_repeats, Some(&noise)))
+                .map(|k| draw_pass(net, device, rng::key(seed, &[iter as u64, STREAM_MC, k as u64]), u * cfg.mc_repeats, Some(&noise)))
                 .collect()
         } else {
             Vec::new()
@@ -169,23 +169,23 @@ impl StepRandom {
     }
 
     /// Everything for iteration `iter` on a batch of `images_shape` `[b, C, X, Y, Z]`.
-    pub fn draw(net: &VNet, cfg: &StepConfig, seed: u64, iter: i64, images_shape: &[i64]) -> StepRandom {
+    pub fn draw(net: &VNetConfig, device: Device, cfg: &StepConfig, seed: u64, iter: i64, images_shape: &[i64]) -> StepRandom {
         let student_batch = if cfg.method == Method::Supervised { cfg.labelled_bs } else { images_shape[0] };
-        let student = Self::draw_student(net, seed, iter, student_batch);
+        let student = Self::draw_student(net, device, seed, iter, student_batch);
         let mut unl = images_shape.to_vec();
         unl[0] -= cfg.labelled_bs;
-        let (teacher, mc) = Self::draw_teacher(net, cfg, seed, iter, &unl);
+        let (teacher, mc) = Self::draw_teacher(net, device, cfg, seed, iter, &unl);
         StepRandom { student, teacher, mc }
     }
 }
 
 type NoiseFn<'a> = dyn Fn(u64, i64) -> (Tensor, i64) + 'a;
 
-fn draw_pass(net: &VNet, key: u64, batch: i64, noise: Option<&NoiseFn<'_>>) -> PassRandom {
+fn draw_pass(net: &VNetConfig, device: Device, key: u64, batch: i64, noise: Option<&NoiseFn<'_>>) -> PassRandom {
     let mut sub = 1u64;
-    let dropout = net.dropout_masks(batch, |shape| {
+    let dropout = DropoutMasks::draw(net, batch, |shape| {
         sub += 1;
-        rng::uniform(rng::key(key, &[sub]), shape, net.device())
+        rng::uniform(rng::key(key, &[sub]), shape, device)
     });
     PassRandom { noise: noise.map(|f| f(rng::key(key, &[0]), batch).0), dropout }
 }
@@ -323,7 +323,7 @@ impl Trainer {
 
     /// Draws this iteration's randomness for a batch of `images_shape`.
     pub fn draw_random(&self, seed: u64, images_shape: &[i64]) -> StepRandom {
-        StepRandom::draw(&self.student, &self.cfg, seed, self.iter, images_shape)
+        StepRandom::draw(self.student.config(), self.student.device(), &self.cfg, seed, self.iter, images_shape)
     }
 
     /// Checks a batch: images `[b, C, X, Y, Z]`, labels `[labelled_bs, X, Y, Z]` int64.

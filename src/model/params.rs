@@ -39,7 +39,7 @@ impl ParamStore {
 
     /// Registers `tensor` under `name` and returns a shallow clone for the layer to hold.
     /// Trainable tensors are made leaves that require gradients.
-    pub(crate) fn add(&mut self, name: String, tensor: Tensor, trainable: bool) -> Tensor {
+    pub fn add(&mut self, name: String, tensor: Tensor, trainable: bool) -> Tensor {
         let tensor = tensor.to_device(self.device).detach();
         let tensor = if trainable { tensor.set_requires_grad(true) } else { tensor };
         let handle = tensor.shallow_clone();

@@ -59,6 +59,17 @@ pub struct DropoutMasks {
     pub x9: Tensor,
 }
 
+impl DropoutMasks {
+    /// Fresh masks for a batch of `n` of a net shaped by `config`, from `uniform(shape) -> U[0, 1)`.
+    pub fn draw(config: &VNetConfig, n: i64, mut uniform: impl FnMut(&[i64]) -> Tensor) -> Self {
+        let keep = 1.0 - config.dropout_p;
+        let mut mask = |c: i64| uniform(&[n, c, 1, 1, 1]).lt(keep).to_kind(Kind::Float) / keep;
+        let x5 = mask(16 * config.n_filters);
+        let x9 = mask(config.n_filters);
+        DropoutMasks { x5, x9 }
+    }
+}
+
 /// Where a training-mode forward pass takes its dropout from.
 #[derive(Debug, Clone, Copy)]
 pub enum Dropout<'a> {
@@ -291,15 +302,6 @@ impl VNet {
     /// The device the weights live on.
     pub fn device(&self) -> Device {
         self.store.device()
-    }
-
-    /// Fresh dropout masks for a batch of `n`, drawn from `uniform(shape) -> U[0, 1)`.
-    pub fn dropout_masks(&self, n: i64, mut uniform: impl FnMut(&[i64]) -> Tensor) -> DropoutMasks {
-        let keep = 1.0 - self.config.dropout_p;
-        let mut mask = |c: i64| uniform(&[n, c, 1, 1, 1]).lt(keep).to_kind(Kind::Float) / keep;
-        let x5 = mask(16 * self.config.n_filters);
-        let x9 = mask(self.config.n_filters);
-        DropoutMasks { x5, x9 }
     }
 
     /// Checks that `x` is `[batch, n_channels, X, Y, Z]` with every side divisible by 16, and

@@ -1,0 +1,140 @@
+//! Sequential training behaviour: the step learns, its randomness is reproducible by
+//! construction, and bad batches are refused with a clear error.
+
+use tch::{Device, Kind, Tensor};
+use uamt::model::VNetConfig;
+use uamt::train::{Method, StepConfig, StepRandom, Trainer};
+use uamt::uamt::rng;
+
+fn net() -> VNetConfig {
+    VNetConfig { n_filters: 4, ..Default::default() }
+}
+
+/// Four `[1, 32, 32, 16]` volumes with a bright ellipsoid in noise; labels of the first two.
+fn batch(seed: i64) -> (Tensor, Tensor) {
+    tch::manual_seed(seed);
+    let opts = (Kind::Float, Device::Cpu);
+    let g = |n: i64, shape: [i64; 3]| (Tensor::arange(n, opts) - (n as f64 - 1.0) / 2.0).reshape(shape) / (n as f64 / 4.0);
+    let (x, y, z) = (g(32, [32, 1, 1]), g(32, [1, 32, 1]), g(16, [1, 1, 16]));
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..4 {
+        let s = 0.8 + 0.1 * i as f64;
+        let lab = ((&x * &x) * s + &y * &y / s + &z * &z).lt(1.0).to_kind(Kind::Int64);
+        images.push((lab.to_kind(Kind::Float) * 2.0 - 1.0 + Tensor::randn([32, 32, 16], opts) * 0.6).unsqueeze(0));
+        labels.push(lab);
+    }
+    (Tensor::stack(&images, 0), Tensor::stack(&labels[..2], 0))
+}
+
+#[test]
+fn thirty_sequential_steps_lower_the_supervised_loss() {
+    let (images, labels) = batch(7);
+    tch::manual_seed(1337);
+    let cfg = StepConfig { max_iter: 30, consistency_interval: 1, consistency_rampup: 15.0, ..Default::default() };
+    let mut tr = Trainer::new(&net(), cfg, Device::Cpu).unwrap();
+    let mut sup = Vec::new();
+    for _ in 0..30 {
+        let rnd = tr.draw_random(1337, &images.size());
+        let r = tr.step(&images, &labels, &rnd).unwrap().report();
+        assert!(r.loss.is_finite(), "loss diverged at {}", r.iter);
+        sup.push(r.supervised);
+    }
+    let first: f64 = sup[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = sup[25..].iter().sum::<f64>() / 5.0;
+    assert!(last < 0.8 * first, "supervised loss did not fall: first five {first:.4}, last five {last:.4} ({sup:?})");
+    assert_eq!(tr.iter, 30);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run_and_another_seed_a_different_one() {
+    let (images, labels) = batch(3);
+    let run = |seed: u64| {
+        tch::manual_seed(5);
+        let mut tr = Trainer::new(&net(), StepConfig::default(), Device::Cpu).unwrap();
+        (0..3)
+            .map(|_| {
+                let rnd = tr.draw_random(seed, &images.size());
+                tr.step(&images, &labels, &rnd).unwrap().report().loss
+            })
+            .collect::<Vec<_>>()
+    };
+    let a = run(11);
+    assert_eq!(a, run(11));
+    assert_ne!(a, run(12));
+}
+
+#[test]
+fn step_randomness_depends_only_on_seed_and_iteration_not_on_the_drawing_thread() {
+    tch::manual_seed(0);
+    let (net, cfg, cpu) = (net(), StepConfig::default(), Device::Cpu);
+    let here = StepRandom::draw(&net, cpu, &cfg, 9, 41, &[4, 1, 32, 32, 16]);
+    // Another thread draws the teacher's part while this one disturbs libtorch's global generator.
+    let (t, mc) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let (t, mc) = StepRandom::draw_teacher(&net, cpu, &cfg, 9, 41, &[2, 1, 32, 32, 16]);
+            (t.unwrap(), mc)
+        });
+        let _ = Tensor::randn([1000], (Kind::Float, Device::Cpu));
+        h.join().unwrap()
+    });
+    let ht = here.teacher.as_ref().unwrap();
+    assert!(t.noise.as_ref().unwrap().equal(ht.noise.as_ref().unwrap()));
+    assert!(t.dropout.x5.equal(&ht.dropout.x5));
+    assert_eq!(mc.len(), 4);
+    for (a, b) in mc.iter().zip(&here.mc) {
+        assert!(a.noise.as_ref().unwrap().equal(b.noise.as_ref().unwrap()));
+        assert!(a.dropout.x9.equal(&b.dropout.x9));
+    }
+    // Different iterations and different passes draw different numbers.
+    let next = StepRandom::draw(&net, cpu, &cfg, 9, 42, &[4, 1, 32, 32, 16]);
+    assert!(!next.mc[0].noise.as_ref().unwrap().equal(here.mc[0].noise.as_ref().unwrap()));
+    assert!(!here.mc[0].noise.as_ref().unwrap().equal(here.mc[1].noise.as_ref().unwrap()));
+    // The noise is the recipe's: clamp(N(0, 0.1^2), -0.2, 0.2).
+    let n = ht.noise.as_ref().unwrap();
+    assert!(n.abs().max().double_value(&[]) <= 0.2 + 1e-7);
+}
+
+#[test]
+fn counter_random_numbers_have_the_right_distribution() {
+    let u = rng::uniform(rng::key(1, &[2]), &[200_000], Device::Cpu);
+    let (lo, hi) = (u.min().double_value(&[]), u.max().double_value(&[]));
+    assert!(lo >= 0.0 && hi < 1.0, "uniform out of [0, 1): {lo} {hi}");
+    let mean = u.mean(Kind::Float).double_value(&[]);
+    assert!((mean - 0.5).abs() < 0.005, "uniform mean {mean}");
+    // Ten equal bins each hold about a tenth.
+    let hist = (u * 10.0).floor().to_kind(Kind::Int64).bincount::<Tensor>(None, 10);
+    for c in Vec::<i64>::try_from(hist).unwrap() {
+        assert!((c - 20_000).abs() < 800, "bin count {c}");
+    }
+    let z = rng::normal(rng::key(1, &[3]), &[200_000], Device::Cpu);
+    let (m, s) = (z.mean(Kind::Float).double_value(&[]), z.std(true).double_value(&[]));
+    assert!(m.abs() < 0.01 && (s - 1.0).abs() < 0.01, "normal mean {m} std {s}");
+    // Neighbouring elements are uncorrelated.
+    let c = (z.narrow(0, 0, 199_999) * z.narrow(0, 1, 199_999)).mean(Kind::Float).double_value(&[]);
+    assert!(c.abs() < 0.01, "lag-1 correlation {c}");
+}
+
+#[test]
+fn bad_batches_are_refused_with_the_shape_named() {
+    tch::manual_seed(0);
+    let mut tr = Trainer::new(&net(), StepConfig::default(), Device::Cpu).unwrap();
+    let (images, labels) = batch(1);
+    let rnd = tr.draw_random(0, &images.size());
+    let err = tr.step(&images, &labels.narrow(0, 0, 1), &rnd).unwrap_err();
+    assert!(err.to_string().contains("batch labels"), "{err}");
+    let err = tr.step(&images, &labels.to_kind(Kind::Float), &rnd).unwrap_err();
+    assert!(err.to_string().contains("int64"), "{err}");
+    assert_eq!(tr.iter, 0, "a refused batch must not count as a step");
+}
+
+#[test]
+fn invalid_hyper_parameters_are_refused_by_name() {
+    let cfg = StepConfig { mc_passes: 7, ..Default::default() };
+    let err = Trainer::new(&net(), cfg, Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("mc_passes"), "{err}");
+    let cfg = StepConfig { ema_decay: 1.5, ..Default::default() };
+    assert!(Trainer::new(&net(), cfg, Device::Cpu).unwrap_err().to_string().contains("ema_decay"));
+    let sup = StepConfig { method: Method::Supervised, ..Default::default() };
+    assert!(Trainer::new(&net(), sup, Device::Cpu).unwrap().teacher.is_none());
+}
