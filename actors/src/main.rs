@@ -22,6 +22,9 @@ enum Command {
     Import(cmd::import::Args),
     /// Generate a synthetic LA-like dataset.
     Synth(cmd::synth::Args),
+    /// Segmentation metrics (Dice, Jaccard, 95% Hausdorff, ASD) between label volumes, or of a
+    /// weights file on a dataset's test split.
+    Eval(cmd::eval::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Info(a) => cmd::info::run(a),
         Command::Import(a) => cmd::import::run(a),
         Command::Synth(a) => cmd::synth::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
     }
 }
