@@ -1,9 +1,142 @@
-//! `uamt import`: not built yet (the data issue fills it).
+//! `uamt import`: UA-MT's HDF5 files or the 2018 challenge's NRRD layout into a dataset folder
+//! (written to a temporary folder and renamed into place, so a failed import leaves nothing).
+
+use std::path::PathBuf;
+use uamt::data::import::{import_h5, import_nrrd, H5Import, ImportReport, Margin, NrrdImport};
 
 /// Arguments of `uamt import`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    pub source: Source,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`uamt import` is not implemented yet")
+/// What to import from.
+#[derive(Debug, clap::Subcommand)]
+pub enum Source {
+    /// UA-MT HDF5 files: `<ID>.h5` (or `h5/<ID>.h5`, `<ID>/mri_norm2.h5`) with `image` and
+    /// `label`, plus `train.list` and `test.list`.
+    H5(H5Args),
+    /// The 2018 challenge layout: `<ID>/lgemri.nrrd` and `<ID>/laendo.nrrd` (label 255), with
+    /// the reference preprocessing (z-score, crop x/y to the label box plus a margin).
+    Nrrd(NrrdArgs),
+}
+
+/// Options shared by both importers.
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// Source folder.
+    #[arg(long)]
+    pub src: PathBuf,
+    /// Dataset folder to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The first N training IDs are labelled (16 = the 20 % protocol on LA, 8 = 10 %).
+    #[arg(long, default_value_t = 16)]
+    pub labelled: usize,
+    /// Training list (default: `<src>/train.list`).
+    #[arg(long)]
+    pub train_list: Option<PathBuf>,
+    /// Test list (default: `<src>/test.list`).
+    #[arg(long)]
+    pub test_list: Option<PathBuf>,
+    /// Write `.nii.gz` instead of `.nii` (read through a decompressed cache later).
+    #[arg(long)]
+    pub gzip: bool,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Arguments of `uamt import h5`.
+#[derive(Debug, clap::Args)]
+pub struct H5Args {
+    #[command(flatten)]
+    pub common: Common,
+    /// Voxel spacing in mm written to the headers: one value or X,Y,Z (LA: 0.625 isotropic).
+    #[arg(long, default_value = "0.625", value_parser = parse_spacing)]
+    pub spacing: [f64; 3],
+    /// Highest label value accepted.
+    #[arg(long, default_value_t = 1)]
+    pub max_label: u8,
+}
+
+/// Arguments of `uamt import nrrd`.
+#[derive(Debug, clap::Args)]
+pub struct NrrdArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Fixed crop margin per side in voxels (default: random 10..=19 per side, as the reference).
+    #[arg(long)]
+    pub margin: Option<usize>,
+    /// Seed of the random margins.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Patch size X,Y,Z the x/y crop must at least cover.
+    #[arg(long, default_value = "112,112,80", value_parser = parse_size)]
+    pub patch: [usize; 3],
+}
+
+/// `a` or `a,b,c` as three positive numbers.
+pub fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
+    let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
+    let v = match v.as_slice() {
+        [a] => [*a; 3],
+        [a, b, c] => [*a, *b, *c],
+        _ => return Err("give one value or three (X,Y,Z)".into()),
+    };
+    if v.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+        return Err("spacing must be positive".into());
+    }
+    Ok(v)
+}
+
+/// `X,Y,Z` as three positive integers.
+pub fn parse_size(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
+    match v.as_slice() {
+        [a, b, c] if *a > 0 && *b > 0 && *c > 0 => Ok([*a, *b, *c]),
+        _ => Err("give three positive integers X,Y,Z".into()),
+    }
+}
+
+/// Logs what an import or `uamt synth` wrote.
+pub fn log_report(r: &ImportReport) {
+    tracing::info!(out = %r.out.display(), training = r.training, labelled = r.labelled, test = r.test, "dataset written");
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let report = match args.source {
+        Source::H5(a) => {
+            let c = a.common;
+            import_h5(&H5Import {
+                src: c.src,
+                out: c.out,
+                labelled: c.labelled,
+                train_list: c.train_list,
+                test_list: c.test_list,
+                spacing: a.spacing,
+                max_label: a.max_label,
+                gzip: c.gzip,
+                force: c.force,
+            })?
+        }
+        Source::Nrrd(a) => {
+            let c = a.common;
+            let mut opts = NrrdImport::new(c.src, c.out);
+            opts.labelled = c.labelled;
+            opts.train_list = c.train_list;
+            opts.test_list = c.test_list;
+            opts.gzip = c.gzip;
+            opts.force = c.force;
+            opts.patch = a.patch;
+            opts.seed = a.seed;
+            if let Some(m) = a.margin {
+                opts.margin = Margin::Fixed(m);
+            }
+            import_nrrd(&opts)?
+        }
+    };
+    log_report(&report);
+    Ok(())
 }

@@ -1,9 +1,51 @@
-//! `uamt synth`: not built yet (the data issue fills it).
+//! `uamt synth`: a synthetic LA-like dataset folder, deterministic by seed.
+
+use super::import::{log_report, parse_size, parse_spacing};
+use std::path::PathBuf;
+use uamt::data::synth::{write_synth, SynthConfig};
 
 /// Arguments of `uamt synth`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Dataset folder to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Training cases.
+    #[arg(long, default_value_t = 8)]
+    pub cases: usize,
+    /// Of which the first K are labelled.
+    #[arg(long, default_value_t = 4)]
+    pub labelled: usize,
+    /// Test cases.
+    #[arg(long, default_value_t = 2)]
+    pub test: usize,
+    /// Volume size X,Y,Z.
+    #[arg(long, default_value = "128,128,96", value_parser = parse_size)]
+    pub size: [usize; 3],
+    /// Voxel spacing in mm: one value or X,Y,Z.
+    #[arg(long, default_value = "0.625,0.625,1.25", value_parser = parse_spacing)]
+    pub spacing: [f64; 3],
+    /// Seed: the same seed writes the same volumes.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Write `.nii.gz` instead of `.nii`.
+    #[arg(long)]
+    pub gzip: bool,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`uamt synth` is not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = SynthConfig {
+        cases: args.cases,
+        labelled: args.labelled,
+        test: args.test,
+        size: args.size,
+        spacing: args.spacing,
+        seed: args.seed,
+        gzip: args.gzip,
+    };
+    log_report(&write_synth(&args.out, &cfg, args.force)?);
+    Ok(())
 }
