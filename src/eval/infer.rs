@@ -1,0 +1,306 @@
+//! Sliding-window inference of a whole volume, with the semantics of the UA-MT reference's
+//! `test_single_case`:
+//!
+//! 1. along every axis where the volume is SMALLER than the patch, zero-pad it to the patch size,
+//!    `(patch - size) // 2` before and the rest after;
+//! 2. `n = ceil((padded - patch) / stride) + 1` windows per axis, window `i` starting at
+//!    `min(stride * i, padded - patch)`, visited x outermost, z innermost;
+//! 3. the softmax of every window is added into a score map and a count map counts the windows
+//!    covering each voxel; score / count is the probability map;
+//! 4. the padding is cropped away and the argmax over classes is the label map.
+//!
+//! The model runs in eval mode (BatchNorm running statistics, no dropout) without gradients, so
+//! batching the windows ([`InferOptions::batch_size`]) does not change the result. An optional
+//! largest-connected-component step ([`largest_component`]) follows; the reference has none.
+
+use crate::data::Volume;
+use crate::model::{Dropout, VNet};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// Neighbourhood that connects foreground voxels into components.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Connectivity {
+    /// Faces only (6 neighbours).
+    #[serde(rename = "6")]
+    Six,
+    /// Faces, edges and corners (26 neighbours): scikit-image's `label` default in 3-D, the
+    /// usual choice of the largest-component step in semi-supervised segmentation code.
+    #[serde(rename = "26")]
+    TwentySix,
+}
+
+impl Connectivity {
+    /// The neighbour offsets `(dx, dy, dz)`.
+    fn offsets(self) -> Vec<[i64; 3]> {
+        let mut v = Vec::with_capacity(26);
+        for dz in -1..=1i64 {
+            for dy in -1..=1i64 {
+                for dx in -1..=1i64 {
+                    let n = dx.abs() + dy.abs() + dz.abs();
+                    if n == 1 || (n > 1 && self == Connectivity::TwentySix) {
+                        v.push([dx, dy, dz]);
+                    }
+                }
+            }
+        }
+        v
+    }
+}
+
+impl std::str::FromStr for Connectivity {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "6" => Ok(Connectivity::Six),
+            "26" => Ok(Connectivity::TwentySix),
+            _ => Err(format!("connectivity must be 6 or 26, got `{s}`")),
+        }
+    }
+}
+
+/// How a volume is segmented: window geometry, batching and post-processing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferOptions {
+    /// Window size `[X, Y, Z]`; every side divisible by 16 (the V-Net's four downsamplings).
+    pub patch: [usize; 3],
+    /// Step between window starts `[X, Y, Z]` (the reference: 18 in x and y, 4 in z).
+    pub stride: [usize; 3],
+    /// Windows per forward pass (results do not depend on it; memory does).
+    pub batch_size: usize,
+    /// Keep only the largest connected foreground component (off in the reference).
+    pub largest_component: Option<Connectivity>,
+}
+
+impl Default for InferOptions {
+    fn default() -> Self {
+        InferOptions { patch: [112, 112, 80], stride: [18, 18, 4], batch_size: 4, largest_component: None }
+    }
+}
+
+impl InferOptions {
+    /// Checks every setting, naming the bad one.
+    pub fn validate(&self) -> Result<()> {
+        if self.patch.iter().any(|&p| p == 0 || p % 16 != 0) {
+            return Err(Error::invalid("patch", format!("every side must be a positive multiple of 16, got {:?}", self.patch)));
+        }
+        if self.stride.contains(&0) {
+            return Err(Error::invalid("stride", format!("every step must be positive, got {:?}", self.stride)));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::invalid("batch_size", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Zero padding `(before, after)` of an axis of `size` voxels for a window of `patch`: none
+/// unless `size < patch`, then `(patch - size) // 2` before and the rest after.
+pub fn padding(size: usize, patch: usize) -> (usize, usize) {
+    let pad = patch.saturating_sub(size);
+    (pad / 2, pad - pad / 2)
+}
+
+/// Window starts along an axis of `padded >= patch` voxels: `ceil((padded - patch) / stride) + 1`
+/// windows, the `i`-th at `min(stride * i, padded - patch)`.
+pub fn window_starts(padded: usize, patch: usize, stride: usize) -> Vec<usize> {
+    let last = padded - patch;
+    let n = last.div_ceil(stride) + 1;
+    (0..n).map(|i| (stride * i).min(last)).collect()
+}
+
+/// Where the windows of one volume go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowPlan {
+    /// The volume's `[X, Y, Z]`.
+    pub dims: [usize; 3],
+    /// Padding before the volume along each axis (the rest of `padded - dims` goes after).
+    pub pad_before: [usize; 3],
+    /// `[X, Y, Z]` after padding.
+    pub padded: [usize; 3],
+    /// Window starts per axis, in the padded volume.
+    pub starts: [Vec<usize>; 3],
+}
+
+impl WindowPlan {
+    /// The plan for a volume of `dims` under `opts` (assumed validated).
+    pub fn new(dims: [usize; 3], opts: &InferOptions) -> Self {
+        let pads = [0, 1, 2].map(|a| padding(dims[a], opts.patch[a]));
+        let padded = [0, 1, 2].map(|a| dims[a] + pads[a].0 + pads[a].1);
+        let starts = [0, 1, 2].map(|a| window_starts(padded[a], opts.patch[a], opts.stride[a]));
+        WindowPlan { dims, pad_before: pads.map(|p| p.0), padded, starts }
+    }
+
+    /// Every window's start `[x, y, z]`, in the reference's loop order (x outermost).
+    pub fn windows(&self) -> Vec<[usize; 3]> {
+        let mut v = Vec::with_capacity(self.starts.iter().map(Vec::len).product());
+        for &x in &self.starts[0] {
+            for &y in &self.starts[1] {
+                for &z in &self.starts[2] {
+                    v.push([x, y, z]);
+                }
+            }
+        }
+        v
+    }
+
+    /// How many windows of size `patch` cover each index of axis `a` of the padded volume.
+    fn coverage(&self, a: usize, patch: usize) -> Vec<f32> {
+        let mut c = vec![0f32; self.padded[a]];
+        for &s in &self.starts[a] {
+            c[s..s + patch].iter_mut().for_each(|v| *v += 1.0);
+        }
+        c
+    }
+
+    /// The count map `[X, Y, Z]` of the padded volume: windows covering each voxel. The windows
+    /// form a grid, so it is the outer product of the per-axis coverages (exact in float32).
+    fn count_map(&self, patch: [usize; 3], device: Device) -> Result<Tensor> {
+        let axis = |a: usize, shape: [i64; 3]| -> Result<Tensor> { Ok(Tensor::f_from_slice(&self.coverage(a, patch[a]))?.f_view(shape)?) };
+        let c = axis(0, [-1, 1, 1])?.f_mul(&axis(1, [1, -1, 1])?)?.f_mul(&axis(2, [1, 1, -1])?)?;
+        Ok(c.f_to_device(device)?)
+    }
+}
+
+/// A segmented volume, on the model's device.
+#[derive(Debug)]
+pub struct Prediction {
+    /// Class probabilities `[C, X, Y, Z]` (float32): the softmax averaged over the windows.
+    pub probabilities: Tensor,
+    /// Labels `[X, Y, Z]` (int64): the argmax over classes, after the optional largest-component step.
+    pub labels: Tensor,
+}
+
+impl Prediction {
+    /// The foreground probability `[X, Y, Z]` (class 1).
+    pub fn foreground(&self) -> Tensor {
+        self.probabilities.get(1)
+    }
+
+    /// Entropy of the averaged class probabilities `[X, Y, Z]`, `-sum_c p_c ln(p_c + 1e-6)`
+    /// (the recipe's uncertainty formula, here of the deterministic sliding-window average).
+    pub fn entropy(&self) -> Tensor {
+        let p = &self.probabilities;
+        -(p * (p + 1e-6).log()).sum_dim_intlist([0i64].as_slice(), false, Kind::Float)
+    }
+
+    /// The labels as a CPU volume.
+    pub fn label_volume(&self) -> Result<Volume<u8>> {
+        Ok(Volume::from_tensor(&self.labels)?)
+    }
+}
+
+/// Segments `image` (`[X, Y, Z]`, any device, any float kind) with `model` by sliding window.
+pub fn sliding_window(model: &VNet, image: &Tensor, opts: &InferOptions) -> Result<Prediction> {
+    opts.validate()?;
+    let size = image.size();
+    let dims = match size.as_slice() {
+        &[x, y, z] if x > 0 && y > 0 && z > 0 => [x as usize, y as usize, z as usize],
+        _ => return Err(Error::shape("image", "[X, Y, Z] with every side positive", size)),
+    };
+    let plan = WindowPlan::new(dims, opts);
+    let device = model.device();
+    let [px, py, pz] = opts.patch.map(|p| p as i64);
+    let i64s = |v: [usize; 3]| v.map(|s| s as i64);
+    let (d, before, padded) = (i64s(dims), i64s(plan.pad_before), i64s(plan.padded));
+    let probabilities = tch::no_grad(|| -> Result<Tensor> {
+        let img = image.f_to_device(device)?.f_to_kind(Kind::Float)?;
+        let img = if plan.padded == dims {
+            img
+        } else {
+            let p = Tensor::f_zeros(padded, (Kind::Float, device))?;
+            p.f_narrow(0, before[0], d[0])?.f_narrow(1, before[1], d[1])?.f_narrow(2, before[2], d[2])?.f_copy_(&img)?;
+            p
+        };
+        let classes = model.config().n_classes;
+        let score = Tensor::f_zeros([classes, padded[0], padded[1], padded[2]], (Kind::Float, device))?;
+        let window = |t: &Tensor, dim0: i64, s: &[usize; 3]| -> Result<Tensor> {
+            Ok(t.f_narrow(dim0, s[0] as i64, px)?.f_narrow(dim0 + 1, s[1] as i64, py)?.f_narrow(dim0 + 2, s[2] as i64, pz)?)
+        };
+        for chunk in plan.windows().chunks(opts.batch_size) {
+            let patches = chunk.iter().map(|s| window(&img, 0, s)).collect::<Result<Vec<_>>>()?;
+            let x = Tensor::f_stack(&patches, 0)?.f_unsqueeze(1)?; // [b, 1, px, py, pz]
+            let y = model.forward_with(&x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?; // [b, C, px, py, pz]
+            for (k, s) in chunk.iter().enumerate() {
+                let _ = window(&score, 1, s)?.f_add_(&y.f_get(k as i64)?)?;
+            }
+        }
+        let count = plan.count_map(opts.patch, device)?;
+        let probs = score.f_div(&count.f_unsqueeze(0)?)?;
+        Ok(probs.f_narrow(1, before[0], d[0])?.f_narrow(2, before[1], d[1])?.f_narrow(3, before[2], d[2])?.f_contiguous()?)
+    })?;
+    let mut labels = probabilities.f_argmax(0, false)?;
+    if let Some(conn) = opts.largest_component {
+        let kept = largest_component(&Volume::<u8>::from_tensor(&labels)?, conn);
+        labels = kept.to_tensor()?.f_to_kind(Kind::Int64)?.f_to_device(device)?;
+    }
+    Ok(Prediction { probabilities, labels })
+}
+
+/// [`sliding_window`] on a CPU volume.
+pub fn segment_volume(model: &VNet, image: &Volume<f32>, opts: &InferOptions) -> Result<Prediction> {
+    sliding_window(model, &image.to_tensor()?, opts)
+}
+
+/// Keeps the largest connected component of the foreground (non-zero labels) under `conn` and
+/// sets every other voxel to 0. Ties go to the component met first in scan order (x fastest).
+pub fn largest_component(labels: &Volume<u8>, conn: Connectivity) -> Volume<u8> {
+    let [nx, ny, nz] = labels.dims;
+    let offsets = conn.offsets();
+    let mut comp = vec![0u32; labels.data.len()];
+    let (mut best, mut best_size, mut next) = (0u32, 0usize, 0u32);
+    let mut stack = Vec::new();
+    for seed in 0..labels.data.len() {
+        if labels.data[seed] == 0 || comp[seed] != 0 {
+            continue;
+        }
+        next += 1;
+        comp[seed] = next;
+        stack.push(seed);
+        let mut size = 0usize;
+        while let Some(i) = stack.pop() {
+            size += 1;
+            let p = [(i % nx) as i64, ((i / nx) % ny) as i64, (i / (nx * ny)) as i64];
+            for o in &offsets {
+                let q = [p[0] + o[0], p[1] + o[1], p[2] + o[2]];
+                if q[0] < 0 || q[1] < 0 || q[2] < 0 || q[0] >= nx as i64 || q[1] >= ny as i64 || q[2] >= nz as i64 {
+                    continue;
+                }
+                let j = q[0] as usize + nx * (q[1] as usize + ny * q[2] as usize);
+                if labels.data[j] != 0 && comp[j] == 0 {
+                    comp[j] = next;
+                    stack.push(j);
+                }
+            }
+        }
+        if size > best_size {
+            (best, best_size) = (next, size);
+        }
+    }
+    let data = labels.data.iter().zip(&comp).map(|(&l, &c)| if c == best && best != 0 { l } else { 0 }).collect();
+    Volume { dims: labels.dims, data }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_pad_only_axes_smaller_than_the_patch() {
+        assert_eq!(padding(100, 112), (6, 6));
+        assert_eq!(padding(101, 112), (5, 6));
+        assert_eq!(padding(112, 112), (0, 0));
+        assert_eq!(padding(130, 112), (0, 0));
+    }
+
+    #[test]
+    fn should_place_windows_like_the_reference() {
+        // ceil((130 - 112) / 18) + 1 = 2 windows: 0 and 18.
+        assert_eq!(window_starts(130, 112, 18), vec![0, 18]);
+        // ceil(19 / 18) + 1 = 3: 0, 18, min(36, 19) = 19.
+        assert_eq!(window_starts(131, 112, 18), vec![0, 18, 19]);
+        assert_eq!(window_starts(112, 112, 18), vec![0]);
+    }
+}

@@ -1,0 +1,161 @@
+//! Evaluation: sliding-window segmentation of whole volumes, medpy's surface metrics, reports, and
+//! outputs to look at (NIfTI label / probability / uncertainty maps, PNG slices).
+//!
+//! # Layout
+//! - [`infer`]: the reference's sliding window (`test_single_case`), largest-component option.
+//! - [`metrics`]: Dice, Jaccard, hd95, asd as `medpy.metric.binary` defines them; [`edt`]: the
+//!   exact Euclidean distance transform they rest on.
+//! - [`report`]: per-case results, mean and std, JSON / CSV / table.
+//! - [`picture`]: a PNG of a few axial slices per case.
+//! - [`compare`]: metrics between label files made elsewhere.
+//! - here: [`evaluate_dataset`], the whole evaluation of a model on a dataset's test split, and
+//!   [`model_from_named`], building the model from named tensors (a weights file, a checkpoint).
+//!
+//! What the daemon calls: `model_from_named` when a checkpoint arrives, then `evaluate_dataset`
+//! with a progress callback, then [`Report::write_json`] / [`Report::write_csv`].
+
+pub mod compare;
+pub mod edt;
+pub mod infer;
+pub mod metrics;
+pub mod picture;
+pub mod report;
+
+pub use compare::{compare_files, compare_paths};
+pub use infer::{largest_component, segment_volume, sliding_window, Connectivity, InferOptions, Prediction, WindowPlan};
+pub use metrics::{case_metrics, CaseMetrics, EmptyPolicy};
+pub use picture::{case_picture, Picture, PictureOptions};
+pub use report::{CaseFailure, CaseResult, Report, Stat, Summary};
+
+use crate::data::{write_nifti, Case, Dataset, Volume};
+use crate::model::{params::read_named, VNet, VNetConfig};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+/// What is written for each case besides the metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outputs {
+    /// The folder (created if missing).
+    pub dir: PathBuf,
+    /// `<id>.label.nii.gz` (uint8), `<id>.prob.nii.gz` (foreground probability, float32) and
+    /// `<id>.uncertainty.nii.gz` (entropy of the averaged softmax, float32), with the image's affine.
+    pub nifti: bool,
+    /// `<id>.png` (see [`picture`]), its uncertainty panel showing the same entropy.
+    pub pictures: bool,
+    /// How the pictures look.
+    pub picture: PictureOptions,
+}
+
+/// How a model is evaluated.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EvalOptions {
+    /// Window geometry, batching, post-processing.
+    pub infer: InferOptions,
+    /// How an empty prediction is scored.
+    pub empty: EmptyPolicy,
+    /// Files to write per case, if any.
+    pub outputs: Option<Outputs>,
+}
+
+/// Progress: one case done (or failed).
+#[derive(Debug)]
+pub struct CaseEvent<'a> {
+    /// 0-based position among the cases evaluated.
+    pub index: usize,
+    /// Number of cases evaluated.
+    pub total: usize,
+    /// The case's name.
+    pub id: &'a str,
+    /// Its metrics, or why it failed.
+    pub outcome: std::result::Result<&'a CaseMetrics, &'a str>,
+    /// Wall time it took, seconds.
+    pub seconds: f64,
+}
+
+impl CaseEvent<'_> {
+    /// One plain line for a log or a terminal.
+    pub fn line(&self) -> String {
+        let head = format!("[{}/{}] {}", self.index + 1, self.total, self.id);
+        let fmt = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
+        match self.outcome {
+            Ok(m) => format!(
+                "{head}: dice {:.4} jaccard {:.4} hd95 {} asd {}{} ({:.1} s)",
+                m.dice,
+                m.jaccard,
+                fmt(m.hd95),
+                fmt(m.asd),
+                if m.empty_prediction { " [empty prediction]" } else { "" },
+                self.seconds
+            ),
+            Err(e) => format!("{head}: failed: {e}"),
+        }
+    }
+}
+
+/// A V-Net shaped by `config` on `device` with its weights taken from `named` (every tensor of
+/// the model must be present, with its shape; `origin` names the source in errors).
+pub fn model_from_named(config: &VNetConfig, device: Device, named: &[(String, Tensor)], origin: &Path) -> Result<VNet> {
+    let model = VNet::new(config, device)?;
+    model.store().load_named(named, origin, false)?;
+    Ok(model)
+}
+
+/// [`model_from_named`] on a weights file (`.safetensors`, `.npz`, or tch's `.ot`).
+pub fn load_weights(path: &Path, config: &VNetConfig, device: Device) -> Result<VNet> {
+    model_from_named(config, device, &read_named(path)?, path)
+}
+
+/// Segments one case, scores it against its label and writes the requested outputs.
+pub fn evaluate_case(model: &VNet, case: &Case, opts: &EvalOptions) -> Result<CaseMetrics> {
+    let label = case.label.as_ref().ok_or_else(|| Error::invalid("dataset", format!("test case `{}` has no label to compare with", case.id)))?;
+    let reference = label.read_labels()?;
+    let image = case.image.read_f32()?;
+    let pred = segment_volume(model, &image, &opts.infer)?;
+    let labels = pred.label_volume()?;
+    let header = case.image.header();
+    let metrics = case_metrics(&labels, &reference, header.spacing, opts.empty)?;
+    if let Some(out) = &opts.outputs {
+        std::fs::create_dir_all(&out.dir).map_err(|e| Error::Io { path: out.dir.clone(), source: e })?;
+        let uncertainty = Volume::<f32>::from_tensor(&pred.entropy())?;
+        if out.nifti {
+            let file = |kind: &str| out.dir.join(format!("{}.{kind}.nii.gz", case.id));
+            write_nifti(file("label"), &labels, &header.geometry)?;
+            write_nifti(file("prob"), &Volume::<f32>::from_tensor(&pred.foreground())?, &header.geometry)?;
+            write_nifti(file("uncertainty"), &uncertainty, &header.geometry)?;
+        }
+        if out.pictures {
+            let pic = case_picture(&image, Some(&reference), &labels, Some(&uncertainty), &out.picture)?;
+            pic.write_png(&out.dir.join(format!("{}.png", case.id)))?;
+        }
+    }
+    Ok(metrics)
+}
+
+/// Evaluates `model` on `cases`: a case that fails (unreadable, no label, ...) is listed in the
+/// report's failures and the others go on. `progress` hears about every case as it ends.
+pub fn evaluate_cases(model: &VNet, cases: &[Case], source: &str, opts: &EvalOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Report {
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        let t0 = Instant::now();
+        let outcome = evaluate_case(model, case, opts).map_err(|e| e.to_string());
+        let event = CaseEvent { index, total: cases.len(), id: &case.id, outcome: outcome.as_ref().map_err(String::as_str), seconds: t0.elapsed().as_secs_f64() };
+        progress(&event);
+        match outcome {
+            Ok(metrics) => results.push(CaseResult { id: case.id.clone(), metrics }),
+            Err(error) => failures.push(CaseFailure { id: case.id.clone(), error }),
+        }
+    }
+    Report::new(source, results, failures)
+}
+
+/// Evaluates `model` on the test split of `dataset` (see [`evaluate_cases`]); an error only when
+/// the split is empty.
+pub fn evaluate_dataset(model: &VNet, dataset: &Dataset, source: &str, opts: &EvalOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Result<Report> {
+    if dataset.test.is_empty() {
+        return Err(Error::File { path: dataset.root.join(crate::data::dataset::MANIFEST), why: "the test split lists no case".into() });
+    }
+    Ok(evaluate_cases(model, &dataset.test, source, opts, progress))
+}

@@ -1,0 +1,222 @@
+//! A picture per case to look at: a few axial slices, one row each. Left panel: the image in
+//! grey (windowed to its 0.5-99.5 % intensity percentiles) with the reference contour in green
+//! and the prediction contour in red. Right panel (when an uncertainty map is given): the
+//! uncertainty as a heat map (black -> red -> yellow -> white, 0 to ln C) with the contour of
+//! the mask `uncertainty < threshold` (where UA-MT's consistency counts) in cyan.
+//!
+//! Orientation: x to the right, y upwards (anterior up for RAS volumes), slices along z. The
+//! slices are spread evenly over the z range of the reference's foreground (the prediction's
+//! without a reference, the whole volume when both are empty). Small volumes are enlarged by an
+//! integer factor so that a panel is at least [`PictureOptions::min_panel_width`] pixels wide.
+
+use crate::data::nifti::write_atomic;
+use crate::data::Volume;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// Colours, RGB.
+const REFERENCE: [u8; 3] = [0, 220, 0];
+const PREDICTION: [u8; 3] = [255, 40, 40];
+const MASK: [u8; 3] = [0, 230, 230];
+const GAP: [u8; 3] = [40, 40, 40];
+/// Pixels between panels and rows.
+const GAP_PX: usize = 4;
+
+/// What a picture shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PictureOptions {
+    /// Axial slices (rows).
+    pub slices: usize,
+    /// Panels narrower than this are enlarged by an integer factor.
+    pub min_panel_width: usize,
+    /// Uncertainty at which the heat map saturates (ln C for the entropy of C classes).
+    pub max_uncertainty: f64,
+    /// The mask drawn on the uncertainty panel is `uncertainty < threshold` (UA-MT's final
+    /// threshold is ln 2 for two classes).
+    pub threshold: f64,
+}
+
+impl Default for PictureOptions {
+    fn default() -> Self {
+        let ln2 = std::f64::consts::LN_2;
+        PictureOptions { slices: 3, min_panel_width: 256, max_uncertainty: ln2, threshold: ln2 }
+    }
+}
+
+/// An RGB image, 8 bits per channel, rows top to bottom.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picture {
+    /// Pixels per row.
+    pub width: usize,
+    /// Rows.
+    pub height: usize,
+    /// `width * height * 3` bytes.
+    pub rgb: Vec<u8>,
+}
+
+impl Picture {
+    fn filled(width: usize, height: usize, c: [u8; 3]) -> Self {
+        Picture { width, height, rgb: c.iter().copied().cycle().take(width * height * 3).collect() }
+    }
+
+    fn set(&mut self, u: usize, v: usize, c: [u8; 3]) {
+        let i = 3 * (u + self.width * v);
+        self.rgb[i..i + 3].copy_from_slice(&c);
+    }
+
+    /// The pixel at column `u`, row `v`.
+    pub fn get(&self, u: usize, v: usize) -> [u8; 3] {
+        let i = 3 * (u + self.width * v);
+        [self.rgb[i], self.rgb[i + 1], self.rgb[i + 2]]
+    }
+
+    /// Writes the picture as an 8-bit RGB PNG, atomically.
+    pub fn write_png(&self, path: &Path) -> Result<()> {
+        let (w, h) = (self.width as u32, self.height as u32);
+        Ok(write_atomic(path, |out| {
+            let mut enc = png::Encoder::new(out, w, h);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+            writer.write_image_data(&self.rgb).map_err(std::io::Error::other)?;
+            writer.finish().map_err(std::io::Error::other)
+        })?)
+    }
+}
+
+/// The z range `[lo, hi)` holding foreground of `labels`, if any.
+fn z_extent(labels: &Volume<u8>) -> Option<(usize, usize)> {
+    let plane = labels.dims[0] * labels.dims[1];
+    let zs: Vec<usize> = labels.data.chunks(plane.max(1)).enumerate().filter(|(_, p)| p.iter().any(|&l| l != 0)).map(|(z, _)| z).collect();
+    Some((*zs.first()?, *zs.last()? + 1))
+}
+
+/// `n` slice indices spread evenly inside `[lo, hi)`: `lo + (hi - lo) (k + 1) / (n + 1)`.
+fn spread(lo: usize, hi: usize, n: usize) -> Vec<usize> {
+    (0..n).map(|k| (lo + (hi - lo) * (k + 1) / (n + 1)).min(hi - 1)).collect()
+}
+
+/// `(lo, hi)` intensity percentiles 0.5 and 99.5 of `image` (nearest rank).
+fn window(image: &Volume<f32>) -> (f32, f32) {
+    let mut v: Vec<f32> = image.data.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (0.0, 1.0);
+    }
+    let n = v.len() - 1;
+    let mut at = |q: f64| *v.select_nth_unstable_by((q * n as f64).round() as usize, f32::total_cmp).1;
+    let (lo, hi) = (at(0.005), at(0.995));
+    if hi > lo {
+        (lo, hi)
+    } else {
+        (lo, lo + 1.0)
+    }
+}
+
+/// Heat colour of `t` in [0, 1].
+fn heat(t: f64) -> [u8; 3] {
+    let c = |x: f64| (x.clamp(0.0, 1.0) * 255.0).round() as u8;
+    [c(3.0 * t), c(3.0 * t - 1.0), c(3.0 * t - 2.0)]
+}
+
+/// One axial panel being drawn at `(u0, v0)` of a picture with enlargement `scale`.
+struct Panel {
+    u0: usize,
+    v0: usize,
+    scale: usize,
+    dims: [usize; 3],
+    z: usize,
+}
+
+impl Panel {
+    /// The voxel index shown at panel pixel `(u, v)`.
+    fn voxel(&self, u: usize, v: usize) -> usize {
+        let (x, y) = (u / self.scale, self.dims[1] - 1 - v / self.scale);
+        x + self.dims[0] * (y + self.dims[1] * self.z)
+    }
+
+    fn size(&self) -> (usize, usize) {
+        (self.dims[0] * self.scale, self.dims[1] * self.scale)
+    }
+
+    /// Fills the panel with `colour(voxel index)`.
+    fn paint(&self, pic: &mut Picture, colour: impl Fn(usize) -> [u8; 3]) {
+        let (w, h) = self.size();
+        for v in 0..h {
+            for u in 0..w {
+                pic.set(self.u0 + u, self.v0 + v, colour(self.voxel(u, v)));
+            }
+        }
+    }
+
+    /// Draws the one-pixel contour of `inside(voxel index)` at display resolution: pixels inside
+    /// with a 4-neighbour pixel outside (or off the panel).
+    fn contour(&self, pic: &mut Picture, inside: impl Fn(usize) -> bool, c: [u8; 3]) {
+        let (w, h) = self.size();
+        let at = |u: isize, v: isize| u >= 0 && v >= 0 && (u as usize) < w && (v as usize) < h && inside(self.voxel(u as usize, v as usize));
+        for v in 0..h as isize {
+            for u in 0..w as isize {
+                if at(u, v) && !(at(u - 1, v) && at(u + 1, v) && at(u, v - 1) && at(u, v + 1)) {
+                    pic.set(self.u0 + u as usize, self.v0 + v as usize, c);
+                }
+            }
+        }
+    }
+}
+
+/// The picture of one case. `reference` and `uncertainty`, when given, must have the image's shape.
+pub fn case_picture(
+    image: &Volume<f32>,
+    reference: Option<&Volume<u8>>,
+    prediction: &Volume<u8>,
+    uncertainty: Option<&Volume<f32>>,
+    opts: &PictureOptions,
+) -> Result<Picture> {
+    let dims = image.dims;
+    for (what, d) in [("reference", reference.map(|r| r.dims)), ("prediction", Some(prediction.dims)), ("uncertainty", uncertainty.map(|u| u.dims))] {
+        if let Some(d) = d.filter(|d| *d != dims) {
+            return Err(Error::shape(what, format!("the image's shape {dims:?}"), d));
+        }
+    }
+    if opts.slices == 0 || dims.contains(&0) {
+        return Err(Error::invalid("picture.slices", "at least one slice of a non-empty volume is needed"));
+    }
+    let (zlo, zhi) = reference.and_then(z_extent).or_else(|| z_extent(prediction)).unwrap_or((0, dims[2]));
+    let zs = spread(zlo, zhi, opts.slices);
+    let scale = opts.min_panel_width.div_ceil(dims[0]).max(1);
+    let (pw, ph) = (dims[0] * scale, dims[1] * scale);
+    let panels = if uncertainty.is_some() { 2 } else { 1 };
+    let width = panels * pw + (panels + 1) * GAP_PX;
+    let height = zs.len() * ph + (zs.len() + 1) * GAP_PX;
+    let mut pic = Picture::filled(width, height, GAP);
+    let (lo, hi) = window(image);
+    let grey = |i: usize| {
+        let g = (((image.data[i] - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8;
+        [g, g, g]
+    };
+    for (row, &z) in zs.iter().enumerate() {
+        let v0 = GAP_PX + row * (ph + GAP_PX);
+        let left = Panel { u0: GAP_PX, v0, scale, dims, z };
+        left.paint(&mut pic, grey);
+        if let Some(r) = reference {
+            left.contour(&mut pic, |i| r.data[i] != 0, REFERENCE);
+        }
+        left.contour(&mut pic, |i| prediction.data[i] != 0, PREDICTION);
+        if let Some(u) = uncertainty {
+            let right = Panel { u0: 2 * GAP_PX + pw, v0, scale, dims, z };
+            right.paint(&mut pic, |i| heat(u.data[i] as f64 / opts.max_uncertainty));
+            right.contour(&mut pic, |i| (u.data[i] as f64) < opts.threshold, MASK);
+        }
+    }
+    Ok(pic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_spread_slices_inside_the_extent() {
+        assert_eq!(spread(10, 20, 3), vec![12, 15, 17]);
+        assert_eq!(spread(5, 6, 3), vec![5, 5, 5]);
+    }
+}
