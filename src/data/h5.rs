@@ -88,11 +88,11 @@ pub fn read_h5_case(path: &Path, max_label: u8) -> Result<H5Case> {
 pub fn write_h5_case(path: &Path, case: &H5Case) -> Result<()> {
     let run = || -> hdf5::Result<()> {
         let file = hdf5::File::create(path)?;
-        let chunk = case.image.dims.map(|d| d.clamp(1, 32));
+        let chunk = |dims: [usize; 3]| dims.map(|d| d.clamp(1, 32));
         let image = case.image.to_c_order();
-        file.new_dataset::<f32>().shape(case.image.dims).chunk(chunk).deflate(4).create("image")?.write_raw(&image)?;
+        file.new_dataset::<f32>().shape(case.image.dims).chunk(chunk(case.image.dims)).deflate(4).create("image")?.write_raw(&image)?;
         let label = case.label.to_c_order();
-        file.new_dataset::<u8>().shape(case.label.dims).chunk(chunk).deflate(4).create("label")?.write_raw(&label)?;
+        file.new_dataset::<u8>().shape(case.label.dims).chunk(chunk(case.label.dims)).deflate(4).create("label")?.write_raw(&label)?;
         Ok(())
     };
     run().map_err(|e| h5err(path, "cannot write HDF5", e))
