@@ -10,12 +10,18 @@
 //!   and the counter-based random numbers that make every pass reproducible by construction.
 //! - [`train`]: one full sequential UA-MT iteration ([`train::Trainer::step`]), the ground truth
 //!   that the actor pipeline must reproduce.
+//! - [`config`]: the daemon's TOML configuration; [`checkpoint`]: atomic checkpoints and resume;
+//!   [`telemetry`]: the names of every exported metric.
+//! - [`data`]: volumes, datasets, importers, synthetic data, augmentation and batches.
 //! - [`error`]: the library's typed errors.
 
+pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod telemetry;
 pub mod train;
 pub mod uamt;
 

@@ -203,19 +203,29 @@ pub struct Guidance {
     pub threshold: f64,
 }
 
-/// The teacher's work for one iteration: the noisy target pass and, for UA-MT, the T Monte-Carlo
-/// passes, their uncertainty and the mask. Runs under no_grad; the teacher stays in train mode.
-pub fn teacher_guidance(teacher: &VNet, cfg: &StepConfig, iter: i64, unlabelled: &Tensor, teacher_rnd: &PassRandom, mc_rnd: &[PassRandom]) -> Result<Guidance> {
+/// The teacher's raw output for one iteration, before the uncertainty is computed.
+#[derive(Debug)]
+pub struct TeacherOutput {
+    /// The iteration it is for.
+    pub iter: i64,
+    /// Logits of the single noisy pass on the unlabelled patches `[u, C, X, Y, Z]`.
+    pub target: Tensor,
+    /// Logits of the Monte-Carlo passes `[T * u, C, X, Y, Z]`, pass-major (UA-MT only).
+    pub mc: Option<Tensor>,
+}
+
+/// The teacher's passes for one iteration: the noisy target pass and, for UA-MT, the T
+/// Monte-Carlo passes. Runs under no_grad; the teacher stays in train mode (dropout on,
+/// BatchNorm on batch statistics, running statistics updated), as in the reference.
+pub fn teacher_passes(teacher: &VNet, cfg: &StepConfig, iter: i64, unlabelled: &Tensor, teacher_rnd: &PassRandom, mc_rnd: &[PassRandom]) -> Result<TeacherOutput> {
     tch::no_grad(|| {
         let noisy = |x: &Tensor, r: &PassRandom| match &r.noise {
             Some(n) => x + n,
             None => x.shallow_clone(),
         };
         let target = teacher.forward_with(&noisy(unlabelled, teacher_rnd), true, Dropout::Masks(&teacher_rnd.dropout))?;
-        let n_classes = teacher.config().n_classes;
         if cfg.method != Method::Uamt {
-            let mask = Tensor::ones_like(&target.narrow(1, 0, 1));
-            return Ok(Guidance { target, mask, uncertainty: None, threshold: f64::INFINITY });
+            return Ok(TeacherOutput { iter, target, mc: None });
         }
         let expect = (cfg.mc_passes / cfg.mc_repeats) as usize;
         if mc_rnd.len() != expect {
@@ -226,11 +236,31 @@ pub fn teacher_guidance(teacher: &VNet, cfg: &StepConfig, iter: i64, unlabelled:
             .iter()
             .map(|r| teacher.forward_with(&noisy(&repeated, r), true, Dropout::Masks(&r.dropout)))
             .collect::<Result<Vec<_>>>()?;
-        let u = losses::uncertainty(&Tensor::cat(&logits, 0), cfg.mc_passes);
-        let threshold = uamt::threshold(iter, cfg.max_iter, n_classes);
-        let mask = u.lt(threshold).to_kind(Kind::Float);
-        Ok(Guidance { target, mask, uncertainty: Some(u), threshold })
+        Ok(TeacherOutput { iter, target, mc: Some(Tensor::cat(&logits, 0)) })
     })
+}
+
+/// Uncertainty, threshold and mask from the teacher's output (the uncertainty/mask computer's
+/// work). Mean Teacher gets a mask of ones.
+pub fn guidance(out: TeacherOutput, cfg: &StepConfig, n_classes: i64) -> Guidance {
+    tch::no_grad(|| match out.mc {
+        Some(mc) => {
+            let u = losses::uncertainty(&mc, cfg.mc_passes);
+            let threshold = uamt::threshold(out.iter, cfg.max_iter, n_classes);
+            let mask = u.lt(threshold).to_kind(Kind::Float);
+            Guidance { target: out.target, mask, uncertainty: Some(u), threshold }
+        }
+        None => {
+            let mask = Tensor::ones_like(&out.target.narrow(1, 0, 1));
+            Guidance { target: out.target, mask, uncertainty: None, threshold: f64::INFINITY }
+        }
+    })
+}
+
+/// The teacher's whole work for one iteration: [`teacher_passes`] then [`guidance`].
+pub fn teacher_guidance(teacher: &VNet, cfg: &StepConfig, iter: i64, unlabelled: &Tensor, teacher_rnd: &PassRandom, mc_rnd: &[PassRandom]) -> Result<Guidance> {
+    let out = teacher_passes(teacher, cfg, iter, unlabelled, teacher_rnd, mc_rnd)?;
+    Ok(guidance(out, cfg, teacher.config().n_classes))
 }
 
 /// The numbers one step produced, still on the device (reading them synchronises).
@@ -347,25 +377,39 @@ impl Trainer {
     /// ones; `labels` the labelled patches' classes.
     pub fn step(&mut self, images: &Tensor, labels: &Tensor, rnd: &StepRandom) -> Result<StepStats> {
         self.check_batch(images, labels)?;
+        let logits = self.student_forward(images, &rnd.student)?;
         let guidance = match (&self.teacher, self.cfg.method) {
             (Some(teacher), m) if m != Method::Supervised => {
-                let l = self.cfg.labelled_bs;
-                let unl = images.narrow(0, l, images.size()[0] - l);
+                let unl = self.unlabelled(images);
                 let t = rnd.teacher.as_ref().ok_or_else(|| Error::invalid("random", "teacher pass randomness missing"))?;
                 Some(teacher_guidance(teacher, &self.cfg, self.iter, &unl, t, &rnd.mc)?)
             }
             _ => None,
         };
-        self.student_step(images, labels, &rnd.student, guidance.as_ref())
+        let stats = self.student_finish(&logits, labels, guidance.as_ref())?;
+        if let Some(teacher) = &self.teacher {
+            uamt::ema_update(teacher.store(), self.student.store(), stats.iter, self.cfg.ema_decay)?;
+        }
+        Ok(stats)
     }
 
-    /// The student's half of an iteration given the teacher's guidance: forward, losses,
-    /// backward, SGD, EMA, counter.
-    pub fn student_step(&mut self, images: &Tensor, labels: &Tensor, rnd: &PassRandom, guidance: Option<&Guidance>) -> Result<StepStats> {
+    /// The unlabelled part of a batch.
+    pub fn unlabelled(&self, images: &Tensor) -> Tensor {
+        let l = self.cfg.labelled_bs;
+        images.narrow(0, l, images.size()[0] - l)
+    }
+
+    /// The student's forward pass (train mode) on the patches its method trains on.
+    pub fn student_forward(&self, images: &Tensor, rnd: &PassRandom) -> Result<Tensor> {
+        let inputs = if self.cfg.method == Method::Supervised { images.narrow(0, 0, self.cfg.labelled_bs) } else { images.shallow_clone() };
+        self.student.forward_with(&inputs, true, Dropout::Masks(&rnd.dropout)) // [b, C, X, Y, Z]
+    }
+
+    /// The rest of the student's step given its logits and the teacher's guidance: losses,
+    /// backward, SGD, counter. The EMA update is the caller's (it may run elsewhere).
+    pub fn student_finish(&mut self, logits: &Tensor, labels: &Tensor, guidance: Option<&Guidance>) -> Result<StepStats> {
         let cfg = &self.cfg;
         let (iter, l) = (self.iter, cfg.labelled_bs);
-        let inputs = if cfg.method == Method::Supervised { images.narrow(0, 0, l) } else { images.shallow_clone() };
-        let logits = self.student.forward_with(&inputs, true, Dropout::Masks(&rnd.dropout))?; // [b, C, X, Y, Z]
         let sup = losses::supervised_loss(&logits.narrow(0, 0, l), labels);
         let weight = uamt::consistency_weight(iter, cfg.consistency, cfg.consistency_interval, cfg.consistency_rampup);
         let (loss, consistency, mask_fraction, threshold) = match guidance {
@@ -384,9 +428,6 @@ impl Trainer {
         Sgd::zero_grad(self.student.store());
         loss.f_backward()?;
         self.opt.step(self.student.store(), lr)?;
-        if let Some(teacher) = &self.teacher {
-            uamt::ema_update(teacher.store(), self.student.store(), iter, cfg.ema_decay)?;
-        }
         self.iter += 1;
         Ok(StepStats {
             iter,
@@ -400,5 +441,10 @@ impl Trainer {
             threshold,
             lr,
         })
+    }
+
+    /// Public form of the batch check, for pipelines that call the halves themselves.
+    pub fn check(&self, images: &Tensor, labels: &Tensor) -> Result<()> {
+        self.check_batch(images, labels)
     }
 }

@@ -1,0 +1,186 @@
+//! Checkpoints: one `.safetensors` file per checkpoint holding the student and teacher (weights
+//! and BatchNorm buffers, named like the reference PyTorch `state_dict`), the momentum buffers,
+//! the iteration, the seed and the config. Written to a temporary name, flushed and renamed into
+//! place, so a reader never sees a partial file and a failed write leaves the older ones intact.
+//!
+//! Randomness needs no saved generator state: every draw (sampling, augmentation, noise,
+//! dropout) is a function of (seed, iteration), so (seed, iteration) is the RNG state.
+
+use crate::train::Trainer;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// File-name prefix and suffix of checkpoints: `ckpt-00001200.safetensors`.
+const PREFIX: &str = "ckpt-";
+const SUFFIX: &str = ".safetensors";
+/// Bumped when the layout of the file changes.
+const FORMAT_VERSION: i64 = 1;
+
+/// Everything a checkpoint holds, in host memory.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Steps completed; a resumed run continues with this iteration.
+    pub iteration: i64,
+    /// The run's seed.
+    pub seed: u64,
+    /// The config the run was started with, as TOML.
+    pub config: String,
+    /// Student parameters and buffers.
+    pub student: Vec<(String, Tensor)>,
+    /// Teacher parameters and buffers (absent for supervised runs).
+    pub teacher: Option<Vec<(String, Tensor)>>,
+    /// SGD momentum buffers, named after their parameters.
+    pub momentum: Vec<(String, Tensor)>,
+}
+
+/// A detached copy on the CPU that later in-place updates of `t` do not touch.
+pub fn host_copy(t: &Tensor) -> Tensor {
+    let t = t.detach();
+    if t.device() == Device::Cpu { t.copy() } else { t.to_device(Device::Cpu) }
+}
+
+/// Host copies of named tensors.
+pub fn host_copies(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    named.iter().map(|(n, t)| (n.clone(), host_copy(t))).collect()
+}
+
+impl Snapshot {
+    /// A copy of a sequential trainer's whole state.
+    pub fn of_trainer(tr: &Trainer, seed: u64, config: &str) -> Self {
+        Snapshot {
+            iteration: tr.iter,
+            seed,
+            config: config.to_string(),
+            student: host_copies(&tr.student.store().named_tensors()),
+            teacher: tr.teacher.as_ref().map(|t| host_copies(&t.store().named_tensors())),
+            momentum: host_copies(tr.opt.buffers()),
+        }
+    }
+
+    /// Puts this state into `tr` (same architecture and method).
+    pub fn restore_into(&self, tr: &mut Trainer, origin: &Path) -> Result<()> {
+        tr.student.store().load_named(&self.student, origin, false)?;
+        match (&tr.teacher, &self.teacher) {
+            (Some(t), Some(named)) => t.store().load_named(named, origin, false)?,
+            (Some(_), None) => return Err(Error::File { path: origin.to_path_buf(), why: "checkpoint has no teacher, the method needs one".into() }),
+            _ => {}
+        }
+        tr.opt.load_named(&self.momentum, origin)?;
+        tr.iter = self.iteration;
+        Ok(())
+    }
+
+    /// The file name of the checkpoint after `iteration` steps.
+    pub fn file_name(iteration: i64) -> String {
+        format!("{PREFIX}{iteration:08}{SUFFIX}")
+    }
+
+    /// Writes `dir/ckpt-<iteration>.safetensors` atomically and returns its path.
+    pub fn write_atomic(&self, dir: &Path) -> Result<PathBuf> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(Self::file_name(self.iteration));
+        let tmp = dir.join(format!(".{}.tmp-{}", Self::file_name(self.iteration), std::process::id()));
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        let scalar = |v: i64| Tensor::from_slice(&[v]);
+        named.push(("meta.format_version".into(), scalar(FORMAT_VERSION)));
+        named.push(("meta.iteration".into(), scalar(self.iteration)));
+        named.push(("meta.seed".into(), scalar(self.seed as i64)));
+        named.push(("meta.config".into(), Tensor::from_slice(self.config.as_bytes())));
+        let prefixed = |p: &str, v: &[(String, Tensor)]| v.iter().map(|(n, t)| (format!("{p}.{n}"), t.shallow_clone())).collect::<Vec<_>>();
+        named.extend(prefixed("student", &self.student));
+        if let Some(t) = &self.teacher {
+            named.extend(prefixed("teacher", t));
+        }
+        named.extend(prefixed("optimizer.momentum", &self.momentum));
+        let written = Tensor::write_safetensors(&named, &tmp)
+            .map_err(|e| Error::File { path: tmp.clone(), why: e.to_string() })
+            .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp)))
+            .and_then(|_| std::fs::rename(&tmp, &path).map_err(io(&path)));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(path)
+    }
+
+    /// Reads a checkpoint; any structural problem is an error naming the file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let err = |why: String| Error::File { path: path.to_path_buf(), why };
+        let named = Tensor::read_safetensors(path).map_err(|e| err(format!("not a readable checkpoint: {e}")))?;
+        let get = |k: &str| named.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone()).ok_or_else(|| err(format!("missing `{k}`")));
+        let int = |k: &str| -> Result<i64> {
+            let t = get(k)?;
+            if t.kind() != Kind::Int64 || t.numel() != 1 {
+                return Err(err(format!("`{k}` is not one int64")));
+            }
+            Ok(t.int64_value(&[0]))
+        };
+        let version = int("meta.format_version")?;
+        if version != FORMAT_VERSION {
+            return Err(err(format!("format version {version}, this build reads {FORMAT_VERSION}")));
+        }
+        let iteration = int("meta.iteration")?;
+        let seed = int("meta.seed")? as u64;
+        let config_bytes = Vec::<u8>::try_from(get("meta.config")?).map_err(|e| err(format!("`meta.config`: {e}")))?;
+        let config = String::from_utf8(config_bytes).map_err(|_| err("`meta.config` is not UTF-8".into()))?;
+        let section = |p: &str| {
+            let p = format!("{p}.");
+            named.iter().filter_map(|(n, t)| n.strip_prefix(&p).map(|k| (k.to_string(), t.shallow_clone()))).collect::<Vec<_>>()
+        };
+        let student = section("student");
+        if student.is_empty() {
+            return Err(err("no student weights".into()));
+        }
+        let teacher = Some(section("teacher")).filter(|t| !t.is_empty());
+        Ok(Snapshot { iteration, seed, config, student, teacher, momentum: section("optimizer.momentum") })
+    }
+}
+
+/// The checkpoints in `dir`, oldest first, as (iteration, path). Temporary files are ignored.
+pub fn list(dir: &Path) -> Vec<(i64, PathBuf)> {
+    let mut out: Vec<(i64, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let it = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?.parse().ok()?;
+            Some((it, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The newest checkpoint in `dir`.
+pub fn latest(dir: &Path) -> Option<(i64, PathBuf)> {
+    list(dir).pop()
+}
+
+/// Retention policy: which of `existing` (iterations, any order) to delete to keep the newest `keep`.
+pub fn to_delete(existing: &[i64], keep: usize) -> Vec<i64> {
+    let mut v = existing.to_vec();
+    v.sort_unstable();
+    let n = v.len().saturating_sub(keep.max(1));
+    v.truncate(n);
+    v
+}
+
+/// Deletes all but the newest `keep` checkpoints of `dir`; returns what it removed.
+pub fn prune(dir: &Path, keep: usize) -> Vec<PathBuf> {
+    let all = list(dir);
+    let its: Vec<i64> = all.iter().map(|(i, _)| *i).collect();
+    let del = to_delete(&its, keep);
+    all.into_iter()
+        .filter(|(i, _)| del.contains(i))
+        .filter_map(|(_, p)| std::fs::remove_file(&p).ok().map(|_| p))
+        .collect()
+}
