@@ -1,0 +1,184 @@
+//! Sliding-window inference against the reference procedure run in PyTorch
+//! (tests/oracle/eval_sliding.py), window placement, a one-patch volume against a direct forward,
+//! determinism, and the largest-connected-component step.
+
+mod common;
+
+use common::{assert_close, oracle_output, Fixture};
+use tch::{Device, Kind, Tensor};
+use uamt::data::Volume;
+use uamt::eval::infer::{padding, window_starts};
+use uamt::eval::{largest_component, model_from_named, sliding_window, Connectivity, InferOptions, WindowPlan};
+use uamt::model::{Dropout, VNet, VNetConfig};
+
+fn tiny() -> VNetConfig {
+    VNetConfig { n_filters: 4, ..VNetConfig::default() }
+}
+
+fn usizes(t: &Tensor) -> Vec<usize> {
+    Vec::<i64>::try_from(&t.reshape([-1])).unwrap().into_iter().map(|v| v as usize).collect()
+}
+
+fn opts(stride: [usize; 3], batch_size: usize) -> InferOptions {
+    InferOptions { patch: [32, 32, 16], stride, batch_size, largest_component: None }
+}
+
+#[test]
+fn should_match_the_reference_sliding_window() {
+    let fx = Fixture::load(oracle_output("tests/oracle/eval_sliding.py").join("sliding.npz"));
+    let model = model_from_named(&tiny(), Device::Cpu, &fx.prefixed("w"), &fx.path).unwrap();
+    for name in ["large", "small"] {
+        let image = fx.get(&format!("{name}.image"));
+        let s = usizes(&fx.get(&format!("{name}.stride")));
+        let o = opts([s[0], s[1], s[2]], 3);
+        let dims = image.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
+        let plan = WindowPlan::new([dims[0], dims[1], dims[2]], &o);
+        for (a, axis) in ["x", "y", "z"].iter().enumerate() {
+            assert_eq!(plan.starts[a], usizes(&fx.get(&format!("{name}.starts_{axis}"))), "{name}: window starts along {axis}");
+        }
+        assert_eq!(plan.pad_before.to_vec(), usizes(&fx.get(&format!("{name}.before"))), "{name}: padding");
+
+        let pred = sliding_window(&model, &image, &o).unwrap();
+        let want = fx.get(&format!("{name}.score"));
+        assert_close(&format!("{name}: probability map"), &pred.probabilities, &want, 1e-5);
+        // Labels agree wherever the classes are not tied to within float noise.
+        let want_labels = fx.get(&format!("{name}.label"));
+        let decided = (want.get(1) - want.get(0)).abs().gt(1e-5);
+        let differ = pred.labels.ne_tensor(&want_labels).logical_and(&decided).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(differ, 0, "{name}: labels differ from the reference's argmax");
+        assert!(decided.sum(Kind::Int64).int64_value(&[]) as f64 > 0.99 * want_labels.numel() as f64);
+    }
+}
+
+#[test]
+fn should_place_windows_by_the_reference_formula() {
+    // ceil((W - p) / s) + 1 windows at min(s * i, W - p), for many sizes and strides.
+    for (w, p, s) in [(112, 112, 18), (113, 112, 18), (130, 112, 18), (131, 112, 18), (256, 112, 18), (88, 80, 4), (95, 80, 4), (7, 7, 1)] {
+        let n = ((w - p) as f64 / s as f64).ceil() as usize + 1;
+        let want: Vec<usize> = (0..n).map(|i| (s * i).min(w - p)).collect();
+        assert_eq!(window_starts(w, p, s), want, "W {w}, patch {p}, stride {s}");
+        assert_eq!(*want.last().unwrap() + p, w, "the last window ends at the border");
+    }
+    // A volume smaller than the patch is padded to exactly the patch: one window.
+    let o = InferOptions::default();
+    let plan = WindowPlan::new([100, 130, 60], &o);
+    assert_eq!(plan.padded, [112, 130, 80]);
+    assert_eq!(plan.pad_before, [6, 0, 10]);
+    assert_eq!(padding(60, 80), (10, 10));
+    assert_eq!(plan.starts, [vec![0], vec![0, 18], vec![0]]);
+    assert_eq!(plan.windows(), vec![[0, 0, 0], [0, 18, 0]]);
+}
+
+#[test]
+fn should_equal_a_direct_forward_when_the_volume_is_one_patch() {
+    tch::manual_seed(3);
+    let model = VNet::new(&tiny(), Device::Cpu).unwrap();
+    let image = Tensor::randn([32, 32, 16], (Kind::Float, Device::Cpu));
+    let pred = sliding_window(&model, &image, &opts([8, 8, 4], 2)).unwrap();
+    let direct = tch::no_grad(|| model.forward_with(&image.view([1, 1, 32, 32, 16]), false, Dropout::Random).unwrap().softmax(1, Kind::Float).get(0));
+    assert_close("one-patch probability map", &pred.probabilities, &direct, 1e-6);
+    assert!(pred.labels.equal(&direct.argmax(0, false)));
+    assert_eq!(pred.foreground().size(), vec![32, 32, 16]);
+    // Probabilities sum to one; the entropy lies in [0, ln 2].
+    assert_close("class sum", &pred.probabilities.sum_dim_intlist([0i64].as_slice(), false, Kind::Float), &Tensor::ones([32, 32, 16], (Kind::Float, Device::Cpu)), 1e-6);
+    let h = pred.entropy();
+    assert!(h.min().double_value(&[]) >= -1e-6 && h.max().double_value(&[]) <= std::f64::consts::LN_2 + 1e-6);
+}
+
+#[test]
+fn should_be_deterministic_in_eval_mode_whatever_the_batch() {
+    tch::manual_seed(4);
+    let model = VNet::new(&tiny(), Device::Cpu).unwrap();
+    let image = Tensor::randn([40, 35, 20], (Kind::Float, Device::Cpu));
+    let a = sliding_window(&model, &image, &opts([8, 6, 4], 1)).unwrap();
+    let b = sliding_window(&model, &image, &opts([8, 6, 4], 1)).unwrap();
+    assert!(a.probabilities.equal(&b.probabilities), "two eval-mode runs differ");
+    let c = sliding_window(&model, &image, &opts([8, 6, 4], 5)).unwrap();
+    assert_close("batch 5 against batch 1", &c.probabilities, &a.probabilities, 1e-5);
+    // Eval mode leaves the BatchNorm statistics alone.
+    let before: Vec<Tensor> = model.store().buffers().map(|p| p.tensor.copy()).collect();
+    sliding_window(&model, &image, &opts([16, 16, 8], 2)).unwrap();
+    for (p, b) in model.store().buffers().zip(&before) {
+        assert!(p.tensor.equal(b), "{} changed during inference", p.name);
+    }
+}
+
+#[test]
+fn should_refuse_bad_window_settings() {
+    tch::manual_seed(5);
+    let model = VNet::new(&tiny(), Device::Cpu).unwrap();
+    let image = Tensor::zeros([32, 32, 16], (Kind::Float, Device::Cpu));
+    let bad = [
+        (InferOptions { patch: [30, 32, 16], ..opts([4, 4, 4], 1) }, "patch"),
+        (opts([4, 0, 4], 1), "stride"),
+        (opts([4, 4, 4], 0), "batch_size"),
+    ];
+    for (o, key) in bad {
+        let e = sliding_window(&model, &image, &o).unwrap_err().to_string();
+        assert!(e.contains(key), "{e}");
+    }
+    let e = sliding_window(&model, &Tensor::zeros([32, 32], (Kind::Float, Device::Cpu)), &opts([4, 4, 4], 1)).unwrap_err().to_string();
+    assert!(e.contains("image"), "{e}");
+}
+
+/// A label volume with the given foreground voxels.
+fn labels(dims: [usize; 3], voxels: &[[usize; 3]]) -> Volume<u8> {
+    let mut v = Volume::zeros(dims);
+    for p in voxels {
+        let i = v.index(p[0], p[1], p[2]);
+        v.data[i] = 1;
+    }
+    v
+}
+
+fn cube(lo: [usize; 3], side: usize) -> Vec<[usize; 3]> {
+    let mut v = Vec::new();
+    for z in lo[2]..lo[2] + side {
+        for y in lo[1]..lo[1] + side {
+            for x in lo[0]..lo[0] + side {
+                v.push([x, y, z]);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn should_keep_the_largest_connected_component() {
+    // A 3-cube and a 2-cube touching only at a corner: one component under 26-connectivity,
+    // two under 6-connectivity (the 3-cube is kept).
+    let mut vox = cube([0, 0, 0], 3);
+    vox.extend(cube([3, 3, 3], 2));
+    let v = labels([6, 6, 6], &vox);
+    let all = largest_component(&v, Connectivity::TwentySix);
+    assert_eq!(all, v);
+    let big = largest_component(&v, Connectivity::Six);
+    assert_eq!(big, labels([6, 6, 6], &cube([0, 0, 0], 3)));
+    // Edge contact (shared edge, no face): 26 joins, 6 separates.
+    let mut vox = cube([0, 0, 0], 2);
+    vox.extend(cube([2, 2, 0], 2));
+    vox.push([5, 5, 5]);
+    let v = labels([6, 6, 6], &vox);
+    assert_eq!(largest_component(&v, Connectivity::TwentySix).data.iter().filter(|&&l| l != 0).count(), 16);
+    // A tie under 6-connectivity goes to the component met first in scan order.
+    assert_eq!(largest_component(&v, Connectivity::Six), labels([6, 6, 6], &cube([0, 0, 0], 2)));
+    // Labels are kept, not binarised; an empty volume stays empty.
+    let mut m = labels([4, 4, 4], &cube([0, 0, 0], 2));
+    m.data[0] = 2;
+    assert_eq!(largest_component(&m, Connectivity::Six), m);
+    let empty = Volume::<u8>::zeros([3, 3, 3]);
+    assert_eq!(largest_component(&empty, Connectivity::Six), empty);
+}
+
+#[test]
+fn should_apply_the_largest_component_step_to_the_labels() {
+    tch::manual_seed(6);
+    let model = VNet::new(&tiny(), Device::Cpu).unwrap();
+    let image = Tensor::randn([32, 32, 16], (Kind::Float, Device::Cpu));
+    let plain = sliding_window(&model, &image, &opts([8, 8, 4], 2)).unwrap();
+    let o = InferOptions { largest_component: Some(Connectivity::Six), ..opts([8, 8, 4], 2) };
+    let post = sliding_window(&model, &image, &o).unwrap();
+    let want = largest_component(&plain.label_volume().unwrap(), Connectivity::Six);
+    assert_eq!(post.label_volume().unwrap(), want);
+    assert!(post.probabilities.equal(&plain.probabilities), "post-processing changes labels only");
+}
