@@ -1,9 +1,135 @@
-//! `uamt eval`: segmentation metrics between label volumes, or of a weights file on a dataset.
+//! `uamt eval`: segmentation metrics (Dice, Jaccard, 95 % Hausdorff, average surface distance,
+//! as medpy defines them) either between label volumes made elsewhere (`--prediction` against
+//! `--reference`: two NIfTI files, or two folders matched by file name), or of a weights file
+//! run by sliding window over a dataset's test split (`--weights` with `--dataset`).
+//! A table (or `--json`) on stdout, one progress line per case on stderr.
+
+use super::import::{parse_size, parse_spacing};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use tch::Device;
+use uamt::data::{Dataset, DatasetOptions};
+use uamt::eval::{compare_paths, evaluate_dataset, load_weights, CaseEvent, Connectivity, EmptyPolicy, EvalOptions, InferOptions, Outputs, PictureOptions, Report};
+use uamt::model::VNetConfig;
 
 /// Arguments of `uamt eval`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["prediction", "weights"])))]
+pub struct Args {
+    /// Predicted labels: a NIfTI file, or a folder of them (matched to --reference by name).
+    #[arg(long, requires = "reference", conflicts_with_all = ["weights", "dataset"])]
+    pub prediction: Option<PathBuf>,
+    /// Reference labels: a NIfTI file, or a folder of them.
+    #[arg(long, requires = "prediction")]
+    pub reference: Option<PathBuf>,
+    /// Voxel size in mm for the millimetre distances (one value or X,Y,Z); default: the
+    /// reference header's (the image's with --dataset).
+    #[arg(long, value_parser = parse_spacing, conflicts_with = "weights")]
+    pub spacing: Option<[f64; 3]>,
+    /// Model weights: named tensors in .safetensors, .npz or .ot (PyTorch state_dict names).
+    #[arg(long, requires = "dataset")]
+    pub weights: Option<PathBuf>,
+    /// Dataset folder whose test split is evaluated.
+    #[arg(long, requires = "weights")]
+    pub dataset: Option<PathBuf>,
+    /// V-Net filters at the first level.
+    #[arg(long, default_value_t = 16)]
+    pub n_filters: i64,
+    /// Output classes.
+    #[arg(long, default_value_t = 2)]
+    pub n_classes: i64,
+    /// Sliding-window patch X,Y,Z (each a multiple of 16).
+    #[arg(long, default_value = "112,112,80", value_parser = parse_size)]
+    pub patch: [usize; 3],
+    /// Sliding-window stride X,Y,Z.
+    #[arg(long, default_value = "18,18,4", value_parser = parse_size)]
+    pub stride: [usize; 3],
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Keep only the largest connected component, with 6- or 26-connectivity (off by default).
+    #[arg(long)]
+    pub largest_component: Option<Connectivity>,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: Device,
+    /// How an empty prediction scores: `zeros` (the UA-MT reference) or `undefined` (distances
+    /// left out of the means).
+    #[arg(long, default_value = "zeros", value_parser = parse_empty)]
+    pub empty: EmptyPolicy,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write report.json and report.csv here; with --weights also per case the predicted
+    /// labels, foreground probability and uncertainty (NIfTI) and a PNG of a few slices.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("uamt eval: not implemented yet")
+fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("`{s}`: give cpu, cuda, cuda:N or auto")),
+    }
+}
+
+fn parse_empty(s: &str) -> Result<EmptyPolicy, String> {
+    match s {
+        "zeros" => Ok(EmptyPolicy::Zeros),
+        "undefined" => Ok(EmptyPolicy::Undefined),
+        _ => Err(format!("`{s}`: give zeros or undefined")),
+    }
+}
+
+/// Prints one plain progress line per case on stderr.
+fn progress(e: &CaseEvent) {
+    eprintln!("{}", e.line());
+}
+
+/// Runs the evaluation the arguments ask for.
+fn report(args: &Args) -> anyhow::Result<Report> {
+    if let (Some(p), Some(r)) = (&args.prediction, &args.reference) {
+        return Ok(compare_paths(p, r, args.spacing, args.empty, &mut progress)?);
+    }
+    let (Some(weights), Some(dir)) = (&args.weights, &args.dataset) else {
+        anyhow::bail!("give --prediction and --reference, or --weights and --dataset");
+    };
+    let config = VNetConfig { n_filters: args.n_filters, n_classes: args.n_classes, ..VNetConfig::default() };
+    let model = load_weights(weights, &config, args.device)?;
+    let dataset = Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()))?;
+    let opts = EvalOptions {
+        infer: InferOptions { patch: args.patch, stride: args.stride, batch_size: args.batch, largest_component: args.largest_component },
+        empty: args.empty,
+        outputs: args.out.as_ref().map(|dir| Outputs { dir: dir.clone(), nifti: true, pictures: true, picture: PictureOptions::default() }),
+    };
+    Ok(evaluate_dataset(&model, &dataset, &weights.display().to_string(), &opts, &mut progress)?)
+}
+
+fn write_reports(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    report.write_json(&dir.join("report.json"))?;
+    report.write_csv(&dir.join("report.csv"))?;
+    Ok(())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let report = report(&args)?;
+    if let Some(dir) = &args.out {
+        write_reports(&report, dir)?;
+    }
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+    if report.cases.is_empty() {
+        anyhow::bail!("no case could be evaluated ({} failed)", report.failures.len());
+    }
+    Ok(())
 }

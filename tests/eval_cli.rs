@@ -1,0 +1,200 @@
+//! `uamt eval` as a person runs it: on NIfTI label files and folders the test writes, and with a
+//! weights file on a small synthetic dataset; JSON output parsed and checked.
+
+mod common;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use tch::{Device, Tensor};
+use uamt::data::synth::{write_synth, SynthConfig};
+use uamt::data::{write_nifti, Dataset, DatasetOptions, Geometry, GzCache, NiftiVolume, Volume};
+use uamt::eval::{case_metrics, evaluate_dataset, EmptyPolicy, EvalOptions, InferOptions};
+use uamt::model::{VNet, VNetConfig};
+
+/// The `uamt` binary, built by the cargo running this test (a no-op when it is up to date).
+fn uamt() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "-p", "uamt-actors", "--bin", "uamt", "--message-format=json-render-diagnostics"])
+            .current_dir(common::repo())
+            .output()
+            .expect("run cargo build");
+        assert!(out.status.success(), "building uamt failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|m| m["target"]["name"] == "uamt" && m["target"]["kind"][0] == "bin")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo names the uamt executable")
+    })
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(uamt()).arg("eval").args(args).output().expect("run uamt eval");
+    assert!(
+        out.status.success(),
+        "uamt eval {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("eval_cli-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A `dims` label volume with the box `[lo, lo + side)` set to 1.
+fn cube(dims: [usize; 3], lo: [usize; 3], side: usize) -> Volume<u8> {
+    let mut v = Volume::zeros(dims);
+    for z in lo[2]..lo[2] + side {
+        for y in lo[1]..lo[1] + side {
+            for x in lo[0]..lo[0] + side {
+                let i = v.index(x, y, z);
+                v.data[i] = 1;
+            }
+        }
+    }
+    v
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn should_print_metrics_of_two_nifti_files_as_json() {
+    let dir = tmp("files");
+    let dims = [16, 14, 12];
+    let geometry = Geometry::from_spacing([0.5, 1.0, 2.0]);
+    // Two 6-cubes, the prediction shifted by 2 voxels along x: Dice 4/6, Jaccard 4/8.
+    let (pred, reference) = (cube(dims, [4, 3, 2], 6), cube(dims, [2, 3, 2], 6));
+    let (p, r) = (dir.join("case.nii.gz"), dir.join("case.nii"));
+    write_nifti(&p, &pred, &geometry).unwrap();
+    write_nifti(&r, &reference, &geometry).unwrap();
+
+    let out = run(&["--prediction", p.to_str().unwrap(), "--reference", r.to_str().unwrap(), "--json"]);
+    let report = json(&out);
+    let case = &report["cases"][0];
+    assert_eq!(case["id"], "case");
+    assert!((num(&case["dice"]) - 4.0 / 6.0).abs() < 1e-12, "{case}");
+    assert!((num(&case["jaccard"]) - 0.5).abs() < 1e-12, "{case}");
+    // Distances as the library computes them (which tests/eval_metrics.rs holds to medpy), in
+    // voxels and in the header's millimetres.
+    let want = case_metrics(&pred, &reference, [0.5, 1.0, 2.0], EmptyPolicy::Zeros).unwrap();
+    for (key, w) in [("hd95", want.hd95), ("asd", want.asd), ("hd95_mm", want.hd95_mm), ("asd_mm", want.asd_mm)] {
+        assert!((num(&case[key]) - w.unwrap()).abs() < 1e-9, "{key}: {case}");
+    }
+    assert!(num(&case["hd95"]) > 0.0 && num(&case["hd95_mm"]) != num(&case["hd95"]), "the spacing is anisotropic: {case}");
+    assert_eq!(case["empty_prediction"], false);
+    assert_eq!(report["summary"]["dice"]["n"], 1);
+    assert!((num(&report["summary"]["dice"]["mean"]) - 4.0 / 6.0).abs() < 1e-12);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("[1/1] case: dice 0.6667"), "progress line: {stderr}");
+
+    // --spacing overrides the header: 1 mm voxels make millimetres equal voxels.
+    let report = json(&run(&["--prediction", p.to_str().unwrap(), "--reference", r.to_str().unwrap(), "--spacing", "1", "--json"]));
+    assert_eq!(num(&report["cases"][0]["hd95_mm"]), num(&report["cases"][0]["hd95"]));
+}
+
+#[test]
+fn should_match_folders_by_name_and_say_what_is_missing() {
+    let dir = tmp("folders");
+    let (pd, rd, out) = (dir.join("pred"), dir.join("ref"), dir.join("out"));
+    std::fs::create_dir_all(&pd).unwrap();
+    std::fs::create_dir_all(&rd).unwrap();
+    let dims = [12, 12, 8];
+    let g = Geometry::from_spacing([1.0, 1.0, 1.0]);
+    let full = cube(dims, [2, 2, 1], 5);
+    write_nifti(pd.join("a.nii.gz"), &full, &g).unwrap();
+    write_nifti(rd.join("a.nii"), &full, &g).unwrap();
+    write_nifti(pd.join("b.nii"), &Volume::<u8>::zeros(dims), &g).unwrap(); // empty prediction
+    write_nifti(rd.join("b.nii"), &full, &g).unwrap();
+    write_nifti(rd.join("c.nii"), &full, &g).unwrap(); // no prediction
+    write_nifti(pd.join("extra.nii"), &full, &g).unwrap(); // no reference
+
+    let o = run(&["--prediction", pd.to_str().unwrap(), "--reference", rd.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.lines().any(|l| l.starts_with("a ") && l.contains("100.00")), "{table}");
+    assert!(table.contains("empty prediction"), "{table}");
+    assert!(table.contains("failed: c: no prediction") && table.contains("failed: extra: no reference"), "{table}");
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let ids: Vec<&str> = report["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    let b = &report["cases"][1];
+    assert_eq!((b["empty_prediction"].as_bool(), num(&b["dice"]), num(&b["hd95"])), (Some(true), 0.0, 0.0), "the reference scores an empty prediction as zeros");
+    assert_eq!(report["summary"]["empty_predictions"], 1);
+    assert_eq!(report["failures"].as_array().unwrap().len(), 2);
+    let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 + 2, "{csv}");
+    assert!(csv.lines().nth(1).unwrap().starts_with("a,1,1,0,0,0,0,"), "{csv}");
+
+    // --empty undefined leaves the empty prediction's distances out of the means.
+    let report = json(&run(&["--prediction", pd.to_str().unwrap(), "--reference", rd.to_str().unwrap(), "--empty", "undefined", "--json"]));
+    assert!(report["cases"][1]["hd95"].is_null());
+    assert_eq!(report["summary"]["hd95"]["n"], 1);
+}
+
+#[test]
+fn should_evaluate_a_weights_file_on_a_dataset() {
+    let dir = tmp("weights");
+    let (data, out) = (dir.join("data"), dir.join("out"));
+    let cfg = SynthConfig { cases: 1, labelled: 1, test: 2, size: [36, 32, 18], ..SynthConfig::default() };
+    write_synth(&data, &cfg, false).unwrap();
+    tch::manual_seed(11);
+    let config = VNetConfig { n_filters: 4, ..VNetConfig::default() };
+    let model = VNet::new(&config, Device::Cpu).unwrap();
+    let weights = dir.join("w.safetensors");
+    Tensor::write_safetensors(&model.store().named_tensors(), &weights).unwrap();
+
+    let args = ["--patch", "32,32,16", "--stride", "8,8,4", "--batch", "2", "--device", "cpu"];
+    let o = run(&[&["--weights", weights.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--n-filters", "4", "--json", "--out", out.to_str().unwrap()], &args[..]].concat());
+    let report = json(&o);
+    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().filter(|l| l.starts_with('[')).count(), 2, "one progress line per case");
+
+    // The same evaluation through the library.
+    let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
+    let opts = EvalOptions { infer: InferOptions { patch: [32, 32, 16], stride: [8, 8, 4], batch_size: 1, largest_component: None }, ..EvalOptions::default() };
+    let want = evaluate_dataset(&model, &dataset, "w", &opts, &mut |_| {}).unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for (got, want) in cases.iter().zip(&want.cases) {
+        assert_eq!(got["id"], want.id.as_str());
+        // Another process may sum convolutions in another order: allow a voxel's worth of flips.
+        assert!((num(&got["dice"]) - want.metrics.dice).abs() < 1e-3, "{got} vs {want:?}");
+        assert_eq!(got["reference_voxels"], want.metrics.reference_voxels);
+    }
+
+    // Files to look at: labels, probabilities and uncertainty with the image's affine, a PNG.
+    let case = &dataset.test[0];
+    for kind in ["label", "prob", "uncertainty"] {
+        let v = NiftiVolume::open(out.join(format!("{}.{kind}.nii.gz", case.id)), &GzCache::Memory).unwrap();
+        assert_eq!(v.dims(), case.image.dims(), "{kind}");
+        assert_eq!(v.header().geometry, case.image.header().geometry, "{kind}: affine");
+    }
+    let labels = NiftiVolume::open(out.join(format!("{}.label.nii.gz", case.id)), &GzCache::Memory).unwrap().read_labels().unwrap();
+    let reference = case.label.as_ref().unwrap().read_labels().unwrap();
+    let m = case_metrics(&labels, &reference, case.image.header().spacing, EmptyPolicy::Zeros).unwrap();
+    assert!((m.dice - num(&cases[0]["dice"])).abs() < 1e-12, "the written labels are the ones scored");
+    let prob = NiftiVolume::open(out.join(format!("{}.prob.nii.gz", case.id)), &GzCache::Memory).unwrap().read_f32().unwrap();
+    assert!(prob.data.iter().all(|p| (0.0..=1.0).contains(p)));
+    let agree = prob.data.iter().zip(&labels.data).filter(|(p, l)| (**p > 0.5) == (**l == 1)).count();
+    assert!(agree as f64 >= 0.999 * prob.data.len() as f64, "labels are the thresholded probabilities");
+    let decoder = png::Decoder::new(std::fs::File::open(out.join(format!("{}.png", case.id))).unwrap());
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    assert!(info.width >= 2 * 256 && info.height >= 3 * 32 * 8, "{}x{}", info.width, info.height);
+    assert!(out.join("report.csv").exists() && out.join("report.json").exists());
+}
