@@ -1,6 +1,6 @@
 //! `uamt`: the daemon and its command-line tools.
 
-mod cmd;
+use uamt_actors::cmd;
 
 use clap::{Parser, Subcommand};
 

@@ -7,7 +7,7 @@ pub mod ramps;
 pub mod rng;
 pub mod sgd;
 
-pub use ema::{ema_alpha, ema_update};
+pub use ema::{ema_alpha, ema_update, ema_update_tensors};
 pub use losses::{cross_entropy, dice_loss, masked_consistency, softmax_mse, supervised_loss, uncertainty};
 pub use ramps::{consistency_weight, learning_rate, sigmoid_rampup, threshold};
 pub use sgd::Sgd;

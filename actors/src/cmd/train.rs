@@ -1,56 +1,154 @@
-//! `uamt train`: for now the built-in demo: a few sequential UA-MT steps on a tiny synthetic
-//! batch on CPU, printing the losses.
+//! `uamt train`: the daemon. Without `--config` it runs the built-in demo (synthetic data made on
+//! first use, 4 filters, 32x32x16 patches, CPU, a few minutes on 2 cores).
 
-use anyhow::Result;
-use tch::{Device, Kind, Tensor};
-use uamt::model::VNetConfig;
-use uamt::train::{StepConfig, Trainer};
+use crate::pipeline::{self, Run};
+use crate::supervisor::{Controls, Supervisor};
+use actix::Actor;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uamt::checkpoint::{self, Snapshot};
+use uamt::config::Config;
+use uamt::data::{Dataset, DatasetOptions, LoaderConfig, PatchLoader, SamplerConfig, SynthConfig};
+use uamt::train::Trainer;
 
 /// Arguments of `uamt train`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Number of iterations of the demo.
-    #[arg(long, default_value_t = 20)]
-    pub iterations: i64,
-    /// Seed of initialisation and of every random draw.
-    #[arg(long, default_value_t = 1337)]
-    pub seed: u64,
+    /// Config file (TOML); without one, the built-in demo.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue from the newest checkpoint in the config's checkpoint folder.
+    #[arg(long)]
+    pub resume: bool,
+    /// Override `optim.iterations`.
+    #[arg(long)]
+    pub iterations: Option<i64>,
+    /// Override `checkpoint.dir`.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Override `telemetry.listen` (e.g. 127.0.0.1:0 for any free port; "" to disable).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Write the metrics endpoint's bound address to this file once it listens.
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
 }
 
-/// A batch of `b` volumes `[b, 1, 32, 32, 16]`, each an ellipsoid brighter than a noisy background,
-/// and the labels of the first `labelled`.
-fn demo_batch(b: i64, labelled: i64) -> (Tensor, Tensor) {
-    let opts = (Kind::Float, Device::Cpu);
-    let axis = |n: i64, shape: [i64; 3]| (Tensor::arange(n, opts) - (n as f64 - 1.0) / 2.0).reshape(shape) / (n as f64 / 4.0);
-    let (x, y, z) = (axis(32, [32, 1, 1]), axis(32, [1, 32, 1]), axis(16, [1, 1, 16]));
-    let mut images = Vec::new();
-    let mut labels = Vec::new();
-    for i in 0..b {
-        let s = 1.0 + 0.15 * i as f64;
-        let r2 = (&x * &x) / s + (&y * &y) * s + &z * &z;
-        let label = r2.lt(1.0).to_kind(Kind::Int64);
-        let image = label.to_kind(Kind::Float) * 2.0 - 1.0 + Tensor::randn([32, 32, 16], opts) * 0.5;
-        images.push(image.unsqueeze(0));
-        labels.push(label);
+/// The config this invocation runs with.
+pub fn resolve_config(args: &Args) -> Result<Config> {
+    let mut cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::demo(),
+    };
+    if let Some(n) = args.iterations {
+        cfg.optim.iterations = n;
     }
-    (Tensor::stack(&images, 0), Tensor::stack(&labels[..labelled as usize], 0))
+    if let Some(d) = &args.checkpoint_dir {
+        cfg.checkpoint.dir = d.clone();
+    }
+    if let Some(l) = &args.listen {
+        cfg.telemetry.listen = l.clone();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Opens the configured dataset, generating the synthetic one first if that is what is asked.
+pub fn open_dataset(cfg: &Config) -> Result<Dataset> {
+    let root = if cfg.data.dataset.as_os_str().is_empty() {
+        let dir = &cfg.data.synth_dir;
+        if !dir.join("dataset.json").exists() {
+            let s = &cfg.data.synth;
+            let synth = SynthConfig { cases: s.cases, labelled: s.labelled, test: s.test, size: s.size, seed: s.seed, ..SynthConfig::default() };
+            tracing::info!(dir = %dir.display(), cases = s.cases, labelled = s.labelled, size = ?s.size, "generating the synthetic dataset");
+            uamt::data::write_synth(dir, &synth, false)?;
+        }
+        dir.clone()
+    } else {
+        cfg.data.dataset.clone()
+    };
+    Dataset::open(&root, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", root.display()))
+}
+
+/// A patch loader for `cfg` over `dataset`.
+pub fn loader(cfg: &Config, dataset: Dataset) -> Result<PatchLoader> {
+    let sampler = SamplerConfig { labelled_bs: cfg.data.labelled_bs, unlabelled_bs: cfg.unlabelled_bs(), seed: cfg.optim.seed, ..SamplerConfig::default() };
+    Ok(PatchLoader::new(Arc::new(dataset), LoaderConfig { patch: cfg.data.patch, rot_flip: cfg.data.rot_flip, sampler })?)
+}
+
+/// A fresh trainer, or the newest checkpoint's state when `resume`.
+pub fn trainer(cfg: &Config, resume: bool) -> Result<Trainer> {
+    let device = cfg.device.resolve()?;
+    tch::manual_seed(cfg.optim.seed as i64);
+    let mut tr = Trainer::new(&cfg.model.vnet(), cfg.step_config(), device)?;
+    if resume {
+        match checkpoint::latest(&cfg.checkpoint.dir) {
+            Some((_, path)) => {
+                let snap = Snapshot::read(&path)?;
+                if snap.seed != cfg.optim.seed {
+                    tracing::warn!(checkpoint_seed = snap.seed, config_seed = cfg.optim.seed, "resuming with a different seed");
+                }
+                snap.restore_into(&mut tr, &path)?;
+                tracing::info!(path = %path.display(), iteration = tr.iter, "resumed");
+            }
+            None => tracing::info!(dir = %cfg.checkpoint.dir.display(), "no checkpoint to resume from; starting afresh"),
+        }
+    }
+    Ok(tr)
+}
+
+/// Starts the metrics endpoint if configured; writes its address to `addr_file`.
+pub fn telemetry(cfg: &Config, addr_file: Option<&Path>) -> Result<()> {
+    if cfg.telemetry.listen.is_empty() {
+        return Ok(());
+    }
+    let handle = crate::http::install_recorder()?;
+    let addr = crate::http::serve(&cfg.telemetry.listen, handle)?;
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    if let Some(f) = addr_file {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string()).and_then(|_| std::fs::rename(&tmp, f)).with_context(|| format!("writing {}", f.display()))?;
+    }
+    Ok(())
 }
 
 pub fn run(args: Args) -> Result<()> {
-    tch::manual_seed(args.seed as i64);
-    let net = VNetConfig { n_filters: 4, ..Default::default() };
-    let cfg = StepConfig { max_iter: args.iterations, consistency_interval: 1, consistency_rampup: args.iterations as f64 / 2.0, ..Default::default() };
-    let mut trainer = Trainer::new(&net, cfg, Device::Cpu)?;
-    let (images, labels) = demo_batch(4, 2);
-    tracing::info!(n_filters = 4, patch = "32x32x16", batch = 4, labelled = 2, iterations = args.iterations, "demo: UA-MT on a tiny synthetic batch");
-    println!("{:>5} {:>9} {:>9} {:>9} {:>9} {:>11} {:>7} {:>9}", "iter", "loss", "ce", "dice", "consist", "weight", "mask", "thresh");
-    for _ in 0..args.iterations {
-        let rnd = trainer.draw_random(args.seed, &images.size());
-        let r = trainer.step(&images, &labels, &rnd)?.report();
-        println!(
-            "{:>5} {:>9.5} {:>9.5} {:>9.5} {:>9.6} {:>11.6} {:>7.3} {:>9.5}",
-            r.iter, r.loss, r.ce, r.dice, r.consistency, r.weight, r.mask_fraction, r.threshold
-        );
+    let cfg = resolve_config(&args)?;
+    if args.config.is_none() {
+        tracing::info!("no --config: running the built-in demo (synthetic data, CPU)");
     }
+    telemetry(&cfg, args.addr_file.as_deref())?;
+    let dataset = open_dataset(&cfg)?;
+    tracing::info!(labelled = dataset.labelled().len(), unlabelled = dataset.unlabelled().len(), test = dataset.test.len(), "dataset open");
+    let loader = loader(&cfg, dataset)?;
+    let trainer = trainer(&cfg, args.resume)?;
+    let device = cfg.device.resolve()?;
+    tracing::info!(method = ?cfg.method.kind, ?device, from = trainer.iter, to = cfg.optim.iterations, teacher_lag = cfg.method.teacher_lag, "training");
+    let controls = Controls::default();
+    let run = Run {
+        config: cfg,
+        device,
+        loader,
+        trainer,
+        stop: controls.stop.clone(),
+        checkpoint_now: controls.checkpoint_now.clone(),
+        max_steps: None,
+        checkpoints: true,
+    };
+    let system = actix::System::new();
+    let outcome = system.block_on(async move {
+        let _supervisor = Supervisor { controls }.start();
+        actix_rt::task::spawn_blocking(move || pipeline::run(run)).await
+    })??;
+    let last = outcome.reports.last();
+    tracing::info!(
+        steps = outcome.reports.len(),
+        seconds = format!("{:.1}", outcome.seconds),
+        stopped = outcome.stopped,
+        final_loss = last.map(|r| r.loss),
+        checkpoint = ?outcome.last_checkpoint,
+        "done"
+    );
     Ok(())
 }

@@ -1,0 +1,25 @@
+//! # uamt-actors: the daemon
+//!
+//! The actor pipeline around the core library `uamt`, and the `uamt` command-line tool.
+//!
+//! # Actors and their jobs
+//! | actor | thread | job |
+//! |---|---|---|
+//! | loader workers (N) | `loader-w` | cut augmented patches of batch i from the memory-mapped dataset into recycled host buffers |
+//! | dispatcher | `dispatcher` | put batches in iteration order, make tensors on the device, fan out to student and teacher |
+//! | student trainer | caller | forward(i), wait for guidance(i), loss, backward, SGD, hand parameters to the EMA, log, checkpoint |
+//! | teacher sampler | `teacher` | 1 + T noisy teacher passes on the unlabelled patches with the teacher version the lag asks for |
+//! | uncertainty/mask computer | `mask` | entropy of the mean Monte-Carlo softmax, threshold, mask |
+//! | EMA updater | `ema` | teacher = EMA of the student's parameters; publishes each version |
+//! | supervisor (actix) | actix system | lifecycle: signals, stop, checkpoint requests |
+//!
+//! Tensors travel only through bounded crossbeam queues ([`queue`]); actix carries control
+//! messages ([`supervisor`]). Metric names live in [`uamt::telemetry`]; [`emit`] emits them and
+//! [`http`] serves them.
+
+pub mod cmd;
+pub mod emit;
+pub mod http;
+pub mod pipeline;
+pub mod queue;
+pub mod supervisor;

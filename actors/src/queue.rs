@@ -1,0 +1,112 @@
+//! Bounded, instrumented queues: crossbeam channels whose capacity comes from the config. A full
+//! queue blocks its producer (backpressure); every queue exports its depth, capacity, items
+//! pushed and popped and the seconds its producers and consumers spent blocked.
+
+use crate::emit;
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use std::time::{Duration, Instant};
+
+/// The other end is gone (the pipeline is shutting down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+/// Producer half.
+pub struct Tx<T> {
+    /// Queue name, a metric label.
+    name: &'static str,
+    /// The channel.
+    tx: Sender<T>,
+}
+
+/// Consumer half.
+pub struct Rx<T> {
+    /// Queue name, a metric label.
+    name: &'static str,
+    /// The channel.
+    rx: Receiver<T>,
+}
+
+/// A bounded queue named `name` holding at most `capacity` items.
+pub fn bounded<T>(name: &'static str, capacity: usize) -> (Tx<T>, Rx<T>) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    emit::queue_capacity(name, capacity);
+    (Tx { name, tx }, Rx { name, rx })
+}
+
+impl<T> Tx<T> {
+    /// Pushes `v`, blocking while the queue is full; returns the seconds spent blocked.
+    pub fn send(&self, v: T) -> Result<f64, Closed> {
+        let blocked = match self.tx.try_send(v) {
+            Ok(()) => 0.0,
+            Err(TrySendError::Disconnected(_)) => return Err(Closed),
+            Err(TrySendError::Full(v)) => {
+                let t0 = Instant::now();
+                self.tx.send(v).map_err(|_| Closed)?;
+                t0.elapsed().as_secs_f64()
+            }
+        };
+        emit::queue_push(self.name, self.tx.len(), blocked);
+        Ok(blocked)
+    }
+}
+
+impl<T> Rx<T> {
+    /// Pops the next item, blocking while the queue is empty; also returns the seconds blocked.
+    pub fn recv(&self) -> Result<(T, f64), Closed> {
+        let (v, blocked) = match self.rx.try_recv() {
+            Ok(v) => (v, 0.0),
+            Err(TryRecvError::Disconnected) => return Err(Closed),
+            Err(TryRecvError::Empty) => {
+                let t0 = Instant::now();
+                let v = self.rx.recv().map_err(|_| Closed)?;
+                (v, t0.elapsed().as_secs_f64())
+            }
+        };
+        emit::queue_pop(self.name, self.rx.len(), blocked);
+        Ok((v, blocked))
+    }
+
+    /// Like [`Rx::recv`] but gives up after `timeout` (`Ok(None)`), so a caller can look at a
+    /// stop flag while it waits.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<(T, f64)>, Closed> {
+        let t0 = Instant::now();
+        match self.rx.recv_timeout(timeout) {
+            Ok(v) => {
+                let blocked = t0.elapsed().as_secs_f64();
+                emit::queue_pop(self.name, self.rx.len(), blocked);
+                Ok(Some((v, blocked)))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                emit::queue_blocked(self.name, "pop", t0.elapsed().as_secs_f64());
+                Ok(None)
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Closed),
+        }
+    }
+}
+
+/// Busy and idle time of one pipeline stage, exported as counters labelled by stage.
+pub struct Stage {
+    /// Stage name, a metric label.
+    pub name: &'static str,
+}
+
+impl Stage {
+    /// Runs `work`, counting its time as busy.
+    pub fn busy<R>(&self, work: impl FnOnce() -> R) -> R {
+        let t0 = Instant::now();
+        let r = work();
+        emit::stage_busy(self.name, t0.elapsed().as_secs_f64());
+        r
+    }
+
+    /// Counts `secs` spent waiting on queues as idle.
+    pub fn idle(&self, secs: f64) {
+        emit::stage_idle(self.name, secs);
+    }
+
+    /// One item finished.
+    pub fn done(&self) {
+        emit::stage_item(self.name);
+    }
+}
