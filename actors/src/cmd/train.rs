@@ -24,6 +24,10 @@ pub struct Args {
     /// Override `optim.iterations`.
     #[arg(long)]
     pub iterations: Option<i64>,
+    /// Stop (with a checkpoint) after this many steps of this invocation, without changing the
+    /// schedule: for running a long protocol in pieces with `--resume`.
+    #[arg(long)]
+    pub stop_after: Option<i64>,
     /// Override `checkpoint.dir`.
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
@@ -133,7 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         trainer,
         stop: controls.stop.clone(),
         checkpoint_now: controls.checkpoint_now.clone(),
-        max_steps: None,
+        max_steps: args.stop_after,
         checkpoints: true,
     };
     let system = actix::System::new();

@@ -1,0 +1,234 @@
+//! End-to-end tests of the `uamt` binary: the daemon trains, serves /metrics to a real
+//! Prometheus client, writes checkpoints, stops cleanly on SIGTERM with a loadable checkpoint,
+//! resumes to the same result as an uninterrupted run, and refuses a bad config by key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use uamt::checkpoint::{self, Snapshot};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_uamt")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("UAMT_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv/bin/python3"));
+    assert!(p.exists(), "python {} not found; run ops/setup", p.display());
+    p
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("daemon-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny UA-MT config writing everything under `dir`.
+fn write_config(dir: &Path, iterations: i64, every: i64, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[data]
+synth_dir = "{synth}"
+patch = [32, 32, 16]
+[data.synth]
+cases = 6
+labelled = 2
+test = 1
+size = [40, 40, 24]
+[model]
+n_filters = 4
+[method]
+consistency_interval = 1
+[optim]
+iterations = {iterations}
+[device]
+device = "cpu"
+threads = 1
+[checkpoint]
+dir = "{ckpt}"
+every = {every}
+keep = 10
+[telemetry]
+listen = "127.0.0.1:0"
+log_every = 5
+{extra}
+"#,
+        synth = dir.join("synth").display(),
+        ckpt = dir.join("ckpt").display(),
+    );
+    let p = dir.join("run.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn start(config: &Path, dir: &Path, args: &[&str]) -> Child {
+    Command::new(bin())
+        .args(["train", "--config"])
+        .arg(config)
+        .arg("--addr-file")
+        .arg(dir.join("addr"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("log-{}", Instant::now().elapsed().as_nanos()))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Scrapes /metrics with Python's urllib and parses it with prometheus_client's parser.
+fn scrape(addr: &str) -> serde_json::Value {
+    let out = Command::new(python()).arg(repo().join("tests/oracle/scrape_metrics.py")).arg(format!("http://{addr}/metrics")).output().unwrap();
+    assert!(out.status.success(), "scrape failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The value of sample `name` whose labels include `labels`.
+fn sample(m: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    m["families"].as_object()?.values().flat_map(|f| f["samples"].as_array().cloned().unwrap_or_default()).find_map(|s| {
+        let ok = s[0] == name && labels.iter().all(|(k, v)| s[1][*k] == *v);
+        ok.then(|| s[2].as_f64()).flatten()
+    })
+}
+
+fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t0.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            panic!("the daemon did not exit within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn daemon_trains_serves_metrics_and_writes_checkpoints() {
+    let dir = tempdir("metrics");
+    let cfg = write_config(&dir, 400, 10, "");
+    let mut child = start(&cfg, &dir, &[]);
+    wait_for("the metrics address", 120, || dir.join("addr").exists());
+    let addr = std::fs::read_to_string(dir.join("addr")).unwrap();
+    wait_for("a few iterations", 240, || sample(&scrape(&addr), "uamt_iterations_total", &[]).unwrap_or(0.0) >= 12.0);
+    let m = scrape(&addr);
+    for (name, labels) in [
+        ("uamt_loss", vec![("term", "supervised")]),
+        ("uamt_loss", vec![("term", "consistency")]),
+        ("uamt_consistency_weight", vec![]),
+        ("uamt_uncertainty_threshold", vec![]),
+        ("uamt_mask_fraction", vec![]),
+        ("uamt_learning_rate", vec![]),
+        ("uamt_iteration_seconds_count", vec![]),
+        ("uamt_queue_capacity", vec![("queue", "guidance")]),
+        ("uamt_queue_depth", vec![("queue", "batches")]),
+        ("uamt_queue_pushed_total", vec![("queue", "params")]),
+        ("uamt_queue_popped_total", vec![("queue", "teacher")]),
+        ("uamt_stage_busy_seconds_total", vec![("stage", "teacher")]),
+        ("uamt_stage_idle_seconds_total", vec![("stage", "student")]),
+        ("uamt_checkpoint_writes_total", vec![]),
+    ] {
+        assert!(sample(&m, name, &labels).is_some(), "{name} {labels:?} missing from /metrics");
+    }
+    assert_eq!(sample(&m, "uamt_learning_rate", &[]), Some(0.01));
+    assert_eq!(sample(&m, "uamt_queue_capacity", &[("queue", "guidance")]), Some(2.0));
+    let lr_type = &m["families"]["uamt_iterations"]["type"];
+    assert_eq!(lr_type, "counter");
+    assert!(sample(&m, "uamt_stage_busy_seconds_total", &[("stage", "student")]).unwrap() > 0.0);
+    // Checkpoints appear and each one loads.
+    wait_for("a checkpoint", 60, || !checkpoint::list(&dir.join("ckpt")).is_empty());
+    let (it, path) = checkpoint::list(&dir.join("ckpt")).remove(0);
+    let snap = Snapshot::read(&path).unwrap();
+    assert_eq!(snap.iteration, it);
+    assert!(snap.teacher.is_some());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0() {
+    let dir = tempdir("sigterm");
+    let cfg = write_config(&dir, 100_000, 0, "");
+    let mut child = start(&cfg, &dir, &[]);
+    wait_for("the metrics address", 120, || dir.join("addr").exists());
+    let addr = std::fs::read_to_string(dir.join("addr")).unwrap();
+    wait_for("some iterations", 240, || sample(&scrape(&addr), "uamt_iterations_total", &[]).unwrap_or(0.0) >= 3.0);
+    assert!(checkpoint::list(&dir.join("ckpt")).is_empty(), "no periodic checkpoints in this config");
+    let rc = unsafe { libc_kill(child.id() as i32, 15) };
+    assert_eq!(rc, 0);
+    let status = wait_exit(&mut child, 120);
+    assert!(status.success(), "exit status {status:?}");
+    let cks = checkpoint::list(&dir.join("ckpt"));
+    assert_eq!(cks.len(), 1, "one checkpoint at shutdown");
+    let snap = Snapshot::read(&cks[0].1).unwrap();
+    assert!(snap.iteration >= 3 && snap.iteration < 100_000, "iteration {}", snap.iteration);
+    assert!(snap.teacher.is_some() && !snap.momentum.is_empty());
+    // No temporary files left behind.
+    let stray: Vec<_> = std::fs::read_dir(dir.join("ckpt")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("tmp")).collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn cli_resume_reaches_the_same_weights_as_an_uninterrupted_run() {
+    let a = tempdir("resume-a");
+    let b = tempdir("resume-b");
+    // Uninterrupted: 6 iterations.
+    let cfg_a = write_config(&a, 6, 0, "");
+    assert!(start(&cfg_a, &a, &[]).wait().unwrap().success());
+    // Interrupted: 3 iterations, then resume to 6.
+    let cfg_b = write_config(&b, 6, 0, "");
+    assert!(start(&cfg_b, &b, &["--stop-after", "3"]).wait().unwrap().success());
+    assert_eq!(checkpoint::latest(&b.join("ckpt")).unwrap().0, 3);
+    assert!(start(&cfg_b, &b, &["--resume"]).wait().unwrap().success());
+    let (ia, pa) = checkpoint::latest(&a.join("ckpt")).unwrap();
+    let (ib, pb) = checkpoint::latest(&b.join("ckpt")).unwrap();
+    assert_eq!((ia, ib), (6, 6));
+    let (sa, sb) = (Snapshot::read(&pa).unwrap(), Snapshot::read(&pb).unwrap());
+    let all = |s: &Snapshot| -> Vec<(String, tch::Tensor)> {
+        let teacher = s.teacher.as_deref().unwrap_or(&[]);
+        let mut v: Vec<(String, tch::Tensor)> = s.student.iter().map(|(n, t)| (format!("s.{n}"), t.shallow_clone())).collect();
+        v.extend(teacher.iter().map(|(n, t)| (format!("t.{n}"), t.shallow_clone())));
+        v.extend(s.momentum.iter().map(|(n, t)| (format!("m.{n}"), t.shallow_clone())));
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (xa, xb) = (all(&sa), all(&sb));
+    assert_eq!(xa.len(), xb.len());
+    for ((na, ta), (nb, tb)) in xa.iter().zip(&xb) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "`{na}` differs after resume");
+    }
+}
+
+#[test]
+fn a_config_with_a_wrong_key_fails_naming_it() {
+    let dir = tempdir("badkey");
+    let cfg = write_config(&dir, 5, 0, "[optim2]\nx = 1\n");
+    let out = Command::new(bin()).args(["train", "--config"]).arg(&cfg).current_dir(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("optim2") && err.contains("run.toml"), "{err}");
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("[optim2]\nx = 1\n", "").replace("n_filters = 4", "n_filters = 4\nn_filter = 8")).unwrap();
+    let out = Command::new(bin()).args(["train", "--config"]).arg(&cfg).current_dir(&dir).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("n_filter"));
+}
