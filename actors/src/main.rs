@@ -14,6 +14,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Measure throughput (the pipeline against the sequential loop).
+    Bench(cmd::bench::Args),
     /// Train (without --config: a tiny built-in demo on synthetic data, on CPU).
     Train(cmd::train::Args),
     /// Print shape, data type, spacing, orientation and intensity statistics of volumes.
@@ -37,6 +39,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(a) => cmd::train::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Info(a) => cmd::info::run(a),
         Command::Import(a) => cmd::import::run(a),
         Command::Synth(a) => cmd::synth::run(a),
