@@ -19,6 +19,13 @@ fn usizes(t: &Tensor) -> Vec<usize> {
     Vec::<i64>::try_from(&t.reshape([-1])).unwrap().into_iter().map(|v| v as usize).collect()
 }
 
+/// A tiny V-Net initialised from `seed` and a random image of `dims`.
+fn model_and_image(seed: i64, dims: [i64; 3]) -> (VNet, Tensor) {
+    tch::manual_seed(seed);
+    let model = VNet::new(&tiny(), Device::Cpu).unwrap();
+    (model, Tensor::randn(dims, (Kind::Float, Device::Cpu)))
+}
+
 fn opts(stride: [usize; 3], batch_size: usize) -> InferOptions {
     InferOptions { patch: [32, 32, 16], stride, batch_size, largest_component: None }
 }
@@ -71,9 +78,7 @@ fn should_place_windows_by_the_reference_formula() {
 
 #[test]
 fn should_equal_a_direct_forward_when_the_volume_is_one_patch() {
-    tch::manual_seed(3);
-    let model = VNet::new(&tiny(), Device::Cpu).unwrap();
-    let image = Tensor::randn([32, 32, 16], (Kind::Float, Device::Cpu));
+    let (model, image) = model_and_image(3, [32, 32, 16]);
     let pred = sliding_window(&model, &image, &opts([8, 8, 4], 2)).unwrap();
     let direct = tch::no_grad(|| model.forward_with(&image.view([1, 1, 32, 32, 16]), false, Dropout::Random).unwrap().softmax(1, Kind::Float).get(0));
     assert_close("one-patch probability map", &pred.probabilities, &direct, 1e-6);
@@ -87,9 +92,7 @@ fn should_equal_a_direct_forward_when_the_volume_is_one_patch() {
 
 #[test]
 fn should_be_deterministic_in_eval_mode_whatever_the_batch() {
-    tch::manual_seed(4);
-    let model = VNet::new(&tiny(), Device::Cpu).unwrap();
-    let image = Tensor::randn([40, 35, 20], (Kind::Float, Device::Cpu));
+    let (model, image) = model_and_image(4, [40, 35, 20]);
     let a = sliding_window(&model, &image, &opts([8, 6, 4], 1)).unwrap();
     let b = sliding_window(&model, &image, &opts([8, 6, 4], 1)).unwrap();
     assert!(a.probabilities.equal(&b.probabilities), "two eval-mode runs differ");
@@ -105,9 +108,7 @@ fn should_be_deterministic_in_eval_mode_whatever_the_batch() {
 
 #[test]
 fn should_refuse_bad_window_settings() {
-    tch::manual_seed(5);
-    let model = VNet::new(&tiny(), Device::Cpu).unwrap();
-    let image = Tensor::zeros([32, 32, 16], (Kind::Float, Device::Cpu));
+    let (model, image) = model_and_image(5, [32, 32, 16]);
     let bad = [
         (InferOptions { patch: [30, 32, 16], ..opts([4, 4, 4], 1) }, "patch"),
         (opts([4, 0, 4], 1), "stride"),
@@ -172,9 +173,7 @@ fn should_keep_the_largest_connected_component() {
 
 #[test]
 fn should_apply_the_largest_component_step_to_the_labels() {
-    tch::manual_seed(6);
-    let model = VNet::new(&tiny(), Device::Cpu).unwrap();
-    let image = Tensor::randn([32, 32, 16], (Kind::Float, Device::Cpu));
+    let (model, image) = model_and_image(6, [32, 32, 16]);
     let plain = sliding_window(&model, &image, &opts([8, 8, 4], 2)).unwrap();
     let o = InferOptions { largest_component: Some(Connectivity::Six), ..opts([8, 8, 4], 2) };
     let post = sliding_window(&model, &image, &o).unwrap();
