@@ -114,7 +114,7 @@ impl Metric {
         match self {
             Metric::Iterations => "Training iterations completed.",
             Metric::IterationSeconds => "Wall time of one training iteration as the student sees it.",
-            Metric::Loss => "Latest loss terms; label term = total | supervised | ce | dice | consistency.",
+            Metric::Loss => "Latest loss terms; label term: total, supervised, ce, dice or consistency.",
             Metric::ConsistencyWeight => "Consistency weight of the latest iteration.",
             Metric::Threshold => "Uncertainty threshold (nats) of the latest iteration.",
             Metric::MaskFraction => "Fraction of unlabelled voxels under the threshold in the latest iteration.",
@@ -124,7 +124,7 @@ impl Metric {
             Metric::QueueCapacity => "Capacity of a queue; label queue.",
             Metric::QueuePushed => "Items pushed into a queue; label queue.",
             Metric::QueuePopped => "Items taken from a queue; label queue.",
-            Metric::QueueBlockedSeconds => "Seconds spent blocked on a queue; labels queue and side = push (full) | pop (empty).",
+            Metric::QueueBlockedSeconds => "Seconds spent blocked on a queue; labels queue and side (push: waiting on a full queue, pop: on an empty one).",
             Metric::StageBusySeconds => "Seconds a pipeline stage spent working; label stage.",
             Metric::StageIdleSeconds => "Seconds a pipeline stage spent waiting on its queues; label stage.",
             Metric::StageItems => "Items a pipeline stage finished; label stage.",
@@ -132,9 +132,9 @@ impl Metric {
             Metric::CheckpointFailures => "Checkpoint writes that failed (the previous checkpoints stay).",
             Metric::CheckpointSeconds => "Time to write one checkpoint.",
             Metric::SkippedCases => "Batches or cases skipped because their data could not be read.",
-            Metric::EvalRuns => "Evaluations finished; label source = periodic | watch.",
+            Metric::EvalRuns => "Evaluations finished; label source: periodic or watch.",
             Metric::EvalFailures => "Checkpoints that could not be evaluated (corrupt, unreadable).",
-            Metric::EvalScore => "Mean evaluation score; labels metric = dice | jaccard | hd95 | asd, checkpoint = latest | periodic.",
+            Metric::EvalScore => "Mean evaluation score; labels metric (dice, jaccard, hd95, asd) and checkpoint (periodic or watch).",
         }
     }
 }
