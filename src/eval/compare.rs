@@ -36,18 +36,29 @@ fn nifti_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(out)
 }
 
-/// Cases `(id, prediction, reference)` of two files, or of two folders matched by stem, and the
-/// stems found on one side only (as failures).
-pub fn pair_paths(prediction: &Path, reference: &Path) -> Result<(Vec<(String, PathBuf, PathBuf)>, Vec<CaseFailure>)> {
+/// A prediction file and the reference file it is scored against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    /// The case's name: the reference's stem.
+    pub id: String,
+    /// The predicted labels.
+    pub prediction: PathBuf,
+    /// The reference labels.
+    pub reference: PathBuf,
+}
+
+/// The pairs of two files, or of two folders matched by stem, and the stems found on one side
+/// only (as failures).
+pub fn pair_paths(prediction: &Path, reference: &Path) -> Result<(Vec<Pair>, Vec<CaseFailure>)> {
     match (prediction.is_dir(), reference.is_dir()) {
-        (false, false) => Ok((vec![(stem(reference), prediction.into(), reference.into())], vec![])),
+        (false, false) => Ok((vec![Pair { id: stem(reference), prediction: prediction.into(), reference: reference.into() }], vec![])),
         (true, true) => {
             let (preds, refs) = (nifti_files(prediction)?, nifti_files(reference)?);
             let mut pairs = Vec::new();
             let mut lone = Vec::new();
             for (id, r) in &refs {
                 match preds.get(id) {
-                    Some(p) => pairs.push((id.clone(), p.clone(), r.clone())),
+                    Some(p) => pairs.push(Pair { id: id.clone(), prediction: p.clone(), reference: r.clone() }),
                     None => lone.push(CaseFailure { id: id.clone(), error: format!("no prediction for {}", r.display()) }),
                 }
             }
@@ -73,7 +84,7 @@ pub fn compare_paths(
 ) -> Result<Report> {
     let (pairs, mut failures) = pair_paths(prediction, reference)?;
     let mut cases = Vec::new();
-    for (index, (id, p, r)) in pairs.iter().enumerate() {
+    for (index, Pair { id, prediction: p, reference: r }) in pairs.iter().enumerate() {
         let t0 = Instant::now();
         let outcome = compare_files(p, r, spacing, empty);
         let outcome = outcome.as_ref().map_err(|e| e.to_string());
