@@ -11,6 +11,7 @@
 //! | teacher sampler | `teacher` | 1 + T noisy teacher passes on the unlabelled patches with the teacher version the lag asks for |
 //! | uncertainty/mask computer | `mask` | entropy of the mean Monte-Carlo softmax, threshold, mask |
 //! | EMA updater | `ema` | teacher = EMA of the student's parameters; publishes each version |
+//! | evaluator | `evaluator` | sliding-window evaluation of the student every N steps and of checkpoints dropped into a watched folder |
 //! | supervisor (actix) | actix system | lifecycle: signals, stop, checkpoint requests |
 //!
 //! Tensors travel only through bounded crossbeam queues ([`queue`]); actix carries control
@@ -19,6 +20,7 @@
 
 pub mod cmd;
 pub mod emit;
+pub mod evaluator;
 pub mod http;
 pub mod pipeline;
 pub mod queue;

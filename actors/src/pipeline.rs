@@ -14,6 +14,7 @@
 //! student stops, every other stage sees its queue close and ends.
 
 use crate::emit;
+use crate::evaluator::{self, EvalRequest, Evaluator};
 use crate::queue::{bounded, Closed, Rx, Stage, Tx};
 use anyhow::{anyhow, Context, Result};
 use ringbuf::traits::{Consumer, Producer, Split};
@@ -300,12 +301,29 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         drop((guid_tx, params_rx, unl_rx));
     }
 
+    // ---- evaluator: periodic and hot-reload evaluation
+    let (eval_tx, eval_rx) = bounded::<EvalRequest>("eval", 1);
+    let eval_wanted = cfg.eval.every > 0 || !cfg.eval.watch_dir.as_os_str().is_empty();
+    if eval_wanted {
+        let ev = Evaluator::new(&cfg, run.loader.dataset().clone(), run.device)?;
+        let stop = run.stop.clone();
+        handles.push(spawn("evaluator", move || {
+            set_threads(threads);
+            evaluator::run(ev, eval_rx, stop)
+        }));
+    } else {
+        drop(eval_rx);
+    }
+
     // ---- the student trainer, on this thread
     set_threads(threads);
     let t0 = Instant::now();
-    let result = student_loop(&mut run, &cfg, &net_cfg, &step_cfg, StudentQueues { batch_rx, guid_rx, params_tx }, start, end, &teacher_names);
+    let result = student_loop(&mut run, &cfg, &net_cfg, &step_cfg, StudentQueues { batch_rx, guid_rx, params_tx, eval_tx: eval_wanted.then_some(eval_tx) }, start, end, &teacher_names);
     // Its queue ends are dropped by now: every other stage winds down.
     let seconds = t0.elapsed().as_secs_f64();
+    if !cfg.eval.watch_dir.as_os_str().is_empty() && !run.stop.load(Ordering::SeqCst) {
+        tracing::info!(dir = %cfg.eval.watch_dir.display(), "training finished; still evaluating checkpoints dropped into the watched folder until SIGTERM");
+    }
     let mut errors = Vec::new();
     for h in handles {
         match h.join() {
@@ -337,13 +355,14 @@ struct StudentQueues {
     batch_rx: Rx<BatchMsg>,
     guid_rx: Rx<GuidanceMsg>,
     params_tx: Tx<ParamsMsg>,
+    eval_tx: Option<Tx<EvalRequest>>,
 }
 
 type LoopResult = Result<(Vec<StepReport>, Option<PathBuf>, bool)>;
 
 #[allow(clippy::too_many_arguments)]
 fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &StepConfig, qs: StudentQueues, start: i64, end: i64, teacher_names: &[(String, bool)]) -> LoopResult {
-    let StudentQueues { batch_rx, guid_rx, params_tx } = qs;
+    let StudentQueues { batch_rx, guid_rx, params_tx, eval_tx } = qs;
     let stage = Stage { name: "student" };
     let seed = cfg.optim.seed;
     let config_toml = cfg.to_toml();
@@ -423,6 +442,14 @@ fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &St
             );
             log_t = Instant::now();
             log_i = i + 1;
+        }
+        if let Some(tx) = &eval_tx {
+            if cfg.eval.every > 0 && (i + 1) % cfg.eval.every == 0 {
+                let req = EvalRequest { iteration: tr.iter, weights: host_copies(&tr.student.store().named_tensors()) };
+                if !tx.try_send(req).unwrap_or(false) {
+                    tracing::info!(iteration = tr.iter, "the evaluator is still busy; skipping this periodic evaluation");
+                }
+            }
         }
         if want_ckpt {
             let teacher = match (teacher_params, &last_teacher_buffers) {

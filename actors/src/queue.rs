@@ -50,6 +50,21 @@ impl<T> Tx<T> {
     }
 }
 
+impl<T> Tx<T> {
+    /// Pushes `v` only if there is room: `Ok(false)` (and `v` dropped) when the queue is full.
+    /// For work that may be skipped rather than hold up its producer (periodic evaluation).
+    pub fn try_send(&self, v: T) -> Result<bool, Closed> {
+        match self.tx.try_send(v) {
+            Ok(()) => {
+                emit::queue_push(self.name, self.tx.len(), 0.0);
+                Ok(true)
+            }
+            Err(TrySendError::Full(_)) => Ok(false),
+            Err(TrySendError::Disconnected(_)) => Err(Closed),
+        }
+    }
+}
+
 impl<T> Rx<T> {
     /// Pops the next item, blocking while the queue is empty; also returns the seconds blocked.
     pub fn recv(&self) -> Result<(T, f64), Closed> {

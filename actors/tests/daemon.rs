@@ -232,3 +232,37 @@ fn a_config_with_a_wrong_key_fails_naming_it() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("n_filter"));
 }
+
+#[test]
+fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_reported() {
+    let dir = tempdir("watch");
+    let watch = dir.join("watch");
+    std::fs::create_dir_all(&watch).unwrap();
+    let extra = format!("[eval]\nwatch_dir = \"{}\"\nreport_dir = \"{}\"\npatch = [32, 32, 16]\nstride = [8, 8, 4]\n", watch.display(), dir.join("reports").display());
+    let cfg = write_config(&dir, 100_000, 4, &extra);
+    let mut child = start(&cfg, &dir, &[]);
+    wait_for("the metrics address", 120, || dir.join("addr").exists());
+    let addr = std::fs::read_to_string(dir.join("addr")).unwrap();
+    wait_for("two checkpoints", 240, || checkpoint::list(&dir.join("ckpt")).len() >= 2);
+    let cks = checkpoint::list(&dir.join("ckpt"));
+    // A good checkpoint, copied in the plain (non-atomic) way, and a truncated one.
+    std::fs::copy(&cks[0].1, watch.join("mine.safetensors")).unwrap();
+    let bytes = std::fs::read(&cks[0].1).unwrap();
+    std::fs::write(watch.join("broken.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let runs = |m: &serde_json::Value| sample(m, "uamt_eval_runs_total", &[("source", "watch")]).unwrap_or(0.0);
+    wait_for("the good checkpoint's evaluation", 120, || runs(&scrape(&addr)) >= 1.0);
+    wait_for("the broken checkpoint's failure", 60, || sample(&scrape(&addr), "uamt_eval_failures_total", &[]).unwrap_or(0.0) >= 1.0);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reports/mine/report.json")).unwrap()).unwrap();
+    assert_eq!(report["cases"].as_array().unwrap().len(), 1);
+    let dice = report["summary"]["dice"]["mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&dice), "dice {dice}");
+    // Replacing the file has it evaluated again; the daemon is still training throughout.
+    std::fs::copy(&cks[1].1, watch.join("mine.safetensors")).unwrap();
+    wait_for("the replaced checkpoint's evaluation", 120, || runs(&scrape(&addr)) >= 2.0);
+    assert!(child.try_wait().unwrap().is_none(), "the daemon must survive a corrupt checkpoint");
+    let m = scrape(&addr);
+    assert!(sample(&m, "uamt_eval_score", &[("metric", "dice"), ("checkpoint", "watch")]).is_some());
+    assert_eq!(sample(&m, "uamt_eval_failures_total", &[]), Some(1.0), "the broken file is reported once, not retried");
+    assert_eq!(unsafe { libc_kill(child.id() as i32, 15) }, 0);
+    assert!(wait_exit(&mut child, 120).success());
+}
