@@ -203,6 +203,12 @@ fn cli_resume_reaches_the_same_weights_as_an_uninterrupted_run() {
     let (ib, pb) = checkpoint::latest(&b.join("ckpt")).unwrap();
     assert_eq!((ia, ib), (6, 6));
     let (sa, sb) = (Snapshot::read(&pa).unwrap(), Snapshot::read(&pb).unwrap());
+    // The checkpoint evaluates one-shot with the config stored in it.
+    let out = Command::new(bin()).args(["eval", "--device", "cpu", "--json", "--checkpoint"]).arg(&pa).current_dir(&a).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["cases"].as_array().unwrap().len(), 1);
+    assert!(report["summary"]["dice"]["mean"].as_f64().is_some_and(|d| (0.0..=1.0).contains(&d)));
     let all = |s: &Snapshot| -> Vec<(String, tch::Tensor)> {
         let teacher = s.teacher.as_deref().unwrap_or(&[]);
         let mut v: Vec<(String, tch::Tensor)> = s.student.iter().map(|(n, t)| (format!("s.{n}"), t.shallow_clone())).collect();

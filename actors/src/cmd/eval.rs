@@ -9,12 +9,14 @@ use anyhow::Context;
 use std::path::{Path, PathBuf};
 use tch::Device;
 use uamt::data::{Dataset, DatasetOptions};
-use uamt::eval::{compare_paths, evaluate_dataset, load_weights, CaseEvent, Connectivity, EmptyPolicy, EvalOptions, InferOptions, Outputs, PictureOptions, Report};
+use uamt::checkpoint::Snapshot;
+use uamt::config::Config;
+use uamt::eval::{compare_paths, evaluate_dataset, load_weights, model_from_named, CaseEvent, Connectivity, EmptyPolicy, EvalOptions, InferOptions, Outputs, PictureOptions, Report};
 use uamt::model::VNetConfig;
 
 /// Arguments of `uamt eval`.
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("mode").required(true).args(["prediction", "weights"])))]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["prediction", "weights", "checkpoint"])))]
 pub struct Args {
     /// Predicted labels: a NIfTI file, or a folder of them (matched to --reference by name).
     #[arg(long, requires = "reference", conflicts_with_all = ["weights", "dataset"])]
@@ -29,8 +31,15 @@ pub struct Args {
     /// Model weights: named tensors in .safetensors, .npz or .ot (PyTorch state_dict names).
     #[arg(long, requires = "dataset")]
     pub weights: Option<PathBuf>,
-    /// Dataset folder whose test split is evaluated.
-    #[arg(long, requires = "weights")]
+    /// A checkpoint written by `uamt train`: its student is evaluated with the model, dataset
+    /// and sliding-window settings of the config stored in it (or of --config).
+    #[arg(long, conflicts_with_all = ["weights", "prediction"])]
+    pub checkpoint: Option<PathBuf>,
+    /// With --checkpoint: use this config instead of the one stored in the checkpoint.
+    #[arg(long, requires = "checkpoint")]
+    pub config: Option<PathBuf>,
+    /// Dataset folder whose test split is evaluated (with --checkpoint: instead of the config's).
+    #[arg(long)]
     pub dataset: Option<PathBuf>,
     /// V-Net filters at the first level.
     #[arg(long, default_value_t = 16)]
@@ -38,12 +47,13 @@ pub struct Args {
     /// Output classes.
     #[arg(long, default_value_t = 2)]
     pub n_classes: i64,
-    /// Sliding-window patch X,Y,Z (each a multiple of 16).
-    #[arg(long, default_value = "112,112,80", value_parser = parse_size)]
-    pub patch: [usize; 3],
-    /// Sliding-window stride X,Y,Z.
-    #[arg(long, default_value = "18,18,4", value_parser = parse_size)]
-    pub stride: [usize; 3],
+    /// Sliding-window patch X,Y,Z (each a multiple of 16); default 112,112,80, or the config's
+    /// with --checkpoint.
+    #[arg(long, value_parser = parse_size)]
+    pub patch: Option<[usize; 3]>,
+    /// Sliding-window stride X,Y,Z; default 18,18,4, or the config's with --checkpoint.
+    #[arg(long, value_parser = parse_size)]
+    pub stride: Option<[usize; 3]>,
     /// Windows per forward pass.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
@@ -97,18 +107,33 @@ fn report(args: &Args) -> anyhow::Result<Report> {
     if let (Some(p), Some(r)) = (&args.prediction, &args.reference) {
         return Ok(compare_paths(p, r, args.spacing, args.empty, &mut progress)?);
     }
-    let (Some(weights), Some(dir)) = (&args.weights, &args.dataset) else {
-        anyhow::bail!("give --prediction and --reference, or --weights and --dataset");
+    let open = |dir: &Path| Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()));
+    let (model, dataset, source, patch, stride) = if let Some(ck) = &args.checkpoint {
+        let snap = Snapshot::read(ck)?;
+        let cfg = match &args.config {
+            Some(p) => Config::load(p)?,
+            None => Config::from_toml(&snap.config, ck)?,
+        };
+        let dataset = match &args.dataset {
+            Some(d) => open(d)?,
+            None => crate::cmd::train::open_dataset(&cfg)?,
+        };
+        let model = model_from_named(&cfg.model.vnet(), args.device, &snap.student, ck)?;
+        (model, dataset, ck, cfg.eval.patch, cfg.eval.stride)
+    } else {
+        let (Some(weights), Some(dir)) = (&args.weights, &args.dataset) else {
+            anyhow::bail!("give --prediction and --reference, --weights and --dataset, or --checkpoint");
+        };
+        let config = VNetConfig { n_filters: args.n_filters, n_classes: args.n_classes, ..VNetConfig::default() };
+        (load_weights(weights, &config, args.device)?, open(dir)?, weights, [112, 112, 80], [18, 18, 4])
     };
-    let config = VNetConfig { n_filters: args.n_filters, n_classes: args.n_classes, ..VNetConfig::default() };
-    let model = load_weights(weights, &config, args.device)?;
-    let dataset = Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()))?;
+    let (patch, stride) = (args.patch.unwrap_or(patch), args.stride.unwrap_or(stride));
     let opts = EvalOptions {
-        infer: InferOptions { patch: args.patch, stride: args.stride, batch_size: args.batch, largest_component: args.largest_component },
+        infer: InferOptions { patch, stride, batch_size: args.batch, largest_component: args.largest_component },
         empty: args.empty,
         outputs: args.out.as_ref().map(|dir| Outputs { dir: dir.clone(), nifti: true, pictures: true, picture: PictureOptions::default() }),
     };
-    Ok(evaluate_dataset(&model, &dataset, &weights.display().to_string(), &opts, &mut progress)?)
+    Ok(evaluate_dataset(&model, &dataset, &source.display().to_string(), &opts, &mut progress)?)
 }
 
 fn write_reports(report: &Report, dir: &Path) -> anyhow::Result<()> {
