@@ -36,6 +36,22 @@ pub struct Args {
     /// Teacher lags to try.
     #[arg(long, value_delimiter = ',', default_values_t = vec![0i64, 1])]
     pub lags: Vec<i64>,
+    /// Skip the sequential loop (when only the pipeline's numbers are wanted).
+    #[arg(long)]
+    pub no_sequential: bool,
+    /// Print one JSON object per setting instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One measured setting.
+fn line(json: bool, name: &str, secs: f64, baseline: Option<f64>) {
+    if json {
+        println!("{}", serde_json::json!({"setting": name, "ms_per_iteration": secs * 1e3, "iterations_per_second": 1.0 / secs, "speedup_vs_sequential": baseline.map(|b| b / secs)}));
+    } else {
+        let ratio = baseline.map_or("-".to_string(), |b| format!("{:.2}x", b / secs));
+        println!("{:<34} {:>9.1} {:>8.2} {:>10}", name, secs * 1e3, 1.0 / secs, ratio);
+    }
 }
 
 /// Benchmarks.
@@ -100,13 +116,17 @@ pub fn run(args: Args) -> Result<()> {
     cfg.telemetry.listen.clear();
     cfg.optim.iterations = cfg.optim.iterations.max(args.warmup + args.iterations);
     let device = cfg.device.resolve()?;
-    println!(
+    if !args.json {
+        println!(
         "pipeline benchmark: {:?}, patch {:?}, n_filters {}, {:?}, T {}, {} timed iterations after {} warm-up, device {:?}, threads per stage {}",
         cfg.method.kind, cfg.data.patch, cfg.model.n_filters, (cfg.data.labelled_bs, cfg.data.unlabelled_bs), cfg.method.mc_passes, args.iterations, args.warmup, device, cfg.device.threads
-    );
-    let seq = sequential(&cfg, args.warmup, args.iterations)?;
-    println!("{:<34} {:>9} {:>8} {:>10}", "setting", "ms/it", "it/s", "vs seq");
-    println!("{:<34} {:>9.1} {:>8.2} {:>10}", "sequential loop", seq * 1e3, 1.0 / seq, "1.00x");
+        );
+        println!("{:<34} {:>9} {:>8} {:>10}", "setting", "ms/it", "it/s", "vs seq");
+    }
+    let seq = if args.no_sequential { None } else { Some(sequential(&cfg, args.warmup, args.iterations)?) };
+    if let Some(s) = seq {
+        line(args.json, "sequential loop", s, seq);
+    }
     for &lag in &args.lags {
         for &workers in &args.workers {
             for &depth in &args.depths {
@@ -120,11 +140,12 @@ pub fn run(args: Args) -> Result<()> {
                 c.queues.teacher_params = depth.max(lag as usize + 1);
                 c.validate()?;
                 let s = pipelined(&c, args.warmup, args.iterations)?;
-                let name = format!("pipeline lag {lag}, workers {workers}, depth {depth}");
-                println!("{:<34} {:>9.1} {:>8.2} {:>9.2}x", name, s * 1e3, 1.0 / s, seq / s);
+                line(args.json, &format!("pipeline lag {lag}, workers {workers}, depth {depth}"), s, seq);
             }
         }
     }
-    println!("(ratios > 1: the pipeline is faster than the sequential loop measured in this run)");
+    if !args.json && seq.is_some() {
+        println!("(ratios > 1: the pipeline is faster than the sequential loop measured in this run)");
+    }
     Ok(())
 }
