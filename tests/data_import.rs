@@ -37,9 +37,9 @@ fn should_import_real_la_cases_equal_to_what_h5py_reads() {
     write_list(&tmp.join("test.list"), &ts);
     let out = tmp.join("la");
     let mut opts = H5Import::new(&la, &out);
-    opts.labelled = 1;
-    opts.train_list = Some(tmp.join("train.list"));
-    opts.test_list = Some(tmp.join("test.list"));
+    opts.common.labelled = 1;
+    opts.common.train_list = Some(tmp.join("train.list"));
+    opts.common.test_list = Some(tmp.join("test.list"));
     let report = import_h5(&opts).unwrap();
     assert_eq!((report.training, report.labelled, report.test), (2, 1, 1));
 
@@ -71,7 +71,7 @@ fn should_import_real_la_cases_equal_to_what_h5py_reads() {
         let label = c.label.as_ref().unwrap().read_labels().unwrap();
         assert_eq!(image.data, h5_image, "{}: image differs from h5py", c.id);
         assert_eq!(label.data.iter().map(|&v| v as f32).collect::<Vec<_>>(), h5_label, "{}: label differs from h5py", c.id);
-        assert!(label.data.iter().any(|&v| v == 1));
+        assert!(label.data.contains(&1));
         // Spot-check the axis convention: h5py's image[x][y][z] is our get(x, y, z).
         let [w, h, d] = image.dims;
         let (x, y, z) = (w / 3, h / 2, d - 1);
@@ -98,7 +98,7 @@ fn should_leave_no_output_when_an_h5_case_is_truncated() {
     let out_dir = TempDir::new("h5-trunc-out");
     let out = out_dir.join("ds");
     let mut opts = H5Import::new(src.path(), &out);
-    opts.labelled = 1;
+    opts.common.labelled = 1;
     assert_failed_cleanly(import_h5(&opts), &bad, "truncated", &out);
 }
 
@@ -178,22 +178,22 @@ fn should_refuse_lists_naming_missing_cases_and_too_many_labelled() {
     write_list(&src.join("test.list"), &["b"]);
     let out = src.join("out");
     let mut opts = H5Import::new(src.path(), &out);
-    opts.labelled = 1;
+    opts.common.labelled = 1;
     let r = import_h5(&opts);
     assert_failed_cleanly(r, &src.join("train.list"), "`ghost`", &out);
 
     write_list(&src.join("train.list"), &["a"]);
-    opts.labelled = 2;
+    opts.common.labelled = 2;
     let msg = import_h5(&opts).unwrap_err().to_string();
     assert!(msg.contains("labelled"), "{msg}");
     assert!(!out.exists());
 
     // A good import of the same folder, then `--force` semantics.
-    opts.labelled = 1;
+    opts.common.labelled = 1;
     import_h5(&opts).unwrap();
     let msg = import_h5(&opts).unwrap_err().to_string();
     assert!(msg.contains("already exists"), "{msg}");
-    opts.force = true;
+    opts.common.force = true;
     import_h5(&opts).unwrap();
     let ds = Dataset::open(&out, &DatasetOptions::default()).unwrap();
     assert_eq!((ds.training.len(), ds.test.len()), (1, 1));
@@ -281,7 +281,7 @@ fn should_import_challenge_nrrd_with_the_reference_preprocessing() {
     write_list(&src.join("test.list"), &ids[2..]);
     let out = src.join("out");
     let mut opts = NrrdImport::new(src.path(), &out);
-    opts.labelled = 1;
+    opts.common.labelled = 1;
     opts.patch = [16, 16, 8];
     opts.margin = Margin::Fixed(3);
     let report = import_nrrd(&opts).unwrap();
@@ -308,10 +308,10 @@ fn should_import_challenge_nrrd_with_the_reference_preprocessing() {
 
     // The reference's random margins: 10..=19 per side, reproducible by seed.
     let mut random = NrrdImport::new(src.path(), src.join("r1"));
-    random.labelled = 1;
+    random.common.labelled = 1;
     random.patch = [4, 4, 4];
     let a = import_nrrd(&random).map(|_| Dataset::open(src.join("r1"), &DatasetOptions::default()).unwrap()).unwrap();
-    random.out = src.join("r2");
+    random.common.out = src.join("r2");
     let b = import_nrrd(&random).map(|_| Dataset::open(src.join("r2"), &DatasetOptions::default()).unwrap()).unwrap();
     for (ca, cb) in a.training.iter().zip(&b.training) {
         assert_eq!(ca.image.read_f32().unwrap(), cb.image.read_f32().unwrap());
@@ -359,8 +359,9 @@ fn should_name_the_file_when_nrrd_input_is_bad() {
     // Whole imports: a NaN image, a label of another shape, a label without 255, a case
     // missing its label; each fails naming the file and leaves no output folder.
     let nan: Vec<u8> = image.iter().enumerate().flat_map(|(i, &v)| (if i == 77 { f32::NAN } else { v as f32 }).to_le_bytes()).collect();
-    let cases: [(&str, Box<dyn Fn(&Path)>, &str, &str); 4] = [
-        ("nan", Box::new(|d: &Path| write_nrrd(&d.join("lgemri.nrrd"), dims, "float", false, false, &nan, "")), "laendo.nrrd", "NaN"),
+    type Spoil<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: [(&str, Spoil, &str, &str); 4] = [
+        ("nan", Box::new(|d: &Path| write_nrrd(&d.join("lgemri.nrrd"), dims, "float", false, false, &nan, "")), "lgemri.nrrd", "NaN"),
         ("shape", Box::new(|d: &Path| write_nrrd(&d.join("laendo.nrrd"), [40, 20, 2], "uchar", false, false, &label[..1600], "")), "laendo.nrrd", "differs"),
         ("empty", Box::new(|d: &Path| write_nrrd(&d.join("laendo.nrrd"), dims, "uchar", false, false, &vec![0u8; 2400], "")), "laendo.nrrd", "no foreground"),
         ("nolabel", Box::new(|d: &Path| std::fs::remove_file(d.join("laendo.nrrd")).unwrap()), "train.list", "no laendo.nrrd"),
@@ -376,7 +377,7 @@ fn should_name_the_file_when_nrrd_input_is_bad() {
         write_list(&root.join("train.list"), &["good", "bad"]);
         let out = root.join("out");
         let mut opts = NrrdImport::new(&root, &out);
-        opts.labelled = 1;
+        opts.common.labelled = 1;
         let bad_file = if file == "train.list" { root.join(file) } else { root.join("bad").join(file) };
         assert_failed_cleanly(import_nrrd(&opts), &bad_file, words, &out);
     }

@@ -142,14 +142,22 @@ fn locate_all(split: &Split, list_of: (&Path, Option<&Path>), find: impl Fn(&str
     Ok(())
 }
 
-/// Writes one case's volumes into the staging folder and returns its manifest entry.
-pub(crate) fn write_case(dir: &Path, id: &str, test: bool, labelled: bool, image: &Volume<f32>, label: &Volume<u8>, geometry: &Geometry, ext: &str) -> Result<CaseEntry> {
-    let entry = if test { test_entry(id, ext) } else { training_entry(id, ext, labelled) };
+/// The manifest entry of a training or test case.
+pub(crate) fn entry_for(id: &str, test: bool, labelled: bool, ext: &str) -> CaseEntry {
+    if test {
+        test_entry(id, ext)
+    } else {
+        training_entry(id, ext, labelled)
+    }
+}
+
+/// Writes one case's volumes where `entry` says, inside the staging folder `dir`.
+pub(crate) fn write_case(dir: &Path, entry: &CaseEntry, image: &Volume<f32>, label: &Volume<u8>, geometry: &Geometry) -> Result<()> {
     write_nifti(dir.join(&entry.image), image, geometry)?;
     if let Some(l) = &entry.label {
         write_nifti(dir.join(l), label, geometry)?;
     }
-    Ok(entry)
+    Ok(())
 }
 
 /// The file extension of written volumes.
@@ -161,33 +169,47 @@ pub(crate) fn ext(gzip: bool) -> &'static str {
     }
 }
 
-/// Options of the UA-MT HDF5 importer.
+/// What both importers share: where to read and write, and the split.
 #[derive(Debug, Clone, PartialEq)]
-pub struct H5Import {
-    /// The source folder: `<ID>.h5`, `h5/<ID>.h5` or `<ID>/mri_norm2.h5` per case.
+pub struct ImportCommon {
+    /// The source folder.
     pub src: PathBuf,
     /// The dataset folder to create.
     pub out: PathBuf,
-    /// The first this many training IDs are labelled (16 = the 20 % protocol).
+    /// The first this many training IDs are labelled (16 = the 20 % protocol on LA).
     pub labelled: usize,
     /// The training list (default `<src>/train.list`).
     pub train_list: Option<PathBuf>,
     /// The test list (default `<src>/test.list`).
     pub test_list: Option<PathBuf>,
-    /// Voxel spacing written to the headers (the HDF5 files dropped it; LA is 0.625 mm).
-    pub spacing: [f64; 3],
-    /// Highest label value accepted.
-    pub max_label: u8,
     /// Write `.nii.gz` instead of `.nii`.
     pub gzip: bool,
     /// Replace an existing output folder.
     pub force: bool,
 }
 
+impl ImportCommon {
+    /// From `src` to `out`, 16 labelled, default lists, `.nii`, no replacing.
+    pub fn new(src: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        ImportCommon { src: src.into(), out: out.into(), labelled: 16, train_list: None, test_list: None, gzip: false, force: false }
+    }
+}
+
+/// Options of the UA-MT HDF5 importer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct H5Import {
+    /// Source (`<ID>.h5`, `h5/<ID>.h5` or `<ID>/mri_norm2.h5` per case), output and split.
+    pub common: ImportCommon,
+    /// Voxel spacing written to the headers (the HDF5 files dropped it; LA is 0.625 mm).
+    pub spacing: [f64; 3],
+    /// Highest label value accepted.
+    pub max_label: u8,
+}
+
 impl H5Import {
     /// The defaults for `src` and `out`: 16 labelled, 0.625 mm, labels 0..=1, `.nii`.
     pub fn new(src: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
-        H5Import { src: src.into(), out: out.into(), labelled: 16, train_list: None, test_list: None, spacing: [0.625; 3], max_label: 1, gzip: false, force: false }
+        H5Import { common: ImportCommon::new(src, out), spacing: [0.625; 3], max_label: 1 }
     }
 }
 
@@ -198,25 +220,27 @@ pub fn find_h5(src: &Path, id: &str) -> Option<PathBuf> {
 
 /// Imports UA-MT HDF5 cases into a dataset folder.
 pub fn import_h5(opts: &H5Import) -> Result<ImportReport> {
+    let c = &opts.common;
     if opts.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(DataError::invalid("spacing", format!("{:?} must be positive", opts.spacing)));
     }
-    let train_list = opts.train_list.clone().unwrap_or_else(|| opts.src.join("train.list"));
-    let test_list = opts.test_list.clone().unwrap_or_else(|| opts.src.join("test.list"));
-    let split = Split::from_lists(&train_list, Some(&test_list), opts.labelled)?;
-    locate_all(&split, (&train_list, Some(&test_list)), |id| find_h5(&opts.src, id), "HDF5 file")?;
-    let staging = Staging::new(&opts.out, opts.force)?;
+    let train_list = c.train_list.clone().unwrap_or_else(|| c.src.join("train.list"));
+    let test_list = c.test_list.clone().unwrap_or_else(|| c.src.join("test.list"));
+    let split = Split::from_lists(&train_list, Some(&test_list), c.labelled)?;
+    locate_all(&split, (&train_list, Some(&test_list)), |id| find_h5(&c.src, id), "HDF5 file")?;
+    let staging = Staging::new(&c.out, c.force)?;
     let geometry = Geometry::from_spacing(opts.spacing);
     let (mut training, mut test) = (Vec::new(), Vec::new());
     let cases = split.train.iter().enumerate().map(|(i, id)| (id, false, i < split.labelled)).chain(split.test.iter().map(|id| (id, true, false)));
     for (id, is_test, labelled) in cases {
-        let path = find_h5(&opts.src, id).ok_or_else(|| DataError::bad(&opts.src, format!("case `{id}` disappeared")))?;
+        let path = find_h5(&c.src, id).ok_or_else(|| DataError::bad(&c.src, format!("case `{id}` disappeared")))?;
         let case = read_h5_case(&path, opts.max_label)?;
-        let entry = write_case(staging.dir(), id, is_test, labelled, &case.image, &case.label, &geometry, ext(opts.gzip))?;
+        let entry = entry_for(id, is_test, labelled, ext(c.gzip));
+        write_case(staging.dir(), &entry, &case.image, &case.label, &geometry)?;
         tracing::debug!(case = %id, dims = ?case.image.dims, test = is_test, "imported");
         if is_test { test.push(entry) } else { training.push(entry) }
     }
-    let description = format!("imported from UA-MT HDF5 files in {}; spacing {:?} mm (assumed, the HDF5 files carry none)", opts.src.display(), opts.spacing);
+    let description = format!("imported from UA-MT HDF5 files in {}; spacing {:?} mm (assumed, the HDF5 files carry none)", c.src.display(), opts.spacing);
     report(staging, Manifest::new("LA2018", &description, "MRI", &["background", "left atrium"], training, test))
 }
 
@@ -240,46 +264,29 @@ pub enum Margin {
     Fixed(usize),
 }
 
+impl Margin {
+    /// The reference's margin: 10..=19 voxels, drawn per side.
+    pub const REFERENCE: Margin = Margin::Random { lo: 10, hi: 19 };
+}
+
 /// Options of the 2018 challenge importer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NrrdImport {
-    /// The source folder: `<ID>/lgemri.nrrd` and `<ID>/laendo.nrrd` per case.
-    pub src: PathBuf,
-    /// The dataset folder to create.
-    pub out: PathBuf,
-    /// The first this many training IDs are labelled.
-    pub labelled: usize,
-    /// The training list (default `<src>/train.list` if present, else every case folder).
-    pub train_list: Option<PathBuf>,
-    /// The test list (default `<src>/test.list` if present, else none).
-    pub test_list: Option<PathBuf>,
+    /// Source (`<ID>/lgemri.nrrd` and `<ID>/laendo.nrrd` per case; without lists, every case
+    /// folder not in the test list is a training case), output and split.
+    pub common: ImportCommon,
     /// The patch size the crop must at least cover in x and y (z is not cropped).
     pub patch: [usize; 3],
     /// Crop margin.
     pub margin: Margin,
     /// Seed of the random margins.
     pub seed: u64,
-    /// Write `.nii.gz` instead of `.nii`.
-    pub gzip: bool,
-    /// Replace an existing output folder.
-    pub force: bool,
 }
 
 impl NrrdImport {
     /// The reference's defaults: margins 10..=19, patch 112 x 112 x 80, 16 labelled, seed 1337.
     pub fn new(src: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
-        NrrdImport {
-            src: src.into(),
-            out: out.into(),
-            labelled: 16,
-            train_list: None,
-            test_list: None,
-            patch: [112, 112, 80],
-            margin: Margin::Random { lo: 10, hi: 19 },
-            seed: 1337,
-            gzip: false,
-            force: false,
-        }
+        NrrdImport { common: ImportCommon::new(src, out), patch: [112, 112, 80], margin: Margin::REFERENCE, seed: 1337 }
     }
 }
 
@@ -299,12 +306,14 @@ pub struct Preprocessed {
 /// `[min - m - p, max + m + p)` clipped to the volume, where `min`/`max` are the label's
 /// bounding box (inclusive), `m` the margin of that side and `p = max(patch - (max - min), 0) / 2`
 /// so the crop covers at least the patch; z is kept whole. `margins` = `[x low, x high, y low, y high]`.
-pub fn preprocess_challenge(image: &Volume<f32>, label_raw: &Volume<f32>, patch: [usize; 3], margins: [usize; 4], path: &Path) -> Result<Preprocessed> {
+/// `paths` (image, label) name the files in errors.
+pub fn preprocess_challenge(image: &Volume<f32>, label_raw: &Volume<f32>, patch: [usize; 3], margins: [usize; 4], paths: (&Path, &Path)) -> Result<Preprocessed> {
+    let (image_path, path) = paths;
     if image.dims != label_raw.dims {
-        return Err(DataError::bad(path, format!("label shape {:?} differs from image shape {:?}", label_raw.dims, image.dims)));
+        return Err(DataError::bad(path, format!("label shape {:?} differs from image shape {:?} ({})", label_raw.dims, image.dims, image_path.display())));
     }
     if let Some(i) = image.data.iter().position(|v| !v.is_finite()) {
-        return Err(DataError::bad(path, format!("image has NaN or infinite voxels (first at index {i})")));
+        return Err(DataError::bad(image_path, format!("NaN or infinite voxels (first at index {i})")));
     }
     let [w, h, d] = image.dims;
     let (mut lo, mut hi) = ([usize::MAX; 2], [0usize; 2]);
@@ -325,7 +334,7 @@ pub fn preprocess_challenge(image: &Volume<f32>, label_raw: &Volume<f32>, patch:
     let mean = image.data.iter().map(|&v| v as f64).sum::<f64>() / n;
     let std = (image.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
     if std == 0.0 {
-        return Err(DataError::bad(path, "the image is constant (standard deviation 0)"));
+        return Err(DataError::bad(image_path, "the image is constant (standard deviation 0)"));
     }
     let dims_xy = [w, h];
     let mut start = [0usize; 2];
@@ -352,35 +361,39 @@ pub fn preprocess_challenge(image: &Volume<f32>, label_raw: &Volume<f32>, patch:
 
 /// Imports the 2018 challenge's NRRD cases with the reference preprocessing.
 pub fn import_nrrd(opts: &NrrdImport) -> Result<ImportReport> {
-    let default_train = opts.src.join("train.list");
-    let default_test = opts.src.join("test.list");
-    let train_list = opts.train_list.clone().or_else(|| default_train.is_file().then_some(default_train));
-    let test_list = opts.test_list.clone().or_else(|| default_test.is_file().then_some(default_test));
-    let image_of = |id: &str| opts.src.join(id).join("lgemri.nrrd");
-    let label_of = |id: &str| opts.src.join(id).join("laendo.nrrd");
+    let c = &opts.common;
+    let default_train = c.src.join("train.list");
+    let default_test = c.src.join("test.list");
+    let train_list = c.train_list.clone().or_else(|| default_train.is_file().then_some(default_train));
+    let test_list = c.test_list.clone().or_else(|| default_test.is_file().then_some(default_test));
+    let image_of = |id: &str| c.src.join(id).join("lgemri.nrrd");
+    let label_of = |id: &str| c.src.join(id).join("laendo.nrrd");
     let split = match &train_list {
-        Some(tl) => Split::from_lists(tl, test_list.as_deref(), opts.labelled)?,
+        Some(tl) => Split::from_lists(tl, test_list.as_deref(), c.labelled)?,
         None => {
-            let mut ids: Vec<String> = fs::read_dir(&opts.src)
-                .at(&opts.src)?
+            let mut ids: Vec<String> = fs::read_dir(&c.src)
+                .at(&c.src)?
                 .filter_map(|e| e.ok())
                 .filter(|e| e.path().join("lgemri.nrrd").is_file())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
             ids.sort();
+            // Without a training list, every case folder not in the test list is a training case.
+            let test = test_list.as_deref().map(read_list).transpose()?.unwrap_or_default();
+            ids.retain(|id| !test.contains(id));
             if ids.is_empty() {
-                return Err(DataError::bad(&opts.src, "no case folders with lgemri.nrrd"));
+                return Err(DataError::bad(&c.src, "no training case folders with lgemri.nrrd"));
             }
-            if opts.labelled > ids.len() {
-                return Err(DataError::invalid("labelled", format!("{} labelled cases but {} has only {}", opts.labelled, opts.src.display(), ids.len())));
+            if c.labelled > ids.len() {
+                return Err(DataError::invalid("labelled", format!("{} labelled cases but {} has only {}", c.labelled, c.src.display(), ids.len())));
             }
-            Split { train: ids, test: Vec::new(), labelled: opts.labelled }
+            Split { train: ids, test, labelled: c.labelled }
         }
     };
-    let listed = (train_list.as_deref().unwrap_or(&opts.src), test_list.as_deref());
+    let listed = (train_list.as_deref().unwrap_or(&c.src), test_list.as_deref());
     locate_all(&split, listed, |id| image_of(id).is_file().then(|| image_of(id)), "lgemri.nrrd")?;
     locate_all(&split, listed, |id| label_of(id).is_file().then(|| label_of(id)), "laendo.nrrd")?;
-    let staging = Staging::new(&opts.out, opts.force)?;
+    let staging = Staging::new(&c.out, c.force)?;
     let (mut training, mut test) = (Vec::new(), Vec::new());
     let cases = split.train.iter().enumerate().map(|(i, id)| (id, false, i < split.labelled)).chain(split.test.iter().map(|id| (id, true, false)));
     for (n, (id, is_test, labelled)) in cases.enumerate() {
@@ -393,9 +406,10 @@ pub fn import_nrrd(opts: &NrrdImport) -> Result<ImportReport> {
                 [0; 4].map(|_| rng.range(lo, hi.max(lo) + 1))
             }
         };
-        let p = preprocess_challenge(&image.volume, &label.volume, opts.patch, margins, &label_of(id))?;
+        let p = preprocess_challenge(&image.volume, &label.volume, opts.patch, margins, (&image_of(id), &label_of(id)))?;
         let geometry = image.geometry.cropped(p.origin);
-        let entry = write_case(staging.dir(), id, is_test, labelled, &p.image, &p.label, &geometry, ext(opts.gzip))?;
+        let entry = entry_for(id, is_test, labelled, ext(c.gzip));
+        write_case(staging.dir(), &entry, &p.image, &p.label, &geometry)?;
         tracing::debug!(case = %id, dims = ?p.image.dims, origin = ?p.origin, "imported");
         if is_test { test.push(entry) } else { training.push(entry) }
     }
@@ -403,6 +417,6 @@ pub fn import_nrrd(opts: &NrrdImport) -> Result<ImportReport> {
         Margin::Fixed(m) => format!("{m}"),
         Margin::Random { lo, hi } => format!("random {lo}..={hi} (seed {})", opts.seed),
     };
-    let description = format!("imported from the 2018 LA challenge NRRD files in {}; z-scored, cropped in x/y to the label box plus a {margin} voxel margin, at least {:?}", opts.src.display(), &opts.patch[..2]);
+    let description = format!("imported from the 2018 LA challenge NRRD files in {}; z-scored, cropped in x/y to the label box plus a {margin} voxel margin, at least {:?}", c.src.display(), &opts.patch[..2]);
     report(staging, Manifest::new("LA2018", &description, "MRI", &["background", "left atrium"], training, test))
 }

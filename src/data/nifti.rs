@@ -167,30 +167,17 @@ pub trait FromVoxel: Copy + Default {
     fn from_f64(v: f64) -> Self;
 }
 
-impl FromVoxel for f32 {
-    #[inline]
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
+macro_rules! from_voxel {
+    ($($t:ty),*) => {$(
+        impl FromVoxel for $t {
+            #[inline]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+        }
+    )*};
 }
-impl FromVoxel for f64 {
-    #[inline]
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-}
-impl FromVoxel for u8 {
-    #[inline]
-    fn from_f64(v: f64) -> Self {
-        v as u8
-    }
-}
-impl FromVoxel for i64 {
-    #[inline]
-    fn from_f64(v: f64) -> Self {
-        v as i64
-    }
-}
+from_voxel!(f32, f64, u8, i64);
 
 /// Decodes `out.len()` voxels at element indices `start, start + step, ...` from `raw`.
 /// `None` if an index falls outside `raw`.
@@ -332,11 +319,11 @@ fn header_geometry(h: &nifti::NiftiHeader, path: &Path) -> Result<Geometry> {
     } else {
         // nibabel's Analyze fallback: x flipped, origin at the centre of the volume.
         let ndim = (h.dim[0] as usize).clamp(1, 3);
-        for i in 0..3 {
+        for (i, row) in affine.iter_mut().take(3).enumerate() {
             let (n, zoom) = if i < ndim { (h.dim[i + 1] as f64, h.pixdim[i + 1] as f64) } else { (1.0, 1.0) };
             let zoom = if i == 0 { -zoom } else { zoom };
-            affine[i][i] = zoom;
-            affine[i][3] = -(n - 1.0) / 2.0 * zoom;
+            row[i] = zoom;
+            row[3] = -(n - 1.0) / 2.0 * zoom;
         }
     }
     Ok(Geometry { affine })

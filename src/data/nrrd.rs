@@ -121,8 +121,8 @@ fn geometry(f: &Fields, path: &Path) -> Result<Geometry> {
         }
         for (j, c) in cols.iter().enumerate() {
             let v = parse_vector(c).ok_or_else(|| DataError::bad(path, format!("bad `space directions` vector `{c}`")))?;
-            for i in 0..3 {
-                g.affine[i][j] = v[i];
+            for (row, x) in g.affine.iter_mut().zip(v) {
+                row[j] = x;
             }
         }
     } else if let Some(s) = &f.spacings {
@@ -132,8 +132,8 @@ fn geometry(f: &Fields, path: &Path) -> Result<Geometry> {
     }
     if let Some(o) = &f.origin {
         let v = parse_vector(o).ok_or_else(|| DataError::bad(path, format!("bad `space origin` `{o}`")))?;
-        for i in 0..3 {
-            g.affine[i][3] = v[i];
+        for (row, x) in g.affine.iter_mut().zip(v) {
+            row[3] = x;
         }
     }
     let space = f.space.as_deref().unwrap_or("").to_ascii_lowercase();

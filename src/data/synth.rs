@@ -5,7 +5,7 @@
 
 use super::dataset::Manifest;
 use super::error::{DataError, Result};
-use super::import::{ext, report, write_case, ImportReport, Staging};
+use super::import::{entry_for, ext, report, write_case, ImportReport, Staging};
 use super::rng::{stream, Rng};
 use super::volume::{Geometry, Volume};
 use std::path::Path;
@@ -195,7 +195,8 @@ pub fn write_synth(out: &Path, cfg: &SynthConfig, force: bool) -> Result<ImportR
         let id = format!("synth_{i:03}");
         let is_test = i >= cfg.cases;
         let (image, label) = synth_case(cfg.size, cfg.spacing, cfg.seed, i as u64);
-        let entry = write_case(staging.dir(), &id, is_test, i < cfg.labelled, &image, &label, &geometry, ext(cfg.gzip))?;
+        let entry = entry_for(&id, is_test, i < cfg.labelled, ext(cfg.gzip));
+        write_case(staging.dir(), &entry, &image, &label, &geometry)?;
         if is_test { test.push(entry) } else { training.push(entry) }
     }
     let description = format!("synthetic LA-like volumes, size {:?}, spacing {:?} mm, seed {}", cfg.size, cfg.spacing, cfg.seed);

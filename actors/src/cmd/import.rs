@@ -2,7 +2,7 @@
 //! (written to a temporary folder and renamed into place, so a failed import leaves nothing).
 
 use std::path::PathBuf;
-use uamt::data::import::{import_h5, import_nrrd, H5Import, ImportReport, Margin, NrrdImport};
+use uamt::data::import::{import_h5, import_nrrd, H5Import, ImportCommon, ImportReport, Margin, NrrdImport};
 
 /// Arguments of `uamt import`.
 #[derive(Debug, clap::Args)]
@@ -77,6 +77,12 @@ pub struct NrrdArgs {
     pub patch: [usize; 3],
 }
 
+impl From<Common> for ImportCommon {
+    fn from(c: Common) -> Self {
+        ImportCommon { src: c.src, out: c.out, labelled: c.labelled, train_list: c.train_list, test_list: c.test_list, gzip: c.gzip, force: c.force }
+    }
+}
+
 /// `a` or `a,b,c` as three positive numbers.
 pub fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
     let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
@@ -107,34 +113,10 @@ pub fn log_report(r: &ImportReport) {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let report = match args.source {
-        Source::H5(a) => {
-            let c = a.common;
-            import_h5(&H5Import {
-                src: c.src,
-                out: c.out,
-                labelled: c.labelled,
-                train_list: c.train_list,
-                test_list: c.test_list,
-                spacing: a.spacing,
-                max_label: a.max_label,
-                gzip: c.gzip,
-                force: c.force,
-            })?
-        }
+        Source::H5(a) => import_h5(&H5Import { common: a.common.into(), spacing: a.spacing, max_label: a.max_label })?,
         Source::Nrrd(a) => {
-            let c = a.common;
-            let mut opts = NrrdImport::new(c.src, c.out);
-            opts.labelled = c.labelled;
-            opts.train_list = c.train_list;
-            opts.test_list = c.test_list;
-            opts.gzip = c.gzip;
-            opts.force = c.force;
-            opts.patch = a.patch;
-            opts.seed = a.seed;
-            if let Some(m) = a.margin {
-                opts.margin = Margin::Fixed(m);
-            }
-            import_nrrd(&opts)?
+            let margin = a.margin.map_or(Margin::REFERENCE, Margin::Fixed);
+            import_nrrd(&NrrdImport { common: a.common.into(), patch: a.patch, margin, seed: a.seed })?
         }
     };
     log_report(&report);

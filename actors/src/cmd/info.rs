@@ -1,6 +1,7 @@
 //! `uamt info`: shape, data type, spacing, orientation and intensity statistics of volume files,
 //! the way nib-ls or fslinfo print them.
 
+use std::io::Write;
 use std::path::PathBuf;
 use uamt::data::stats::{describe, VolumeInfo};
 
@@ -57,10 +58,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&infos)?);
-    } else if !infos.is_empty() {
-        print!("{}", table(&infos));
+    let text = if args.json {
+        serde_json::to_string_pretty(&infos)? + "\n"
+    } else if infos.is_empty() {
+        String::new()
+    } else {
+        table(&infos)
+    };
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`uamt info ... | head`) is not an error.
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e.into());
+        }
     }
     if failed > 0 {
         anyhow::bail!("{failed} of {} files could not be read", args.files.len());
