@@ -227,11 +227,11 @@ impl Default for QueueConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
-    /// Plain fp32.
+    /// fp32 with libtorch's defaults (cuDNN may use TF32 for convolutions on Ampere and newer).
     Fp32,
-    /// fp32 storage, TF32 tensor-core matmuls and convolutions (GPU only).
+    /// TF32 everywhere (GPU only; not built yet: refused at start-up).
     Tf32,
-    /// bf16 autocast (GPU).
+    /// bf16 autocast (GPU only; not built yet: refused at start-up).
     Bf16,
 }
 
@@ -465,6 +465,9 @@ impl Config {
             return bad("queues.loader_workers", format!("at most 64, got {}", q.loader_workers));
         }
         self.device.resolve()?;
+        if self.device.precision != Precision::Fp32 {
+            return bad("device.precision", format!("{:?} is not built yet; use fp32 (libtorch's defaults, which on Ampere and newer GPUs let cuDNN use TF32 for convolutions)", self.device.precision).to_lowercase());
+        }
         if self.device.threads > 256 {
             return bad("device.threads", format!("at most 256, got {}", self.device.threads));
         }

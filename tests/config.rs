@@ -60,6 +60,7 @@ fn impossible_values_are_refused_with_the_key_named() {
         ("[device]\ndevice = \"tpu\"", "device.device"),
         ("[telemetry]\nlisten = \"localhost\"", "telemetry.listen"),
         ("[checkpoint]\nkeep = 0", "checkpoint.keep"),
+        ("[device]\nprecision = \"bf16\"", "device.precision"),
     ] {
         let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
         assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");

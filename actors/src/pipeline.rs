@@ -124,6 +124,10 @@ pub fn run(mut run: Run) -> Result<Outcome> {
     let q = &cfg.queues;
     let with_teacher = step_cfg.method != Method::Supervised;
     let lag = cfg.method.teacher_lag;
+    if run.device.is_cuda() {
+        // Fixed shapes: let cuDNN pick the fastest convolution algorithms once.
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
 
     // ---- data plane: loader workers -> dispatcher -> student (and teacher)
     let workers = q.loader_workers;
