@@ -272,3 +272,29 @@ fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_report
     assert_eq!(unsafe { libc_kill(child.id() as i32, 15) }, 0);
     assert!(wait_exit(&mut child, 120).success());
 }
+
+#[test]
+fn la_reproduce_runs_the_protocol_at_tiny_scale_and_resumes() {
+    let la = repo().parent().unwrap().join("shared/data/la2018");
+    assert!(la.join("train.list").exists(), "the LA data are expected at {}", la.display());
+    let work = tempdir("la-reproduce");
+    let run = || {
+        let out = Command::new(repo().join("ops/la-reproduce"))
+            .args(["--tiny", "--budget", "300", "--bin", bin(), "--data"])
+            .arg(&la)
+            .arg("--work")
+            .arg(&work)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let first = run();
+    assert!(first.contains("12 of 12 iterations, 1 test cases"), "{first}");
+    assert!(first.contains("published") && first.contains("88.88"), "{first}");
+    assert_eq!(checkpoint::latest(&work.join("checkpoints")).unwrap().0, 12);
+    // Again: nothing left to train, the evaluation is repeated from the same checkpoint.
+    let second = run();
+    assert!(second.contains("12 of 12 iterations"), "{second}");
+    assert!(!second.contains("training uamt from iteration"), "{second}");
+}
