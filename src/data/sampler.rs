@@ -9,7 +9,8 @@ use super::dataset::Dataset;
 use super::error::{DataError, Result};
 use super::rng::{stream, Rng};
 use std::sync::Arc;
-use tch::{Kind, Tensor};
+use super::volume::LABEL_KIND;
+use tch::Tensor;
 
 /// How batches are drawn.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +172,7 @@ impl HostBatch {
         let [x, y, z] = self.patch.map(|d| d as i64);
         let b = self.plans.len() as i64;
         let images = Tensor::f_from_slice(&self.images)?.f_view([b, 1, x, y, z])?;
-        let labels = Tensor::f_from_slice(&self.labels)?.f_view([self.labelled as i64, x, y, z])?.f_to_kind(Kind::Int64)?;
+        let labels = Tensor::f_from_slice(&self.labels)?.f_view([self.labelled as i64, x, y, z])?.f_to_kind(LABEL_KIND)?;
         Ok((images, labels))
     }
 }

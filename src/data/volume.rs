@@ -6,7 +6,8 @@
 use super::error::{DataError, Result};
 use tch::{Kind, Tensor};
 
-/// A 3-D array of voxels, x fastest.
+/// A 3-D array of voxels, x fastest. Invariant: `data.len()` is the product of `dims`; the
+/// constructors ([`Volume::new`], [`Volume::zeros`], [`Volume::from_c_order`]) check it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Volume<T> {
     /// `[X, Y, Z]`.
