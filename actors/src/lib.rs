@@ -23,5 +23,6 @@ pub mod emit;
 pub mod evaluator;
 pub mod http;
 pub mod pipeline;
+pub mod progress;
 pub mod queue;
 pub mod supervisor;

@@ -218,8 +218,16 @@ pub fn find_h5(src: &Path, id: &str) -> Option<PathBuf> {
     [src.join(format!("{id}.h5")), src.join("h5").join(format!("{id}.h5")), src.join(id).join("mri_norm2.h5")].into_iter().find(|p| p.is_file())
 }
 
+/// Called after each case of a long one-shot job with (cases done, total, case id).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, &str);
+
 /// Imports UA-MT HDF5 cases into a dataset folder.
 pub fn import_h5(opts: &H5Import) -> Result<ImportReport> {
+    import_h5_with(opts, &mut |_, _, _| {})
+}
+
+/// [`import_h5`], calling `progress(done, total, id)` after each case.
+pub fn import_h5_with(opts: &H5Import, progress: Progress<'_>) -> Result<ImportReport> {
     let c = &opts.common;
     if opts.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(DataError::invalid("spacing", format!("{:?} must be positive", opts.spacing)));
@@ -232,13 +240,15 @@ pub fn import_h5(opts: &H5Import) -> Result<ImportReport> {
     let geometry = Geometry::from_spacing(opts.spacing);
     let (mut training, mut test) = (Vec::new(), Vec::new());
     let cases = split.train.iter().enumerate().map(|(i, id)| (id, false, i < split.labelled)).chain(split.test.iter().map(|id| (id, true, false)));
-    for (id, is_test, labelled) in cases {
+    let total = split.train.len() + split.test.len();
+    for (n, (id, is_test, labelled)) in cases.enumerate() {
         let path = find_h5(&c.src, id).ok_or_else(|| DataError::bad(&c.src, format!("case `{id}` disappeared")))?;
         let case = read_h5_case(&path, opts.max_label)?;
         let entry = entry_for(id, is_test, labelled, ext(c.gzip));
         write_case(staging.dir(), &entry, &case.image, &case.label, &geometry)?;
         tracing::debug!(case = %id, dims = ?case.image.dims, test = is_test, "imported");
         if is_test { test.push(entry) } else { training.push(entry) }
+        progress(n + 1, total, id);
     }
     let description = format!("imported from UA-MT HDF5 files in {}; spacing {:?} mm (assumed, the HDF5 files carry none)", c.src.display(), opts.spacing);
     report(staging, Manifest::new("LA2018", &description, "MRI", &["background", "left atrium"], training, test))
@@ -361,6 +371,11 @@ pub fn preprocess_challenge(image: &Volume<f32>, label_raw: &Volume<f32>, patch:
 
 /// Imports the 2018 challenge's NRRD cases with the reference preprocessing.
 pub fn import_nrrd(opts: &NrrdImport) -> Result<ImportReport> {
+    import_nrrd_with(opts, &mut |_, _, _| {})
+}
+
+/// [`import_nrrd`], calling `progress(done, total, id)` after each case.
+pub fn import_nrrd_with(opts: &NrrdImport, progress: Progress<'_>) -> Result<ImportReport> {
     let c = &opts.common;
     let default_train = c.src.join("train.list");
     let default_test = c.src.join("test.list");
@@ -412,6 +427,7 @@ pub fn import_nrrd(opts: &NrrdImport) -> Result<ImportReport> {
         write_case(staging.dir(), &entry, &p.image, &p.label, &geometry)?;
         tracing::debug!(case = %id, dims = ?p.image.dims, origin = ?p.origin, "imported");
         if is_test { test.push(entry) } else { training.push(entry) }
+        progress(n + 1, split.train.len() + split.test.len(), id);
     }
     let margin = match opts.margin {
         Margin::Fixed(m) => format!("{m}"),

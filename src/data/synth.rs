@@ -179,6 +179,11 @@ pub fn synth_case(size: [usize; 3], spacing: [f64; 3], seed: u64, index: u64) ->
 
 /// Writes a synthetic dataset folder (training cases `synth_000...`, test cases after them).
 pub fn write_synth(out: &Path, cfg: &SynthConfig, force: bool) -> Result<ImportReport> {
+    write_synth_with(out, cfg, force, &mut |_, _, _| {})
+}
+
+/// [`write_synth`], calling `progress(done, total, id)` after each case.
+pub fn write_synth_with(out: &Path, cfg: &SynthConfig, force: bool, progress: super::import::Progress<'_>) -> Result<ImportReport> {
     if cfg.size.contains(&0) {
         return Err(DataError::invalid("size", format!("{:?} has an empty axis", cfg.size)));
     }
@@ -198,6 +203,7 @@ pub fn write_synth(out: &Path, cfg: &SynthConfig, force: bool) -> Result<ImportR
         let entry = entry_for(&id, is_test, i < cfg.labelled, ext(cfg.gzip));
         write_case(staging.dir(), &entry, &image, &label, &geometry)?;
         if is_test { test.push(entry) } else { training.push(entry) }
+        progress(i + 1, cfg.cases + cfg.test, &id);
     }
     let description = format!("synthetic LA-like volumes, size {:?}, spacing {:?} mm, seed {}", cfg.size, cfg.spacing, cfg.seed);
     report(staging, Manifest::new("synthetic-LA", &description, "MRI", &["background", "left atrium"], training, test))

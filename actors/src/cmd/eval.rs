@@ -97,15 +97,16 @@ fn parse_empty(s: &str) -> Result<EmptyPolicy, String> {
     }
 }
 
-/// Prints one plain progress line per case on stderr.
-fn progress(e: &CaseEvent) {
-    eprintln!("{}", e.line());
+/// Progress on stderr: a bar on a terminal, one line per case otherwise.
+fn progress(bar: &mut crate::progress::Bar, e: &CaseEvent) {
+    bar.update(e.index + 1, e.total, &e.line());
 }
 
 /// Runs the evaluation the arguments ask for.
 fn report(args: &Args) -> anyhow::Result<Report> {
     if let (Some(p), Some(r)) = (&args.prediction, &args.reference) {
-        return Ok(compare_paths(p, r, args.spacing, args.empty, &mut progress)?);
+        let mut bar = crate::progress::Bar::new("evaluating");
+        return Ok(compare_paths(p, r, args.spacing, args.empty, &mut |e| progress(&mut bar, e))?);
     }
     let open = |dir: &Path| Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()));
     let (model, dataset, source, patch, stride) = if let Some(ck) = &args.checkpoint {
@@ -133,7 +134,8 @@ fn report(args: &Args) -> anyhow::Result<Report> {
         empty: args.empty,
         outputs: args.out.as_ref().map(|dir| Outputs { dir: dir.clone(), nifti: true, pictures: true, picture: PictureOptions::default() }),
     };
-    Ok(evaluate_dataset(&model, &dataset, &source.display().to_string(), &opts, &mut progress)?)
+    let mut bar = crate::progress::Bar::new("evaluating");
+    Ok(evaluate_dataset(&model, &dataset, &source.display().to_string(), &opts, &mut |e| progress(&mut bar, e))?)
 }
 
 fn write_reports(report: &Report, dir: &Path) -> anyhow::Result<()> {

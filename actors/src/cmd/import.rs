@@ -2,7 +2,7 @@
 //! (written to a temporary folder and renamed into place, so a failed import leaves nothing).
 
 use std::path::PathBuf;
-use uamt::data::import::{import_h5, import_nrrd, H5Import, ImportCommon, ImportReport, Margin, NrrdImport};
+use uamt::data::import::{import_h5_with, import_nrrd_with, H5Import, ImportCommon, ImportReport, Margin, NrrdImport};
 
 /// Arguments of `uamt import`.
 #[derive(Debug, clap::Args)]
@@ -112,11 +112,12 @@ pub fn log_report(r: &ImportReport) {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut bar = crate::progress::Bar::new("importing");
     let report = match args.source {
-        Source::H5(a) => import_h5(&H5Import { common: a.common.into(), spacing: a.spacing, max_label: a.max_label })?,
+        Source::H5(a) => import_h5_with(&H5Import { common: a.common.into(), spacing: a.spacing, max_label: a.max_label }, &mut |d, t, id| bar.update(d, t, id))?,
         Source::Nrrd(a) => {
             let margin = a.margin.map_or(Margin::REFERENCE, Margin::Fixed);
-            import_nrrd(&NrrdImport { common: a.common.into(), patch: a.patch, margin, seed: a.seed })?
+            import_nrrd_with(&NrrdImport { common: a.common.into(), patch: a.patch, margin, seed: a.seed }, &mut |d, t, id| bar.update(d, t, id))?
         }
     };
     log_report(&report);

@@ -2,7 +2,7 @@
 
 use super::import::{log_report, parse_size, parse_spacing};
 use std::path::PathBuf;
-use uamt::data::synth::{write_synth, SynthConfig};
+use uamt::data::synth::{write_synth_with, SynthConfig};
 
 /// Arguments of `uamt synth`.
 #[derive(Debug, clap::Args)]
@@ -46,6 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         gzip: args.gzip,
     };
-    log_report(&write_synth(&args.out, &cfg, args.force)?);
+    let mut bar = crate::progress::Bar::new("generating");
+    log_report(&write_synth_with(&args.out, &cfg, args.force, &mut |d, t, id| bar.update(d, t, id))?);
     Ok(())
 }
