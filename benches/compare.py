@@ -70,7 +70,7 @@ def make_source(data, out, labelled, unlabelled):
     return ids
 
 
-def daemon_config(path, dataset, workdir, a):
+def daemon_config(path, dataset, workdir, a, precision):
     p = ", ".join(str(x) for x in a.patch)
     text = f"""# written by benches/compare.py
 [data]
@@ -93,7 +93,7 @@ seed = {a.seed}
 
 [device]
 device = "{a.device}"
-precision = "{a.precision}"
+precision = "{precision}"
 threads = {a.threads}
 
 [checkpoint]
@@ -110,10 +110,12 @@ listen = ""
         f.write(text)
 
 
-def run(cmd, env=None, timeout=None):
+def run(cmd, env=None, may_fail=False):
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=timeout)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if r.returncode != 0:
+        if may_fail:
+            return None, r.stderr
         sys.stderr.write(r.stderr[-4000:])
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}")
     return r.stdout, time.perf_counter() - t0
@@ -139,7 +141,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32", help="the daemon's device.precision (the reference is always fp32)")
+    ap.add_argument("--precision", default="fp32", help="the daemon's device.precision, or several (fp32,bf16): each is benched; "
+                    "one the binary refuses is reported and skipped (the reference is always fp32)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: their defaults)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--ref-workers", type=int, default=4, help="the reference's DataLoader workers (the reference: 4)")
@@ -156,12 +159,16 @@ def main(argv=None):
     work = a.workdir or tempfile.mkdtemp(prefix="uamt-compare-")
     os.makedirs(work, exist_ok=True)
     try:
-        src, dataset, cfg = os.path.join(work, "src"), os.path.join(work, "dataset"), os.path.join(work, "bench.toml")
+        src, dataset = os.path.join(work, "src"), os.path.join(work, "dataset")
         for p in (src, dataset):
             shutil.rmtree(p, ignore_errors=True)
         make_source(a.data, src, a.labelled, a.unlabelled)
         _, t_import = run([a.uamt, "import", "h5", "--src", src, "--out", dataset, "--labelled", str(a.labelled)])
-        daemon_config(cfg, dataset, work, a)
+        precisions = a.precision.split(",")
+        cfgs = {}
+        for prec in precisions:
+            cfgs[prec] = os.path.join(work, f"bench-{prec}.toml")
+            daemon_config(cfgs[prec], dataset, work, a, prec)
         print(f"cases: {a.labelled} labelled + {a.unlabelled} unlabelled from {a.data} (import for the daemon: {t_import:.1f} s)")
         print(f"shapes: patch {a.patch}, n_filters {a.n_filters}, batch 2+2, T 8; device {a.device}; "
               f"{a.iterations} timed iterations after {a.warmup} warm-up, {a.rounds} rounds", flush=True)
@@ -169,8 +176,8 @@ def main(argv=None):
         ref_cmd = [a.python, REFERENCE, "--data", src, "--labelled", str(a.labelled), "--patch", ",".join(map(str, a.patch)),
                    "--n-filters", str(a.n_filters), "--iterations", str(a.iterations), "--warmup", str(a.warmup),
                    "--device", a.device, "--workers", str(a.ref_workers), "--seed", str(a.seed), "--threads", str(a.threads), "--json"]
-        bench_cmd = [a.uamt, "bench", "pipeline", "--config", cfg, "--iterations", str(a.iterations), "--warmup", str(a.warmup),
-                     "--depths", a.depths, "--workers", a.loader_workers, "--lags", a.lags, "--json"]
+        bench_args = ["--iterations", str(a.iterations), "--warmup", str(a.warmup), "--depths", a.depths, "--workers", a.loader_workers, "--lags", a.lags, "--json"]
+        refused = {}
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         samples = {}  # setting -> [ms per round]
         ref_medians = []
@@ -183,42 +190,57 @@ def main(argv=None):
                 samples.setdefault("reference (PyTorch)", []).append(res["ms_per_iteration_mean"])
                 ref_medians.append(res["ms_per_iteration_median"])
                 print(f"  round {r + 1}: reference {res['ms_per_iteration_mean']:.1f} ms/it (median iteration {res['ms_per_iteration_median']:.1f}; run {wall:.0f} s)", flush=True)
-            out, wall = run(bench_cmd)
-            for line in json_lines(out):
-                samples.setdefault(line["setting"], []).append(line["ms_per_iteration"])
-            seq = samples.get("sequential loop", [float("nan")])[-1]
-            best = min((v[-1], k) for k, v in samples.items() if k.startswith("pipeline"))
-            print(f"  round {r + 1}: daemon sequential {seq:.1f} ms/it, best pipeline {best[0]:.1f} ({best[1]}; run {wall:.0f} s)", flush=True)
+            for prec in precisions:
+                if prec in refused:
+                    continue
+                tag = "" if prec == "fp32" else f" [{prec}]"
+                out, wall = run([a.uamt, "bench", "pipeline", "--config", cfgs[prec]] + bench_args, may_fail=prec != "fp32")
+                if out is None:
+                    refused[prec] = wall.strip().splitlines()[-1] if wall.strip() else "failed"
+                    print(f"  round {r + 1}: daemon at {prec} refused or failed: {refused[prec]}", flush=True)
+                    continue
+                for line in json_lines(out):
+                    samples.setdefault(line["setting"] + tag, []).append(line["ms_per_iteration"])
+                seq = samples.get("sequential loop" + tag, [float("nan")])[-1]
+                best = min((v[-1], k) for k, v in samples.items() if k.startswith("pipeline") and k.endswith(tag))
+                print(f"  round {r + 1}: daemon{tag} sequential {seq:.1f} ms/it, best pipeline {best[0]:.1f} ({best[1]}; run {wall:.0f} s)", flush=True)
 
         med = {k: statistics.median(v) for k, v in samples.items()}
         ref = med.get("reference (PyTorch)")
-        pipes = {k: v for k, v in med.items() if k.startswith("pipeline")}
-        best_any = min(pipes, key=pipes.get)
-        lag0 = {k: v for k, v in pipes.items() if k.startswith("pipeline lag 0")}
-        best_lag0 = min(lag0, key=lag0.get) if lag0 else None
-
-        print()
-        print(f"{'setting':<44} {'ms/it':>9} {'spread':>17} {'it/s':>7} {'vs reference':>13}")
-        rows = []
+        rows, best = [], {}
         if ref is not None:
             rows.append(("reference (PyTorch), mean", "reference (PyTorch)"))
-        rows.append(("uamt sequential loop", "sequential loop"))
-        if best_lag0:
-            rows.append((f"uamt best exact ({best_lag0[9:]})", best_lag0))
-        if best_any != best_lag0:
-            rows.append((f"uamt best ({best_any[9:]})", best_any))
+        for prec in precisions:
+            tag = "" if prec == "fp32" else f" [{prec}]"
+            if "sequential loop" + tag not in med:
+                continue
+            pipes = {k: v for k, v in med.items() if k.startswith("pipeline") and k.endswith(tag) and (tag or "[" not in k)}
+            best_any = min(pipes, key=pipes.get) if pipes else None
+            lag0 = {k: v for k, v in pipes.items() if k.startswith("pipeline lag 0")}
+            best_lag0 = min(lag0, key=lag0.get) if lag0 else None
+            best[prec] = {"best": best_any, "best_exact": best_lag0}
+            rows.append((f"uamt sequential loop{tag}", "sequential loop" + tag))
+            if best_lag0:
+                rows.append((f"uamt best exact ({best_lag0[9:]})", best_lag0))
+            if best_any and best_any != best_lag0:
+                rows.append((f"uamt best ({best_any[9:]})", best_any))
+
+        print()
+        print(f"{'setting':<52} {'ms/it':>9} {'spread':>17} {'it/s':>7} {'vs reference':>13}")
         for name, key in rows:
             v = samples[key]
             ratio = f"{ref / med[key]:.2f}x" if ref else "-"
-            print(f"{name:<44} {med[key]:>9.1f} {min(v):>8.1f}-{max(v):<8.1f} {1e3 / med[key]:>7.2f} {ratio:>13}")
+            print(f"{name:<52} {med[key]:>9.1f} {min(v):>8.1f}-{max(v):<8.1f} {1e3 / med[key]:>7.2f} {ratio:>13}")
         if ref_medians:
-            print(f"{'(reference, median iteration)':<44} {statistics.median(ref_medians):>9.1f} {min(ref_medians):>8.1f}-{max(ref_medians):<8.1f}")
+            print(f"{'(reference, median iteration)':<52} {statistics.median(ref_medians):>9.1f} {min(ref_medians):>8.1f}-{max(ref_medians):<8.1f}")
+        for prec, why in refused.items():
+            print(f"(daemon at {prec}: not measured: {why})")
         print("ms/it: median over rounds of each round's wall time per timed iteration; spread: min-max over rounds;"
               " vs reference: reference ms/it / this ms/it (> 1: faster than the reference)")
         if a.json_out:
             with open(a.json_out, "w") as f:
                 json.dump({"args": vars(a), "samples_ms": samples, "reference_median_iteration_ms": ref_medians,
-                           "median_ms": med, "best_pipeline": best_any, "best_exact_pipeline": best_lag0}, f, indent=1)
+                           "median_ms": med, "best": best, "refused": refused}, f, indent=1)
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
