@@ -298,3 +298,24 @@ fn la_reproduce_runs_the_protocol_at_tiny_scale_and_resumes() {
     assert!(second.contains("12 of 12 iterations"), "{second}");
     assert!(!second.contains("training uamt from iteration"), "{second}");
 }
+
+#[test]
+fn a_corrupt_case_is_logged_counted_and_skipped() {
+    let dir = tempdir("badcase");
+    let cfg = write_config(&dir, 100_000, 0, "");
+    // Make the synthetic dataset, then truncate one unlabelled training image.
+    let out = Command::new(bin()).args(["synth", "--cases", "6", "--labelled", "2", "--test", "1", "--size", "40,40,24", "--out"]).arg(dir.join("synth")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let victim = dir.join("synth/imagesTr/synth_004.nii");
+    let bytes = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, &bytes[..bytes.len() / 3]).unwrap();
+    let mut child = start(&cfg, &dir, &[]);
+    wait_for("the metrics address", 120, || dir.join("addr").exists());
+    let addr = std::fs::read_to_string(dir.join("addr")).unwrap();
+    wait_for("training despite the bad case", 240, || sample(&scrape(&addr), "uamt_iterations_total", &[]).unwrap_or(0.0) >= 2.0);
+    assert_eq!(sample(&scrape(&addr), "uamt_skipped_cases_total", &[]), Some(1.0));
+    assert_eq!(unsafe { libc_kill(child.id() as i32, 15) }, 0);
+    assert!(wait_exit(&mut child, 120).success());
+    let log: String = std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("log-")).map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    assert!(log.contains("case skipped") && log.contains("synth_004.nii"), "{log}");
+}

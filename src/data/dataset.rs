@@ -171,16 +171,40 @@ impl Dataset {
     /// Opens the dataset folder `root`: reads the manifest, maps every listed volume and checks
     /// that each label matches its image's shape and that every labelled case has a label.
     pub fn open(root: impl AsRef<Path>, opts: &DatasetOptions) -> Result<Self> {
-        let root = root.as_ref().to_path_buf();
+        let (dataset, mut skipped) = Self::open_inner(root.as_ref(), opts, false)?;
+        match skipped.pop() {
+            Some(e) => Err(e),
+            None => Ok(dataset),
+        }
+    }
+
+    /// Like [`Dataset::open`], but a case whose volumes cannot be opened (missing, truncated,
+    /// corrupt, mismatched shapes) is left out and returned with its error instead of failing the
+    /// whole dataset. A manifest that cannot be read is still an error.
+    pub fn open_skipping_bad(root: impl AsRef<Path>, opts: &DatasetOptions) -> Result<(Self, Vec<DataError>)> {
+        Self::open_inner(root.as_ref(), opts, true)
+    }
+
+    fn open_inner(root: &Path, opts: &DatasetOptions, skip: bool) -> Result<(Self, Vec<DataError>)> {
+        let root = root.to_path_buf();
         let manifest = Manifest::read(&root)?;
         let cache = GzCache::Dir(opts.cache_dir.clone().unwrap_or_else(|| root.join(".cache")));
         let mut ids = HashSet::new();
-        let mut open_all = |entries: Vec<CaseEntry>| -> Result<Vec<Case>> {
-            entries.into_iter().map(|e| open_case(&root, e, &cache, &mut ids)).collect()
+        let mut skipped = Vec::new();
+        let mut open_all = |entries: Vec<CaseEntry>, skipped: &mut Vec<DataError>| -> Result<Vec<Case>> {
+            let mut cases = Vec::new();
+            for e in entries {
+                match open_case(&root, e, &cache, &mut ids) {
+                    Ok(c) => cases.push(c),
+                    Err(err) if skip => skipped.push(err),
+                    Err(err) => return Err(err),
+                }
+            }
+            Ok(cases)
         };
-        let training = open_all(manifest.training.clone())?;
-        let test = open_all(manifest.test.iter().map(TestEntry::to_case).collect())?;
-        Ok(Dataset { root, manifest, training, test })
+        let training = open_all(manifest.training.clone(), &mut skipped)?;
+        let test = open_all(manifest.test.iter().map(TestEntry::to_case).collect(), &mut skipped)?;
+        Ok((Dataset { root, manifest, training, test }, skipped))
     }
 
     /// Indices into [`Self::training`] of the labelled cases, in manifest order.

@@ -72,7 +72,12 @@ pub fn open_dataset(cfg: &Config) -> Result<Dataset> {
     } else {
         cfg.data.dataset.clone()
     };
-    Dataset::open(&root, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", root.display()))
+    let (dataset, skipped) = Dataset::open_skipping_bad(&root, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", root.display()))?;
+    for e in &skipped {
+        crate::emit::skipped_case();
+        tracing::warn!(error = %e, "case skipped");
+    }
+    Ok(dataset)
 }
 
 /// A patch loader for `cfg` over `dataset`.
