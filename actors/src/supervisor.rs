@@ -1,5 +1,6 @@
 //! The control plane: an actix actor that owns the run's lifecycle. It turns SIGTERM/SIGINT into
-//! "finish the current step, checkpoint, stop", and takes `Stop` and `CheckpointNow` requests.
+//! "finish the current step, checkpoint, stop" and SIGUSR1 into "checkpoint after this step", and
+//! takes the same requests as `Stop` and `CheckpointNow` messages.
 //! Tensors never travel through it; the data plane is [`crate::pipeline`].
 
 use actix::prelude::*;
@@ -36,6 +37,14 @@ impl Actor for Supervisor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let me = ctx.address();
+        let again = me.clone();
+        actix::spawn(async move {
+            use actix_rt::signal::unix::{signal, SignalKind};
+            let Ok(mut usr1) = signal(SignalKind::user_defined1()) else { return };
+            while usr1.recv().await.is_some() {
+                again.do_send(CheckpointNow);
+            }
+        });
         actix::spawn(async move {
             use actix_rt::signal::unix::{signal, SignalKind};
             let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -83,6 +92,7 @@ impl Handler<Stop> for Supervisor {
 impl Handler<CheckpointNow> for Supervisor {
     type Result = ();
     fn handle(&mut self, _: CheckpointNow, _: &mut Self::Context) {
+        tracing::info!("checkpoint requested; writing one after the current step");
         self.controls.checkpoint_now.store(true, Ordering::SeqCst);
     }
 }

@@ -168,13 +168,18 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0() {
     let addr = std::fs::read_to_string(dir.join("addr")).unwrap();
     wait_for("some iterations", 240, || sample(&scrape(&addr), "uamt_iterations_total", &[]).unwrap_or(0.0) >= 3.0);
     assert!(checkpoint::list(&dir.join("ckpt")).is_empty(), "no periodic checkpoints in this config");
+    // SIGUSR1 asks for a checkpoint without stopping.
+    assert_eq!(unsafe { libc_kill(child.id() as i32, 10) }, 0);
+    wait_for("the requested checkpoint", 60, || checkpoint::list(&dir.join("ckpt")).len() == 1);
+    assert!(child.try_wait().unwrap().is_none(), "SIGUSR1 must not stop the daemon");
     let rc = unsafe { libc_kill(child.id() as i32, 15) };
     assert_eq!(rc, 0);
     let status = wait_exit(&mut child, 120);
     assert!(status.success(), "exit status {status:?}");
     let cks = checkpoint::list(&dir.join("ckpt"));
-    assert_eq!(cks.len(), 1, "one checkpoint at shutdown");
-    let snap = Snapshot::read(&cks[0].1).unwrap();
+    assert_eq!(cks.len(), 2, "the requested checkpoint and one at shutdown");
+    assert!(cks[1].0 > cks[0].0);
+    let snap = Snapshot::read(&cks[1].1).unwrap();
     assert!(snap.iteration >= 3 && snap.iteration < 100_000, "iteration {}", snap.iteration);
     assert!(snap.teacher.is_some() && !snap.momentum.is_empty());
     // No temporary files left behind.
