@@ -337,6 +337,7 @@ impl Config {
         c.device.device = "cpu".into();
         c.checkpoint.dir = PathBuf::from("runs/demo/checkpoints");
         c.checkpoint.every = 100;
+        c.eval.every = 150;
         c.eval.report_dir = PathBuf::from("runs/demo/eval");
         c.eval.patch = [32, 32, 16];
         c.eval.stride = [8, 8, 4];
