@@ -153,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--python", default=sys.executable, help="the Python that runs the reference")
     ap.add_argument("--workdir", help="keep the source, dataset and config here (default: a temporary folder, removed)")
     ap.add_argument("--skip-reference", action="store_true", help="time the daemon only")
+    ap.add_argument("--ref-preload", action="store_true", help="also time the reference with its cases decompressed once up front "
+                    "(not the reference's loader: tells the cost of its per-sample HDF5 reads from the rest)")
     ap.add_argument("--json-out")
     a = ap.parse_args(argv)
 
@@ -181,22 +183,28 @@ def main(argv=None):
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         samples = {}  # setting -> [ms per round]
         ref_medians = []
+        ref_runs = [] if a.skip_reference else [ref_cmd] + ([ref_cmd + ["--preload"]] if a.ref_preload else [])
+        loads = []
         for r in range(a.rounds):
-            if not a.skip_reference:
-                out, wall = run(ref_cmd, env=env)
+            loads.append(os.getloadavg()[0])
+            print(f"  round {r + 1}: load average {loads[-1]:.1f} on {os.cpu_count()} CPUs", flush=True)
+            for cmd in ref_runs:
+                out, wall = run(cmd, env=env)
                 res = json_lines(out)[-1]
                 if not res["finite"]:
                     sys.exit(f"the reference produced non-finite losses: {res}")
-                samples.setdefault("reference (PyTorch)", []).append(res["ms_per_iteration_mean"])
-                ref_medians.append(res["ms_per_iteration_median"])
-                print(f"  round {r + 1}: reference {res['ms_per_iteration_mean']:.1f} ms/it (median iteration {res['ms_per_iteration_median']:.1f}; run {wall:.0f} s)", flush=True)
+                samples.setdefault(res["setting"], []).append(res["ms_per_iteration_mean"])
+                if "--preload" not in cmd:
+                    ref_medians.append(res["ms_per_iteration_median"])
+                print(f"  round {r + 1}: {res['setting']} {res['ms_per_iteration_mean']:.1f} ms/it (median iteration {res['ms_per_iteration_median']:.1f}; run {wall:.0f} s)", flush=True)
             for prec in precisions:
                 if prec in refused:
                     continue
                 tag = "" if prec == "fp32" else f" [{prec}]"
                 out, wall = run([a.uamt, "bench", "pipeline", "--config", cfgs[prec]] + bench_args, may_fail=prec != "fp32")
                 if out is None:
-                    refused[prec] = wall.strip().splitlines()[-1] if wall.strip() else "failed"
+                    errs = [l.strip() for l in wall.splitlines() if l.startswith("Error:") or "invalid setting" in l]
+                    refused[prec] = errs[0] if errs else "failed (exit status non-zero)"
                     print(f"  round {r + 1}: daemon at {prec} refused or failed: {refused[prec]}", flush=True)
                     continue
                 for line in json_lines(out):
@@ -209,7 +217,9 @@ def main(argv=None):
         ref = med.get("reference (PyTorch)")
         rows, best = [], {}
         if ref is not None:
-            rows.append(("reference (PyTorch), mean", "reference (PyTorch)"))
+            rows.append(("reference (PyTorch)", "reference (PyTorch)"))
+        if "reference (PyTorch), cases preloaded" in med:
+            rows.append(("reference, cases preloaded (not the reference)", "reference (PyTorch), cases preloaded"))
         for prec in precisions:
             tag = "" if prec == "fp32" else f" [{prec}]"
             if "sequential loop" + tag not in med:
@@ -240,7 +250,8 @@ def main(argv=None):
         if a.json_out:
             with open(a.json_out, "w") as f:
                 json.dump({"args": vars(a), "samples_ms": samples, "reference_median_iteration_ms": ref_medians,
-                           "median_ms": med, "best": best, "refused": refused}, f, indent=1)
+                           "median_ms": med, "best": best, "refused": refused,
+                           "load_average_at_round_start": loads, "cpus": os.cpu_count()}, f, indent=1)
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
