@@ -243,7 +243,10 @@ pub struct DeviceConfig {
     pub device: String,
     /// Precision.
     pub precision: Precision,
-    /// libtorch intra-op threads per pipeline stage (0: libtorch's default).
+    /// libtorch intra-op threads per pipeline stage; 0: automatic (on CPU half the cores, at
+    /// least 1, since the student and the teacher compute at the same time; on a GPU
+    /// libtorch's default). Oversubscribed OpenMP threads are very slow, so keep
+    /// threads x busy stages <= cores.
     pub threads: usize,
 }
 
@@ -254,6 +257,14 @@ impl Default for DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// The intra-op thread count each pipeline stage sets (0: leave libtorch's default).
+    pub fn stage_threads(&self) -> usize {
+        match (self.threads, self.resolve()) {
+            (0, Ok(tch::Device::Cpu)) => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            (n, _) => n,
+        }
+    }
+
     /// The libtorch device.
     pub fn resolve(&self) -> Result<tch::Device> {
         match self.device.as_str() {

@@ -120,7 +120,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         Some(n) => (start + n).min(cfg.optim.iterations),
         None => cfg.optim.iterations,
     };
-    let threads = cfg.device.threads;
+    let threads = cfg.device.stage_threads();
     let q = &cfg.queues;
     let with_teacher = step_cfg.method != Method::Supervised;
     let lag = cfg.method.teacher_lag;

@@ -70,8 +70,8 @@ fn fresh(cfg: &Config) -> Result<Trainer> {
 fn sequential(cfg: &Config, warmup: i64, n: i64) -> Result<f64> {
     let l = loader(cfg, open_dataset(cfg)?)?;
     let device = cfg.device.resolve()?;
-    if cfg.device.threads > 0 {
-        tch::set_num_threads(cfg.device.threads as i32);
+    if cfg.device.stage_threads() > 0 {
+        tch::set_num_threads(cfg.device.stage_threads() as i32);
     }
     let mut tr = fresh(cfg)?;
     let mut t0 = Instant::now();
@@ -119,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
     if !args.json {
         println!(
         "pipeline benchmark: {:?}, patch {:?}, n_filters {}, {:?}, T {}, {} timed iterations after {} warm-up, device {:?}, threads per stage {}",
-        cfg.method.kind, cfg.data.patch, cfg.model.n_filters, (cfg.data.labelled_bs, cfg.data.unlabelled_bs), cfg.method.mc_passes, args.iterations, args.warmup, device, cfg.device.threads
+        cfg.method.kind, cfg.data.patch, cfg.model.n_filters, (cfg.data.labelled_bs, cfg.data.unlabelled_bs), cfg.method.mc_passes, args.iterations, args.warmup, device, cfg.device.stage_threads()
         );
         println!("{:<34} {:>9} {:>8} {:>10}", "setting", "ms/it", "it/s", "vs seq");
     }
