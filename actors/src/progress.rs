@@ -20,6 +20,11 @@ impl Bar {
         Bar { label, tty: std::io::stderr().is_terminal(), start: Instant::now() }
     }
 
+    /// Whether it draws a bar (stderr is a terminal) rather than plain lines.
+    pub fn is_terminal(&self) -> bool {
+        self.tty
+    }
+
     /// `done` of `total` finished; `what` names the last item (a case id, or a whole line).
     pub fn update(&mut self, done: usize, total: usize, what: &str) {
         let secs = self.start.elapsed().as_secs_f64();

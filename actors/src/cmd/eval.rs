@@ -99,7 +99,11 @@ fn parse_empty(s: &str) -> Result<EmptyPolicy, String> {
 
 /// Progress on stderr: a bar on a terminal, one line per case otherwise.
 fn progress(bar: &mut crate::progress::Bar, e: &CaseEvent) {
-    bar.update(e.index + 1, e.total, &e.line());
+    if bar.is_terminal() {
+        bar.update(e.index + 1, e.total, &e.line());
+    } else {
+        eprintln!("{}", e.line()); // already says "[i/n] case: ..."
+    }
 }
 
 /// Runs the evaluation the arguments ask for.
