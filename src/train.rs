@@ -7,7 +7,7 @@
 //! unlabelled part; backward; SGD; EMA. All randomness (noise, dropout masks) comes in a
 //! [`StepRandom`], drawn from a seed and the iteration, so any thread can draw any part of it.
 
-use crate::model::{Dropout, DropoutMasks, VNet, VNetConfig};
+use crate::model::{Dropout, DropoutMasks, Init, VNet, VNetConfig};
 use crate::uamt::{self, losses, rng, Sgd};
 use crate::{Error, Result};
 use tch::{Device, Kind, Tensor};
@@ -341,11 +341,22 @@ impl Trainer {
     /// A student and (unless supervised) a separately initialised teacher, as the reference
     /// builds two models; the first EMA update copies the student into the teacher.
     pub fn new(net: &VNetConfig, cfg: StepConfig, device: Device) -> Result<Self> {
+        Self::with_init(net, cfg, device, None)
+    }
+
+    /// Like [`Trainer::new`] but with weights drawn from `seed` by the counter-based generator:
+    /// the same start whatever other threads do with libtorch's global generator.
+    pub fn seeded(net: &VNetConfig, cfg: StepConfig, device: Device, seed: u64) -> Result<Self> {
+        Self::with_init(net, cfg, device, Some(seed))
+    }
+
+    fn with_init(net: &VNetConfig, cfg: StepConfig, device: Device, seed: Option<u64>) -> Result<Self> {
         cfg.validate()?;
-        let student = VNet::new(net, device)?;
+        let init = |k: u64| seed.map_or(Init::Global, |s| Init::Seeded(rng::key(s, &[k])));
+        let student = VNet::with_init(net, device, init(0))?;
         let teacher = match cfg.method {
             Method::Supervised => None,
-            _ => Some(VNet::new(net, device)?),
+            _ => Some(VNet::with_init(net, device, init(1))?),
         };
         let opt = Sgd::new(student.store(), cfg.momentum, cfg.weight_decay);
         Ok(Trainer { student, teacher, opt, iter: 0, cfg })

@@ -30,9 +30,8 @@ fn batch(seed: i64) -> (Tensor, Tensor) {
 #[test]
 fn thirty_sequential_steps_lower_the_supervised_loss() {
     let (images, labels) = batch(7);
-    tch::manual_seed(1337);
     let cfg = StepConfig { max_iter: 30, consistency_interval: 1, consistency_rampup: 15.0, ..Default::default() };
-    let mut tr = Trainer::new(&net(), cfg, Device::Cpu).unwrap();
+    let mut tr = Trainer::seeded(&net(), cfg, Device::Cpu, 1337).unwrap();
     let mut sup = Vec::new();
     for _ in 0..30 {
         let rnd = tr.draw_random(1337, &images.size());
@@ -50,8 +49,7 @@ fn thirty_sequential_steps_lower_the_supervised_loss() {
 fn the_same_seed_gives_the_same_run_and_another_seed_a_different_one() {
     let (images, labels) = batch(3);
     let run = |seed: u64| {
-        tch::manual_seed(5);
-        let mut tr = Trainer::new(&net(), StepConfig::default(), Device::Cpu).unwrap();
+        let mut tr = Trainer::seeded(&net(), StepConfig::default(), Device::Cpu, 5).unwrap();
         (0..3)
             .map(|_| {
                 let rnd = tr.draw_random(seed, &images.size());
@@ -137,4 +135,21 @@ fn invalid_hyper_parameters_are_refused_by_name() {
     assert!(Trainer::new(&net(), cfg, Device::Cpu).unwrap_err().to_string().contains("ema_decay"));
     let sup = StepConfig { method: Method::Supervised, ..Default::default() };
     assert!(Trainer::new(&net(), sup, Device::Cpu).unwrap().teacher.is_none());
+}
+
+#[test]
+fn seeded_initialisation_ignores_libtorch_s_global_generator() {
+    let a = Trainer::seeded(&net(), StepConfig::default(), Device::Cpu, 9).unwrap();
+    let _ = Tensor::randn([100], (Kind::Float, Device::Cpu)); // disturb the global generator
+    tch::manual_seed(12345);
+    let b = Trainer::seeded(&net(), StepConfig::default(), Device::Cpu, 9).unwrap();
+    for (p, q) in a.student.store().iter().zip(b.student.store().iter()) {
+        assert!(p.tensor.equal(&q.tensor), "{}", p.name);
+    }
+    // Student and teacher start apart, as the reference's two separately built models do.
+    let (s, t) = (a.student.store().get("block_one.conv.0.weight").unwrap(), a.teacher.as_ref().unwrap().store().get("block_one.conv.0.weight").unwrap());
+    assert!(!s.equal(t));
+    // PyTorch's default range: +-1/sqrt(fan_in), fan_in = 1 * 27 for the first conv.
+    let bound = 1.0 / 27f64.sqrt();
+    assert!(s.abs().max().double_value(&[]) <= bound && s.abs().max().double_value(&[]) > 0.8 * bound);
 }

@@ -34,8 +34,7 @@ fn config(dir: &Path, method: Method, iterations: i64) -> Config {
 }
 
 fn fresh_trainer(c: &Config) -> Trainer {
-    tch::manual_seed(c.optim.seed as i64);
-    Trainer::new(&c.model.vnet(), c.step_config(), Device::Cpu).unwrap()
+    Trainer::seeded(&c.model.vnet(), c.step_config(), Device::Cpu, c.optim.seed).unwrap()
 }
 
 /// The sequential reference: `Trainer::step` on the loader's batches.

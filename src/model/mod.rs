@@ -4,4 +4,4 @@ pub mod params;
 pub mod vnet;
 
 pub use params::{Param, ParamStore};
-pub use vnet::{Dropout, DropoutMasks, Normalization, VNet, VNetConfig};
+pub use vnet::{Dropout, DropoutMasks, Init, Normalization, VNet, VNetConfig};

@@ -79,6 +79,34 @@ pub enum Dropout<'a> {
     Masks(&'a DropoutMasks),
 }
 
+/// Where initial weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// libtorch's global generator (seed it with `tch::manual_seed`), as PyTorch does. Shared by
+    /// all threads: another thread drawing at the same time changes the result.
+    Global,
+    /// The counter-based generator keyed by this seed: the same weights whatever other threads do.
+    Seeded(u64),
+}
+
+/// Draws initial tensors in registration order.
+struct Initializer {
+    init: Init,
+    /// Tensors drawn so far (the counter of the seeded streams).
+    drawn: u64,
+}
+
+impl Initializer {
+    /// Uniform in `[-bound, bound)`, PyTorch's default for convolution weights and biases.
+    fn uniform(&mut self, shape: &[i64], bound: f64) -> Tensor {
+        self.drawn += 1;
+        match self.init {
+            Init::Global => Tensor::empty(shape, (Kind::Float, Device::Cpu)).uniform_(-bound, bound),
+            Init::Seeded(seed) => crate::uamt::rng::uniform(crate::uamt::rng::key(seed, &[0x1417, self.drawn]), shape, Device::Cpu) * (2.0 * bound) - bound,
+        }
+    }
+}
+
 /// A 3-D convolution or transposed convolution with bias.
 #[derive(Debug)]
 struct Conv {
@@ -92,7 +120,8 @@ struct Conv {
 impl Conv {
     /// Registers `prefix.weight` and `prefix.bias`, initialised as PyTorch does by default:
     /// both uniform in +-1/sqrt(fan_in), fan_in taken from the weight's second dimension.
-    fn new(store: &mut ParamStore, prefix: &str, c_in: i64, c_out: i64, kernel: i64, stride: i64, padding: i64, transposed: bool) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    fn new(store: &mut ParamStore, init: &mut Initializer, prefix: &str, c_in: i64, c_out: i64, kernel: i64, stride: i64, padding: i64, transposed: bool) -> Self {
         let shape = if transposed {
             [c_in, c_out, kernel, kernel, kernel]
         } else {
@@ -100,9 +129,8 @@ impl Conv {
         };
         let fan_in = (shape[1] * kernel * kernel * kernel) as f64;
         let bound = 1.0 / fan_in.sqrt();
-        let opts = (Kind::Float, Device::Cpu);
-        let weight = Tensor::empty(shape, opts).uniform_(-bound, bound);
-        let bias = Tensor::empty([c_out], opts).uniform_(-bound, bound);
+        let weight = init.uniform(&shape, bound);
+        let bias = init.uniform(&[c_out], bound);
         Conv {
             weight: store.add(format!("{prefix}.weight"), weight, true),
             bias: store.add(format!("{prefix}.bias"), bias, true),
@@ -205,7 +233,7 @@ enum BlockKind {
 }
 
 impl Block {
-    fn new(store: &mut ParamStore, name: &str, kind: BlockKind, c_in: i64, c_out: i64, norm: Normalization) -> Self {
+    fn new(store: &mut ParamStore, init: &mut Initializer, name: &str, kind: BlockKind, c_in: i64, c_out: i64, norm: Normalization) -> Self {
         // Each unit occupies conv, [bn,] relu slots in the reference's nn.Sequential.
         let slots = if norm == Normalization::Batchnorm { 3 } else { 2 };
         let (n, kernel, stride, padding, transposed) = match kind {
@@ -216,7 +244,7 @@ impl Block {
         let units = (0..n)
             .map(|i| {
                 let c = if i == 0 { c_in } else { c_out };
-                let conv = Conv::new(store, &format!("{name}.conv.{}", i * slots), c, c_out, kernel, stride, padding, transposed);
+                let conv = Conv::new(store, init, &format!("{name}.conv.{}", i * slots), c, c_out, kernel, stride, padding, transposed);
                 let norm = (norm == Normalization::Batchnorm)
                     .then(|| BatchNorm::new(store, &format!("{name}.conv.{}", i * slots + 1), c_out));
                 Unit { conv, norm }
@@ -250,6 +278,11 @@ impl VNet {
     /// Builds a V-Net on `device`, initialised from libtorch's global generator as PyTorch's
     /// default initialisation does (seed it with `tch::manual_seed` for a reproducible start).
     pub fn new(config: &VNetConfig, device: Device) -> Result<Self> {
+        Self::with_init(config, device, Init::Global)
+    }
+
+    /// Builds a V-Net with PyTorch's default initialisation drawn as `init` says.
+    pub fn with_init(config: &VNetConfig, device: Device, init: Init) -> Result<Self> {
         if config.n_channels < 1 || config.n_classes < 2 || config.n_filters < 1 {
             return Err(Error::invalid("model", format!("n_channels >= 1, n_classes >= 2, n_filters >= 1 required, got {config:?}")));
         }
@@ -257,8 +290,9 @@ impl VNet {
             return Err(Error::invalid("model.dropout_p", format!("must be in [0, 1), got {}", config.dropout_p)));
         }
         let mut s = ParamStore::new(device);
+        let mut init = Initializer { init, drawn: 0 };
         let (nf, norm) = (config.n_filters, config.normalization);
-        let b = |s: &mut ParamStore, name: &str, kind, i, o| Block::new(s, name, kind, i, o, norm);
+        let mut b = |s: &mut ParamStore, name: &str, kind, i, o| Block::new(s, &mut init, name, kind, i, o, norm);
         // Registration order equals the reference module's, so `.parameters()` orders agree.
         let e1 = b(&mut s, "block_one", BlockKind::Conv(1), config.n_channels, nf);
         let d1 = b(&mut s, "block_one_dw", BlockKind::Down, nf, 2 * nf);
@@ -277,7 +311,7 @@ impl VNet {
         let c8 = b(&mut s, "block_eight", BlockKind::Conv(2), 2 * nf, 2 * nf);
         let u8 = b(&mut s, "block_eight_up", BlockKind::Up, 2 * nf, nf);
         let c9 = b(&mut s, "block_nine", BlockKind::Conv(1), nf, nf);
-        let out_conv = Conv::new(&mut s, "out_conv", nf, config.n_classes, 1, 1, 0, false);
+        let out_conv = Conv::new(&mut s, &mut init, "out_conv", nf, config.n_classes, 1, 1, 0, false);
         Ok(VNet {
             config: config.clone(),
             store: s,

@@ -62,8 +62,7 @@ pub enum What {
 }
 
 fn fresh(cfg: &Config) -> Result<Trainer> {
-    tch::manual_seed(cfg.optim.seed as i64);
-    Ok(Trainer::new(&cfg.model.vnet(), cfg.step_config(), cfg.device.resolve()?)?)
+    Ok(Trainer::seeded(&cfg.model.vnet(), cfg.step_config(), cfg.device.resolve()?, cfg.optim.seed)?)
 }
 
 /// Seconds per timed iteration of the sequential loop.

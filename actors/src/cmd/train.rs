@@ -89,8 +89,7 @@ pub fn loader(cfg: &Config, dataset: Dataset) -> Result<PatchLoader> {
 /// A fresh trainer, or the newest checkpoint's state when `resume`.
 pub fn trainer(cfg: &Config, resume: bool) -> Result<Trainer> {
     let device = cfg.device.resolve()?;
-    tch::manual_seed(cfg.optim.seed as i64);
-    let mut tr = Trainer::new(&cfg.model.vnet(), cfg.step_config(), device)?;
+    let mut tr = Trainer::seeded(&cfg.model.vnet(), cfg.step_config(), device, cfg.optim.seed)?;
     if resume {
         match checkpoint::latest(&cfg.checkpoint.dir) {
             Some((_, path)) => {
