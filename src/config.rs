@@ -270,12 +270,25 @@ impl DeviceConfig {
         match self.device.as_str() {
             "cpu" => Ok(tch::Device::Cpu),
             "auto" => Ok(tch::Device::cuda_if_available()),
-            "cuda" => Ok(tch::Device::Cuda(0)),
+            "cuda" => Self::cuda(0),
             s => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
-                .map(tch::Device::Cuda)
-                .ok_or_else(|| Error::invalid("device.device", format!("`{s}` is not cpu, auto, cuda or cuda:N"))),
+                .ok_or_else(|| Error::invalid("device.device", format!("`{s}` is not cpu, auto, cuda or cuda:N")))
+                .and_then(Self::cuda),
+        }
+    }
+
+    /// GPU `n`, refused by name when this machine (or this libtorch) has no such device.
+    fn cuda(n: usize) -> Result<tch::Device> {
+        let count = tch::Cuda::device_count() as usize;
+        if n < count {
+            Ok(tch::Device::Cuda(n))
+        } else {
+            Err(Error::invalid(
+                "device.device",
+                format!("`cuda:{n}` asked for, but libtorch sees {count} CUDA device(s) (no driver or no GPU?); use \"auto\" to fall back to the CPU"),
+            ))
         }
     }
 }

@@ -74,3 +74,27 @@ fn a_config_round_trips_through_toml() {
     let c = Config::demo();
     assert_eq!(Config::from_toml(&c.to_toml(), Path::new("rt.toml")).unwrap(), c);
 }
+
+#[test]
+fn a_cuda_device_is_checked_at_start_and_the_cuda_backend_is_linked() {
+    let mut d = uamt::config::DeviceConfig { device: "cuda".into(), ..Default::default() };
+    let gpus = tch::Cuda::device_count();
+    match d.resolve() {
+        Ok(dev) => assert!(gpus > 0 && dev == tch::Device::Cuda(0)),
+        Err(e) => assert!(gpus == 0 && e.to_string().contains("device.device"), "{e}"),
+    }
+    d.device = format!("cuda:{gpus}");
+    assert!(d.resolve().unwrap_err().to_string().contains("CUDA device"));
+    // Where libtorch has a CUDA backend (the torch wheels), the build links it although nothing
+    // calls it directly: without it a CUDA tensor fails with "Could not run ... 'CUDA' backend"
+    // even on a GPU machine; with it, a machine without a GPU says so instead.
+    let r = tch::Tensor::f_zeros([1], (tch::Kind::Float, tch::Device::Cuda(0)));
+    if cfg!(libtorch_cuda) {
+        match r {
+            Ok(_) => assert!(gpus > 0),
+            Err(e) => assert!(gpus == 0 && !e.to_string().contains("Could not run"), "CUDA backend not linked: {e}"),
+        }
+    } else {
+        assert!(r.is_err() && gpus == 0, "a libtorch without libtorch_cuda.so made a CUDA tensor");
+    }
+}
