@@ -10,8 +10,11 @@ use std::sync::OnceLock;
 use tch::{Device, Tensor};
 use uamt::data::synth::{write_synth, SynthConfig};
 use uamt::data::{write_nifti, Dataset, DatasetOptions, Geometry, GzCache, NiftiVolume, Volume};
-use uamt::eval::{case_metrics, evaluate_dataset, EmptyPolicy, EvalOptions, InferOptions};
+use uamt::checkpoint::Snapshot;
+use uamt::config::Config;
+use uamt::eval::{case_metrics, evaluate_dataset, mc_uncertainty, model_from_named, EmptyPolicy, EvalOptions, InferOptions, McOptions};
 use uamt::model::{VNet, VNetConfig};
+use uamt::train::Trainer;
 
 /// The `uamt` binary, built by the cargo running this test (a no-op when it is up to date).
 fn uamt() -> &'static Path {
@@ -166,7 +169,7 @@ fn should_evaluate_a_weights_file_on_a_dataset() {
     // The same evaluation through the library.
     let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
     let opts = EvalOptions { infer: InferOptions { patch: [32, 32, 16], stride: [8, 8, 4], batch_size: 1, largest_component: None }, ..EvalOptions::default() };
-    let want = evaluate_dataset(&model, &dataset, "w", &opts, &mut |_| {}).unwrap();
+    let want = evaluate_dataset(&model, None, &dataset, "w", &opts, &mut |_| {}).unwrap();
     let cases = report["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 2);
     for (got, want) in cases.iter().zip(&want.cases) {
@@ -187,6 +190,11 @@ fn should_evaluate_a_weights_file_on_a_dataset() {
     let reference = case.label.as_ref().unwrap().read_labels().unwrap();
     let m = case_metrics(&labels, &reference, case.image.header().spacing, EmptyPolicy::Zeros).unwrap();
     assert!((m.dice - num(&cases[0]["dice"])).abs() < 1e-12, "the written labels are the ones scored");
+    // The uncertainty is the model's own Monte-Carlo uncertainty (a weights file has no teacher).
+    let unc = NiftiVolume::open(out.join(format!("{}.uncertainty.nii.gz", case.id)), &GzCache::Memory).unwrap().read_f32().unwrap();
+    let image = case.image.read_f32().unwrap().to_tensor().unwrap();
+    let want = mc_uncertainty(&model, &image, &opts.infer, &McOptions::default()).unwrap();
+    assert!(unc.to_tensor().unwrap().allclose(&want, 1e-4, 1e-5, false), "uncertainty map is the 8-pass Monte-Carlo one");
     let prob = NiftiVolume::open(out.join(format!("{}.prob.nii.gz", case.id)), &GzCache::Memory).unwrap().read_f32().unwrap();
     assert!(prob.data.iter().all(|p| (0.0..=1.0).contains(p)));
     let agree = prob.data.iter().zip(&labels.data).filter(|(p, l)| (**p > 0.5) == (**l == 1)).count();
@@ -197,4 +205,33 @@ fn should_evaluate_a_weights_file_on_a_dataset() {
     assert_eq!(info.color_type, png::ColorType::Rgb);
     assert!(info.width >= 2 * 256 && info.height >= 3 * 32 * 8, "{}x{}", info.width, info.height);
     assert!(out.join("report.csv").exists() && out.join("report.json").exists());
+}
+
+#[test]
+fn should_draw_the_uncertainty_of_a_checkpoint_s_teacher() {
+    let dir = tmp("checkpoint");
+    let (data, out) = (dir.join("data"), dir.join("out"));
+    write_synth(&data, &SynthConfig { cases: 1, labelled: 1, test: 1, size: [36, 32, 18], ..SynthConfig::default() }, false).unwrap();
+    // The demo's model (4 filters) and sliding window (32x32x16, stride 8,8,4); the student and
+    // the teacher start from separate initialisations, so their maps differ.
+    let config = Config::demo();
+    let tr = Trainer::seeded(&config.model.vnet(), config.step_config(), Device::Cpu, 17).unwrap();
+    let ck = Snapshot::of_trainer(&tr, 17, &config.to_toml()).write_atomic(&dir.join("ck")).unwrap();
+    let o = run(&["--checkpoint", ck.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--device", "cpu", "--json", "--out", out.to_str().unwrap(), "--mc-passes", "4", "--mc-seed", "5"]);
+    assert_eq!(json(&o)["cases"].as_array().unwrap().len(), 1);
+
+    let case = &Dataset::open(&data, &DatasetOptions::default()).unwrap().test[0];
+    let got = NiftiVolume::open(out.join(format!("{}.uncertainty.nii.gz", case.id)), &GzCache::Memory).unwrap().read_f32().unwrap().to_tensor().unwrap();
+    let snap = Snapshot::read(&ck).unwrap();
+    let infer = InferOptions { patch: config.eval.patch, stride: config.eval.stride, ..InferOptions::default() };
+    let mc = McOptions { passes: 4, seed: 5, ..McOptions::default() };
+    let image = case.image.read_f32().unwrap().to_tensor().unwrap();
+    let map = |named: &[(String, Tensor)]| {
+        let m = model_from_named(&config.model.vnet(), Device::Cpu, named, &ck).unwrap();
+        mc_uncertainty(&m, &image, &infer, &mc).unwrap()
+    };
+    let (teacher, student) = (map(snap.teacher.as_ref().unwrap()), map(&snap.student));
+    assert!(got.allclose(&teacher, 1e-4, 1e-5, false), "the map is the teacher's");
+    let apart = (&student - &teacher).abs().max().double_value(&[]);
+    assert!(apart > 1e-3, "student and teacher maps should differ (max {apart})");
 }

@@ -8,7 +8,7 @@ use common::{assert_close, oracle_output, Fixture};
 use tch::{Device, Kind, Tensor};
 use uamt::data::Volume;
 use uamt::eval::infer::{padding, window_starts};
-use uamt::eval::{largest_component, model_from_named, sliding_window, Connectivity, InferOptions, WindowPlan};
+use uamt::eval::{largest_component, mc_uncertainty, model_from_named, sliding_window, Connectivity, InferOptions, McOptions, WindowPlan};
 use uamt::model::{Dropout, VNet, VNetConfig};
 
 fn tiny() -> VNetConfig {
@@ -180,4 +180,33 @@ fn should_apply_the_largest_component_step_to_the_labels() {
     let want = largest_component(&plain.label_volume().unwrap(), Connectivity::Six);
     assert_eq!(post.label_volume().unwrap(), want);
     assert!(post.probabilities.equal(&plain.probabilities), "post-processing changes labels only");
+}
+
+#[test]
+fn mc_uncertainty_without_noise_or_dropout_is_the_prediction_entropy() {
+    tch::manual_seed(7);
+    let model = VNet::new(&VNetConfig { has_dropout: false, ..tiny() }, Device::Cpu).unwrap();
+    let image = Tensor::randn([40, 35, 20], (Kind::Float, Device::Cpu));
+    let o = opts([8, 8, 4], 3);
+    let want = sliding_window(&model, &image, &o).unwrap().entropy();
+    let got = mc_uncertainty(&model, &image, &o, &McOptions { passes: 3, noise_std: 0.0, ..McOptions::default() }).unwrap();
+    assert!(got.allclose(&want, 1e-5, 1e-6, false), "max diff {}", (&got - &want).abs().max().double_value(&[]));
+}
+
+#[test]
+fn mc_uncertainty_depends_on_seed_and_passes_not_on_batching() {
+    let (model, image) = model_and_image(8, [40, 35, 20]);
+    let mc = McOptions { passes: 4, seed: 3, ..McOptions::default() };
+    let a = mc_uncertainty(&model, &image, &opts([8, 8, 4], 1), &mc).unwrap();
+    let b = mc_uncertainty(&model, &image, &opts([8, 8, 4], 5), &mc).unwrap();
+    assert_eq!(a.size(), vec![40, 35, 20]);
+    assert!(a.allclose(&b, 1e-5, 1e-6, false), "batching changed the map by {}", (&a - &b).abs().max().double_value(&[]));
+    let (lo, hi) = (a.min().double_value(&[]), a.max().double_value(&[]));
+    assert!(lo >= -1e-6 && hi <= 2f64.ln() + 1e-6, "entropy of 2 classes out of [0, ln 2]: {lo}..{hi}");
+    let other = mc_uncertainty(&model, &image, &opts([8, 8, 4], 5), &McOptions { seed: 4, ..mc.clone() }).unwrap();
+    assert!(!a.allclose(&other, 1e-4, 1e-5, false), "another seed, other noise and dropout");
+    // Dropout and noise move the map away from the deterministic prediction's entropy.
+    let det = sliding_window(&model, &image, &opts([8, 8, 4], 5)).unwrap().entropy();
+    assert!((&a - &det).abs().mean(Kind::Float).double_value(&[]) > 1e-4);
+    assert!(mc_uncertainty(&model, &image, &opts([8, 8, 4], 5), &McOptions { passes: 0, ..mc.clone() }).is_err());
 }

@@ -14,7 +14,8 @@
 //! largest-connected-component step ([`largest_component`]) follows; the reference has none.
 
 use crate::data::Volume;
-use crate::model::{Dropout, VNet};
+use crate::model::{Dropout, DropoutMasks, VNet};
+use crate::uamt::rng;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -182,8 +183,7 @@ impl Prediction {
     /// Entropy of the averaged class probabilities `[X, Y, Z]`, `-sum_c p_c ln(p_c + 1e-6)`
     /// (the recipe's uncertainty formula, here of the deterministic sliding-window average).
     pub fn entropy(&self) -> Tensor {
-        let p = &self.probabilities;
-        -(p * (p + 1e-6).log()).sum_dim_intlist([0i64].as_slice(), false, Kind::Float)
+        entropy(&self.probabilities)
     }
 
     /// The labels as a CPU volume.
@@ -194,6 +194,86 @@ impl Prediction {
 
 /// Segments `image` (`[X, Y, Z]`, any device, any float kind) with `model` by sliding window.
 pub fn sliding_window(model: &VNet, image: &Tensor, opts: &InferOptions) -> Result<Prediction> {
+    let probabilities = window_average(model, image, opts, &mut |x, _| Ok(model.forward_with(x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?))?;
+    let mut labels = probabilities.f_argmax(0, false)?;
+    if let Some(conn) = opts.largest_component {
+        let kept = largest_component(&Volume::<u8>::from_tensor(&labels)?, conn);
+        labels = kept.to_tensor()?.f_to_kind(Kind::Int64)?.f_to_device(model.device())?;
+    }
+    Ok(Prediction { probabilities, labels })
+}
+
+/// How the Monte-Carlo uncertainty of a model is estimated at inference: the recipe's teacher
+/// passes (input noise `clamp(N(0, noise_std^2), -noise_clip, noise_clip)` and channel dropout),
+/// with BatchNorm in eval mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McOptions {
+    /// Passes per window (the recipe's T = 8).
+    pub passes: usize,
+    /// Standard deviation of the Gaussian input noise (0.1).
+    pub noise_std: f64,
+    /// The noise is clamped to `[-noise_clip, noise_clip]` (0.2).
+    pub noise_clip: f64,
+    /// Noise and dropout masks come from the counter-based generator keyed by this seed, the
+    /// window's index and the pass: the map does not depend on batching or on other threads.
+    pub seed: u64,
+}
+
+impl Default for McOptions {
+    fn default() -> Self {
+        McOptions { passes: 8, noise_std: 0.1, noise_clip: 0.2, seed: 0 }
+    }
+}
+
+/// The Monte-Carlo uncertainty map `[X, Y, Z]` of `model` on `image`: in every window, the mean
+/// softmax of `mc.passes` noisy passes with dropout, averaged over overlapping windows like
+/// [`sliding_window`]'s probabilities, and the entropy `-sum_c p_c ln(p_c + 1e-6)` of that mean
+/// (the recipe's uncertainty, i.e. what UA-MT's teacher would report on this volume).
+pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &McOptions) -> Result<Tensor> {
+    if mc.passes == 0 || !(mc.noise_std >= 0.0 && mc.noise_clip >= 0.0) {
+        return Err(Error::invalid("uncertainty passes", format!("need passes >= 1 and non-negative noise, got {mc:?}")));
+    }
+    let config = model.config().clone();
+    let device = model.device();
+    let mean = window_average(model, image, opts, &mut |x, first| {
+        let b = x.size()[0];
+        let mut sum: Option<Tensor> = None;
+        for t in 0..mc.passes as u64 {
+            // One generator stream per (window, pass): the same numbers whatever the batching.
+            let per_window = |what: u64, shape: &[i64]| -> Tensor {
+                let parts: Vec<Tensor> = (0..b).map(|k| rng::uniform(rng::key(mc.seed, &[what, first as u64 + k as u64, t]), &shape[1..], device)).collect();
+                Tensor::stack(&parts, 0)
+            };
+            let noise = {
+                let parts: Vec<Tensor> = (0..b).map(|k| rng::normal(rng::key(mc.seed, &[1, first as u64 + k as u64, t]), &x.size()[1..], device)).collect();
+                (Tensor::f_stack(&parts, 0)? * mc.noise_std).f_clamp(-mc.noise_clip, mc.noise_clip)?
+            };
+            let mut mask_no = 1u64;
+            let masks = DropoutMasks::draw(&config, b, |shape| {
+                mask_no += 1;
+                per_window(mask_no, shape)
+            });
+            let p = model.forward_mc(&x.f_add(&noise)?, &masks)?.f_softmax(1, Kind::Float)?;
+            sum = Some(match sum {
+                None => p,
+                Some(s) => s.f_add(&p)?,
+            });
+        }
+        Ok(sum.expect("passes >= 1").f_div_scalar(mc.passes as f64)?)
+    })?;
+    Ok(entropy(&mean))
+}
+
+/// Entropy over the class axis 0, `-sum_c p_c ln(p_c + 1e-6)`.
+fn entropy(p: &Tensor) -> Tensor {
+    -(p * (p + 1e-6).log()).sum_dim_intlist([0i64].as_slice(), false, Kind::Float)
+}
+
+/// The sliding-window average of per-window class probabilities: `probs(x, first)` maps a batch of
+/// windows `[b, 1, px, py, pz]` (`first`: the index of its first window in the plan's order) to
+/// `[b, C, px, py, pz]`. Returns `[C, X, Y, Z]`, padding cropped away.
+fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &mut dyn FnMut(&Tensor, usize) -> Result<Tensor>) -> Result<Tensor> {
     opts.validate()?;
     let size = image.size();
     let dims = match size.as_slice() {
@@ -205,7 +285,7 @@ pub fn sliding_window(model: &VNet, image: &Tensor, opts: &InferOptions) -> Resu
     let [px, py, pz] = opts.patch.map(|p| p as i64);
     let i64s = |v: [usize; 3]| v.map(|s| s as i64);
     let (d, before, padded) = (i64s(dims), i64s(plan.pad_before), i64s(plan.padded));
-    let probabilities = tch::no_grad(|| -> Result<Tensor> {
+    tch::no_grad(|| -> Result<Tensor> {
         let img = image.f_to_device(device)?.f_to_kind(Kind::Float)?;
         let img = if plan.padded == dims {
             img
@@ -219,10 +299,10 @@ pub fn sliding_window(model: &VNet, image: &Tensor, opts: &InferOptions) -> Resu
         let window = |t: &Tensor, dim0: i64, s: &[usize; 3]| -> Result<Tensor> {
             Ok(t.f_narrow(dim0, s[0] as i64, px)?.f_narrow(dim0 + 1, s[1] as i64, py)?.f_narrow(dim0 + 2, s[2] as i64, pz)?)
         };
-        for chunk in plan.windows().chunks(opts.batch_size) {
+        for (n, chunk) in plan.windows().chunks(opts.batch_size).enumerate() {
             let patches = chunk.iter().map(|s| window(&img, 0, s)).collect::<Result<Vec<_>>>()?;
             let x = Tensor::f_stack(&patches, 0)?.f_unsqueeze(1)?; // [b, 1, px, py, pz]
-            let y = model.forward_with(&x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?; // [b, C, px, py, pz]
+            let y = probs(&x, n * opts.batch_size)?; // [b, C, px, py, pz]
             for (k, s) in chunk.iter().enumerate() {
                 let _ = window(&score, 1, s)?.f_add_(&y.f_get(k as i64)?)?;
             }
@@ -230,13 +310,7 @@ pub fn sliding_window(model: &VNet, image: &Tensor, opts: &InferOptions) -> Resu
         let count = plan.count_map(opts.patch, device)?;
         let probs = score.f_div(&count.f_unsqueeze(0)?)?;
         Ok(probs.f_narrow(1, before[0], d[0])?.f_narrow(2, before[1], d[1])?.f_narrow(3, before[2], d[2])?.f_contiguous()?)
-    })?;
-    let mut labels = probabilities.f_argmax(0, false)?;
-    if let Some(conn) = opts.largest_component {
-        let kept = largest_component(&Volume::<u8>::from_tensor(&labels)?, conn);
-        labels = kept.to_tensor()?.f_to_kind(Kind::Int64)?.f_to_device(device)?;
-    }
-    Ok(Prediction { probabilities, labels })
+    })
 }
 
 /// [`sliding_window`] on a CPU volume.

@@ -22,7 +22,7 @@ pub mod picture;
 pub mod report;
 
 pub use compare::{compare_files, compare_paths};
-pub use infer::{largest_component, segment_volume, sliding_window, Connectivity, InferOptions, Prediction, WindowPlan};
+pub use infer::{largest_component, mc_uncertainty, segment_volume, sliding_window, Connectivity, InferOptions, McOptions, Prediction, WindowPlan};
 pub use metrics::{case_metrics, CaseMetrics, EmptyPolicy};
 pub use picture::{case_picture, Picture, PictureOptions};
 pub use report::{CaseFailure, CaseResult, Report, Stat, Summary};
@@ -40,12 +40,16 @@ pub struct Outputs {
     /// The folder (created if missing).
     pub dir: PathBuf,
     /// `<id>.label.nii.gz` (uint8), `<id>.prob.nii.gz` (foreground probability, float32) and
-    /// `<id>.uncertainty.nii.gz` (entropy of the averaged softmax, float32), with the image's affine.
+    /// `<id>.uncertainty.nii.gz` (float32, see `uncertainty`), with the image's affine.
     pub nifti: bool,
-    /// `<id>.png` (see [`picture`]), its uncertainty panel showing the same entropy.
+    /// `<id>.png` (see [`picture`]), its uncertainty panel showing the same map.
     pub pictures: bool,
     /// How the pictures look.
     pub picture: PictureOptions,
+    /// The uncertainty map: `Some`: the Monte-Carlo uncertainty of the teacher (see
+    /// [`mc_uncertainty`]; the evaluated model itself when no teacher is given), what UA-MT's
+    /// teacher sees; `None`: the entropy of the deterministic prediction (no extra passes).
+    pub uncertainty: Option<McOptions>,
 }
 
 /// How a model is evaluated.
@@ -107,8 +111,9 @@ pub fn load_weights(path: &Path, config: &VNetConfig, device: Device) -> Result<
     model_from_named(config, device, &read_named(path)?, path)
 }
 
-/// Segments one case, scores it against its label and writes the requested outputs.
-pub fn evaluate_case(model: &VNet, case: &Case, opts: &EvalOptions) -> Result<CaseMetrics> {
+/// Segments one case, scores it against its label and writes the requested outputs; `teacher`,
+/// when given, is the model whose Monte-Carlo uncertainty is drawn (a checkpoint's teacher).
+pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &EvalOptions) -> Result<CaseMetrics> {
     let label = case.label.as_ref().ok_or_else(|| Error::invalid("dataset", format!("test case `{}` has no label to compare with", case.id)))?;
     let reference = label.read_labels()?;
     let image = case.image.read_f32()?;
@@ -118,7 +123,11 @@ pub fn evaluate_case(model: &VNet, case: &Case, opts: &EvalOptions) -> Result<Ca
     let metrics = case_metrics(&labels, &reference, header.spacing, opts.empty)?;
     if let Some(out) = &opts.outputs {
         std::fs::create_dir_all(&out.dir).map_err(|e| Error::Io { path: out.dir.clone(), source: e })?;
-        let uncertainty = Volume::<f32>::from_tensor(&pred.entropy())?;
+        let uncertainty = match &out.uncertainty {
+            Some(mc) => mc_uncertainty(teacher.unwrap_or(model), &image.to_tensor()?, &opts.infer, mc)?,
+            None => pred.entropy(),
+        };
+        let uncertainty = Volume::<f32>::from_tensor(&uncertainty)?;
         if out.nifti {
             let file = |kind: &str| out.dir.join(format!("{}.{kind}.nii.gz", case.id));
             write_nifti(file("label"), &labels, &header.geometry)?;
@@ -135,12 +144,12 @@ pub fn evaluate_case(model: &VNet, case: &Case, opts: &EvalOptions) -> Result<Ca
 
 /// Evaluates `model` on `cases`: a case that fails (unreadable, no label, ...) is listed in the
 /// report's failures and the others go on. `progress` hears about every case as it ends.
-pub fn evaluate_cases(model: &VNet, cases: &[Case], source: &str, opts: &EvalOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Report {
+pub fn evaluate_cases(model: &VNet, teacher: Option<&VNet>, cases: &[Case], source: &str, opts: &EvalOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Report {
     let mut results = Vec::new();
     let mut failures = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         let t0 = Instant::now();
-        let outcome = evaluate_case(model, case, opts).map_err(|e| e.to_string());
+        let outcome = evaluate_case(model, teacher, case, opts).map_err(|e| e.to_string());
         let event = CaseEvent { index, total: cases.len(), id: &case.id, outcome: outcome.as_ref().map_err(String::as_str), seconds: t0.elapsed().as_secs_f64() };
         progress(&event);
         match outcome {
@@ -153,9 +162,9 @@ pub fn evaluate_cases(model: &VNet, cases: &[Case], source: &str, opts: &EvalOpt
 
 /// Evaluates `model` on the test split of `dataset` (see [`evaluate_cases`]); an error only when
 /// the split is empty.
-pub fn evaluate_dataset(model: &VNet, dataset: &Dataset, source: &str, opts: &EvalOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Result<Report> {
+pub fn evaluate_dataset(model: &VNet, teacher: Option<&VNet>, dataset: &Dataset, source: &str, opts: &EvalOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Result<Report> {
     if dataset.test.is_empty() {
         return Err(Error::File { path: dataset.root.join(crate::data::dataset::MANIFEST), why: "the test split lists no case".into() });
     }
-    Ok(evaluate_cases(model, &dataset.test, source, opts, progress))
+    Ok(evaluate_cases(model, teacher, &dataset.test, source, opts, progress))
 }

@@ -365,18 +365,32 @@ impl VNet {
     /// (and updates the running ones) and, if the net has dropout, channels are dropped as
     /// `dropout` says; in eval mode neither.
     pub fn forward_with(&self, x: &Tensor, train: bool, dropout: Dropout<'_>) -> Result<Tensor> {
+        self.forward_modes(x, train, train.then_some(dropout))
+    }
+
+    /// Logits of a Monte-Carlo pass for uncertainty at inference: BatchNorm in eval mode (running
+    /// statistics, so windows batched together do not see each other) and the channel dropout of
+    /// `masks` (when the net has dropout).
+    pub fn forward_mc(&self, x: &Tensor, masks: &DropoutMasks) -> Result<Tensor> {
+        self.forward_modes(x, false, Some(Dropout::Masks(masks)))
+    }
+
+    /// The forward pass with BatchNorm's mode (`bn_train`) and dropout (`None`: off) chosen apart.
+    fn forward_modes(&self, x: &Tensor, bn_train: bool, dropout: Option<Dropout<'_>>) -> Result<Tensor> {
         let masks = match dropout {
-            Dropout::Masks(m) => Some(m),
-            Dropout::Random => None,
+            Some(Dropout::Masks(m)) => Some(m),
+            _ => None,
         };
         self.check_input(x, masks)?;
+        let train = bn_train;
         let drop = |t: Tensor, pick: fn(&DropoutMasks) -> &Tensor| -> Tensor {
-            if !(train && self.config.has_dropout) {
+            if !self.config.has_dropout {
                 return t;
             }
             match dropout {
-                Dropout::Random => t.feature_dropout(self.config.dropout_p, true),
-                Dropout::Masks(m) => t * pick(m),
+                None => t,
+                Some(Dropout::Random) => t.feature_dropout(self.config.dropout_p, true),
+                Some(Dropout::Masks(m)) => t * pick(m),
             }
         };
         // Encoder: x1 [b, nf, X, Y, Z] ... x5 [b, 16nf, X/16, Y/16, Z/16].

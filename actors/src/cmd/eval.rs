@@ -11,7 +11,7 @@ use tch::Device;
 use uamt::data::{Dataset, DatasetOptions};
 use uamt::checkpoint::Snapshot;
 use uamt::config::Config;
-use uamt::eval::{compare_paths, evaluate_dataset, load_weights, model_from_named, CaseEvent, Connectivity, EmptyPolicy, EvalOptions, InferOptions, Outputs, PictureOptions, Report};
+use uamt::eval::{compare_paths, evaluate_dataset, load_weights, model_from_named, CaseEvent, Connectivity, EmptyPolicy, EvalOptions, InferOptions, McOptions, Outputs, PictureOptions, Report};
 use uamt::model::VNetConfig;
 
 /// Arguments of `uamt eval`.
@@ -70,10 +70,19 @@ pub struct Args {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Write report.json and report.csv here; with --weights also per case the predicted
-    /// labels, foreground probability and uncertainty (NIfTI) and a PNG of a few slices.
+    /// Write report.json and report.csv here; with --weights or --checkpoint also per case the
+    /// predicted labels, foreground probability and uncertainty (NIfTI) and a PNG of a few slices.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Monte-Carlo passes (noise + dropout, the recipe's teacher passes) per window for the
+    /// uncertainty map written with --out: the checkpoint's teacher's, or the model's own for
+    /// --weights or a checkpoint without a teacher. 0: the entropy of the prediction instead
+    /// (no extra passes; the map then costs nothing).
+    #[arg(long, default_value_t = 8)]
+    pub mc_passes: usize,
+    /// Seed of the Monte-Carlo passes' noise and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub mc_seed: u64,
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -113,7 +122,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
         return Ok(compare_paths(p, r, args.spacing, args.empty, &mut |e| progress(&mut bar, e))?);
     }
     let open = |dir: &Path| Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()));
-    let (model, dataset, source, patch, stride) = if let Some(ck) = &args.checkpoint {
+    let (model, teacher, dataset, source, patch, stride) = if let Some(ck) = &args.checkpoint {
         let snap = Snapshot::read(ck)?;
         let cfg = match &args.config {
             Some(p) => Config::load(p)?,
@@ -124,22 +133,29 @@ fn report(args: &Args) -> anyhow::Result<Report> {
             None => crate::cmd::train::open_dataset(&cfg)?,
         };
         let model = model_from_named(&cfg.model.vnet(), args.device, &snap.student, ck)?;
-        (model, dataset, ck, cfg.eval.patch, cfg.eval.stride)
+        let teacher = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model.vnet(), args.device, t, ck)).transpose()?;
+        (model, teacher, dataset, ck, cfg.eval.patch, cfg.eval.stride)
     } else {
         let (Some(weights), Some(dir)) = (&args.weights, &args.dataset) else {
             anyhow::bail!("give --prediction and --reference, --weights and --dataset, or --checkpoint");
         };
         let config = VNetConfig { n_filters: args.n_filters, n_classes: args.n_classes, ..VNetConfig::default() };
-        (load_weights(weights, &config, args.device)?, open(dir)?, weights, [112, 112, 80], [18, 18, 4])
+        (load_weights(weights, &config, args.device)?, None, open(dir)?, weights, [112, 112, 80], [18, 18, 4])
     };
     let (patch, stride) = (args.patch.unwrap_or(patch), args.stride.unwrap_or(stride));
     let opts = EvalOptions {
         infer: InferOptions { patch, stride, batch_size: args.batch, largest_component: args.largest_component },
         empty: args.empty,
-        outputs: args.out.as_ref().map(|dir| Outputs { dir: dir.clone(), nifti: true, pictures: true, picture: PictureOptions::default() }),
+        outputs: args.out.as_ref().map(|dir| Outputs {
+            dir: dir.clone(),
+            nifti: true,
+            pictures: true,
+            picture: PictureOptions::default(),
+            uncertainty: (args.mc_passes > 0).then(|| McOptions { passes: args.mc_passes, seed: args.mc_seed, ..McOptions::default() }),
+        }),
     };
     let mut bar = crate::progress::Bar::new("evaluating");
-    Ok(evaluate_dataset(&model, &dataset, &source.display().to_string(), &opts, &mut |e| progress(&mut bar, e))?)
+    Ok(evaluate_dataset(&model, teacher.as_ref(), &dataset, &source.display().to_string(), &opts, &mut |e| progress(&mut bar, e))?)
 }
 
 fn write_reports(report: &Report, dir: &Path) -> anyhow::Result<()> {
