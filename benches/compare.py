@@ -95,6 +95,7 @@ seed = {a.seed}
 device = "{a.device}"
 precision = "{precision}"
 threads = {a.threads}
+streams = {"true" if a.streams == "on" else "false"}
 
 [checkpoint]
 dir = "{workdir}/checkpoints"
@@ -143,6 +144,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", help="the daemon's device.precision, or several (fp32,bf16): each is benched; "
                     "one the binary refuses is reported and skipped (the reference is always fp32)")
+    ap.add_argument("--streams", choices=["on", "off"], default="on", help="the daemon's device.streams (a CUDA stream per stage)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: their defaults)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--ref-workers", type=int, default=4, help="the reference's DataLoader workers (the reference: 4)")

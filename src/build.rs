@@ -3,6 +3,8 @@
 //!
 //! - Embeds libtorch's library directory as an rpath in every binary, test and bench, so nothing
 //!   has to set LD_LIBRARY_PATH.
+//! - In the core library, compiles `src/shim/uamt_torch.cpp` (bf16 autocast, TF32, CUDA streams
+//!   and events: what tch does not expose) against libtorch's headers.
 //! - Where that libtorch has a CUDA backend (`libtorch_cuda.so`, as the `torch` wheels have),
 //!   links it with `--no-as-needed`: nothing in our code references its symbols, so the linker's
 //!   default `--as-needed` would drop it, libtorch would never load it, and `device = "cuda"`
@@ -12,6 +14,9 @@ use std::path::Path;
 fn main() {
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+    if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("uamt") {
+        shim(Path::new(&dir));
+    }
     let cuda: Vec<&str> = ["torch_cuda", "c10_cuda"].into_iter().filter(|l| Path::new(&dir).join(format!("lib{l}.so")).exists()).collect();
     if !cuda.is_empty() {
         println!("cargo:rustc-link-search=native={dir}");
@@ -24,4 +29,26 @@ fn main() {
         println!("cargo:rustc-cfg=libtorch_cuda");
     }
     println!("cargo::rustc-check-cfg=cfg(libtorch_cuda)");
+}
+
+/// Builds the C++ shim into a static library linked into the core library (and so into
+/// everything that uses it).
+fn shim(lib: &Path) {
+    println!("cargo:rerun-if-changed=src/build.rs");
+    println!("cargo:rerun-if-changed=src/shim/uamt_torch.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let include = lib.parent().expect("libtorch's lib dir has a parent").join("include");
+    // libtorch 2.x wheels use the C++11 ABI (as torch-sys assumes unless told otherwise).
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("src/shim/uamt_torch.cpp")
+        .compile("uamt_torch_shim");
 }

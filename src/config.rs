@@ -227,11 +227,13 @@ impl Default for QueueConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
-    /// fp32 with libtorch's defaults (cuDNN may use TF32 for convolutions on Ampere and newer).
+    /// fp32 with libtorch's defaults, as the reference runs (cuDNN may use TF32 for
+    /// convolutions on Ampere and newer; matmuls stay fp32).
     Fp32,
-    /// TF32 everywhere (GPU only; not built yet: refused at start-up).
+    /// TF32 tensor cores for cuDNN convolutions and cuBLAS matmuls (CUDA only).
     Tf32,
-    /// bf16 autocast (GPU only; not built yet: refused at start-up).
+    /// bfloat16 autocast: convolutions in bf16, BatchNorm, softmax, the losses, the weights and
+    /// the optimiser in fp32 (CUDA, where it pays; also runs on the CPU).
     Bf16,
 }
 
@@ -241,26 +243,41 @@ pub enum Precision {
 pub struct DeviceConfig {
     /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
     pub device: String,
-    /// Precision.
+    /// Precision: `fp32` (the reference's), `tf32` or `bf16`.
     pub precision: Precision,
-    /// libtorch intra-op threads per pipeline stage; 0: automatic (on CPU half the cores, at
-    /// least 1, since the student and the teacher compute at the same time; on a GPU
-    /// libtorch's default). Oversubscribed OpenMP threads are very slow, so keep
-    /// threads x busy stages <= cores.
+    /// On CUDA, give each pipeline stage its own stream, so the teacher's passes overlap the
+    /// student's step on the device (hand-offs wait on events). Off: every stage on libtorch's
+    /// default stream.
+    pub streams: bool,
+    /// libtorch intra-op threads per pipeline stage; 0: automatic (on CPU every core when the
+    /// stages take turns, as with `teacher_lag = 0`, half of them with a lag, when student and
+    /// teacher compute at the same time; on a GPU libtorch's default). Oversubscribed OpenMP
+    /// threads are very slow, so keep threads x busy stages <= cores.
     pub threads: usize,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        DeviceConfig { device: "auto".into(), precision: Precision::Fp32, threads: 0 }
+        DeviceConfig { device: "auto".into(), precision: Precision::Fp32, threads: 0, streams: true }
     }
 }
 
 impl DeviceConfig {
-    /// The intra-op thread count each pipeline stage sets (0: leave libtorch's default).
-    pub fn stage_threads(&self) -> usize {
+    /// The intra-op thread count each compute stage sets (0: leave libtorch's default). With
+    /// `threads = 0` on the CPU: every core when the stages take turns (the sequential loop, the
+    /// pipeline with `teacher_lag = 0`, where the student waits for the teacher's guidance and
+    /// the teacher for the student's weights), half of them each when student and teacher run
+    /// at the same time (`overlapping`: a lag >= 1), so that they do not fight over cores.
+    pub fn stage_threads(&self, overlapping: bool) -> usize {
         match (self.threads, self.resolve()) {
-            (0, Ok(tch::Device::Cpu)) => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            (0, Ok(tch::Device::Cpu)) => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                if overlapping {
+                    (cores / 2).max(1)
+                } else {
+                    cores
+                }
+            }
             (n, _) => n,
         }
     }
@@ -341,11 +358,27 @@ pub struct TelemetryConfig {
     pub listen: String,
     /// Log a progress line every this many iterations.
     pub log_every: i64,
+    /// Read the step's losses and mask fraction back to the host (for metrics and logs) every
+    /// this many iterations, all in one copy: each read waits for the device, so on a GPU
+    /// reading every step would stall the student's queue. 0: automatic (every step on the
+    /// CPU, where reading costs nothing; every 10 on CUDA).
+    pub readback_every: i64,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { listen: "127.0.0.1:9184".into(), log_every: 20 }
+        TelemetryConfig { listen: "127.0.0.1:9184".into(), log_every: 20, readback_every: 0 }
+    }
+}
+
+impl TelemetryConfig {
+    /// Iterations between read-backs on `device` (see `readback_every`).
+    pub fn readback_interval(&self, device: tch::Device) -> i64 {
+        match self.readback_every {
+            0 if device.is_cuda() => 10,
+            0 => 1,
+            n => n,
+        }
     }
 }
 
@@ -490,8 +523,8 @@ impl Config {
             return bad("queues.loader_workers", format!("at most 64, got {}", q.loader_workers));
         }
         self.device.resolve()?;
-        if self.device.precision != Precision::Fp32 {
-            return bad("device.precision", format!("{:?} is not built yet; use fp32 (libtorch's defaults, which on Ampere and newer GPUs let cuDNN use TF32 for convolutions)", self.device.precision).to_lowercase());
+        if self.device.precision == Precision::Tf32 && self.device.device == "cpu" {
+            return bad("device.precision", "tf32 is a CUDA setting (tensor cores); on the CPU use fp32 or bf16".into());
         }
         if self.device.threads > 256 {
             return bad("device.threads", format!("at most 256, got {}", self.device.threads));
@@ -508,6 +541,9 @@ impl Config {
         if !self.telemetry.listen.is_empty() && self.telemetry.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("telemetry.listen", format!("`{}` is not an address like 127.0.0.1:9184", self.telemetry.listen));
         }
+        if self.telemetry.readback_every < 0 {
+            return bad("telemetry.readback_every", format!("must be >= 0 (0: automatic), got {}", self.telemetry.readback_every));
+        }
         if self.telemetry.log_every < 1 {
             return bad("telemetry.log_every", "must be >= 1".into());
         }
@@ -517,8 +553,17 @@ impl Config {
 
 /// " (line L)" for a byte span of `text`, to point at the bad key.
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
-    match span {
-        Some(r) => format!(" (line {})", text[..r.start.min(text.len())].lines().count().max(1)),
-        None => String::new(),
+    let Some(r) = span else { return String::new() };
+    let start = r.start.min(text.len());
+    let line_no = text[..start].lines().count().max(1);
+    // Name the key too (`table.key`), when the error points into a `key = value` line.
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = text[..line_start].lines().rev().find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.split(']').next()).map(|t| t.trim_matches('[').trim().to_string()));
+    match (key, table) {
+        (Some(k), Some(t)) => format!(" (`{t}.{k}`, line {line_no})"),
+        (Some(k), None) => format!(" (`{k}`, line {line_no})"),
+        _ => format!(" (line {line_no})"),
     }
 }

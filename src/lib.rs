@@ -14,12 +14,14 @@
 //!   [`telemetry`]: the names of every exported metric.
 //! - [`data`]: volumes, datasets, importers, synthetic data, augmentation and batches.
 //! - [`error`]: the library's typed errors.
+//! - [`gpu`]: bf16 autocast, TF32 and CUDA streams through a small C++ shim over libtorch.
 
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod gpu;
 pub mod model;
 pub mod telemetry;
 pub mod train;

@@ -7,6 +7,7 @@
 //! unlabelled part; backward; SGD; EMA. All randomness (noise, dropout masks) comes in a
 //! [`StepRandom`], drawn from a seed and the iteration, so any thread can draw any part of it.
 
+use crate::config::Precision;
 use crate::model::{Dropout, DropoutMasks, Init, VNet, VNetConfig};
 use crate::uamt::{self, losses, rng, Sgd};
 use crate::{Error, Result};
@@ -304,6 +305,44 @@ pub struct StepReport {
 }
 
 impl StepStats {
+    /// The six device scalars (loss, supervised, ce, dice, consistency, mask fraction) as one
+    /// float64 tensor `[6]`, still on the device.
+    pub fn scalars(&self) -> Tensor {
+        let device = self.loss.device();
+        let parts: Vec<Tensor> = [&self.loss, &self.supervised, &self.ce, &self.dice, &self.consistency, &self.mask_fraction]
+            .iter()
+            .map(|t| t.detach().to_kind(Kind::Double).to_device(device).reshape([1]))
+            .collect();
+        Tensor::cat(&parts, 0)
+    }
+
+    /// The report from the values [`StepStats::scalars`] read back.
+    fn report_from(&self, v: &[f64]) -> StepReport {
+        StepReport {
+            iter: self.iter,
+            loss: v[0],
+            supervised: v[1],
+            ce: v[2],
+            dice: v[3],
+            consistency: v[4],
+            mask_fraction: v[5],
+            weight: self.weight,
+            threshold: self.threshold,
+            lr: self.lr,
+        }
+    }
+
+    /// Reads the numbers of many steps back with a single device-to-host copy (one wait for
+    /// the device instead of six per step).
+    pub fn read_back(stats: &[StepStats]) -> Result<Vec<StepReport>> {
+        if stats.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = Tensor::f_stack(&stats.iter().map(StepStats::scalars).collect::<Vec<_>>(), 0)?.f_to_device(Device::Cpu)?;
+        let v = Vec::<f64>::try_from(all.reshape([-1]))?;
+        Ok(stats.iter().zip(v.chunks(6)).map(|(s, v)| s.report_from(v)).collect())
+    }
+
     /// Copies the scalars to the host.
     pub fn report(&self) -> StepReport {
         let v = |t: &Tensor| t.double_value(&[]);
@@ -338,6 +377,20 @@ pub struct Trainer {
 }
 
 impl Trainer {
+    /// Sets the numeric precision of every forward pass, student's and teacher's (see
+    /// [`Precision`]): bf16 autocast on the networks; TF32 process-wide on CUDA.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let bf16 = precision == Precision::Bf16;
+        self.student.set_bf16(bf16);
+        if let Some(t) = &mut self.teacher {
+            t.set_bf16(bf16);
+        }
+        if precision == Precision::Tf32 && self.student.device().is_cuda() {
+            crate::gpu::set_tf32(true)?;
+        }
+        Ok(())
+    }
+
     /// A student and (unless supervised) a separately initialised teacher, as the reference
     /// builds two models; the first EMA update copies the student into the teacher.
     pub fn new(net: &VNetConfig, cfg: StepConfig, device: Device) -> Result<Self> {

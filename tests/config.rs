@@ -60,11 +60,16 @@ fn impossible_values_are_refused_with_the_key_named() {
         ("[device]\ndevice = \"tpu\"", "device.device"),
         ("[telemetry]\nlisten = \"localhost\"", "telemetry.listen"),
         ("[checkpoint]\nkeep = 0", "checkpoint.keep"),
-        ("[device]\nprecision = \"bf16\"", "device.precision"),
+        ("[device]\ndevice = \"cpu\"\nprecision = \"tf32\"", "device.precision"),
+        ("[device]\nprecision = \"fp16\"", "device.precision"),
+        ("[telemetry]\nreadback_every = -1", "telemetry.readback_every"),
     ] {
         let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
         assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");
     }
+    // bf16 runs anywhere (autocast on the CPU too); tf32 where the device may be a GPU.
+    assert!(Config::from_toml("[device]\ndevice = \"cpu\"\nprecision = \"bf16\"", Path::new("c.toml")).is_ok());
+    assert!(Config::from_toml("[device]\ndevice = \"auto\"\nprecision = \"tf32\"", Path::new("c.toml")).is_ok());
     let err = Config::from_toml("[optim]\niterations = \"many\"", Path::new("c.toml")).unwrap_err().to_string();
     assert!(err.contains("iterations") || err.contains("line 2"), "{err}");
 }

@@ -234,4 +234,22 @@ fn should_draw_the_uncertainty_of_a_checkpoint_s_teacher() {
     assert!(got.allclose(&teacher, 1e-4, 1e-5, false), "the map is the teacher's");
     let apart = (&student - &teacher).abs().max().double_value(&[]);
     assert!(apart > 1e-3, "student and teacher maps should differ (max {apart})");
+
+    // --teacher scores the teacher's weights: the same predictions as the library's on the
+    // teacher (the two untrained nets predict different numbers of foreground voxels).
+    let predicted = |extra: &[&str]| {
+        let o = run(&[&["--checkpoint", ck.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--device", "cpu", "--json"], extra].concat());
+        num(&json(&o)["cases"][0]["prediction_voxels"])
+    };
+    let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
+    let lib = |named: &[(String, Tensor)]| {
+        let m = model_from_named(&config.model.vnet(), Device::Cpu, named, &ck).unwrap();
+        let r = evaluate_dataset(&m, None, &dataset, "x", &EvalOptions { infer: infer.clone(), ..EvalOptions::default() }, &mut |_| {}).unwrap();
+        r.cases[0].metrics.prediction_voxels as f64
+    };
+    let (t, s) = (lib(snap.teacher.as_ref().unwrap()), lib(&snap.student));
+    assert!((t - s).abs() > 10.0, "teacher and student predict alike ({t} vs {s} voxels): the test cannot tell them apart");
+    // Another process may sum convolutions in another order: allow a few voxels to flip.
+    let (got_t, got_s) = (predicted(&["--teacher"]), predicted(&[]));
+    assert!((got_t - t).abs() <= 3.0 && (got_s - s).abs() <= 3.0, "--teacher {got_t} (library {t}), student {got_s} (library {s})");
 }

@@ -60,8 +60,10 @@ impl Evaluator {
     pub fn new(config: &Config, dataset: Arc<Dataset>, device: Device) -> Result<Self> {
         let infer = InferOptions { patch: config.eval.patch, stride: config.eval.stride, ..InferOptions::default() };
         infer.validate()?;
+        let mut model = VNet::new(&config.model.vnet(), device)?;
+        model.set_bf16(config.device.precision == uamt::config::Precision::Bf16);
         Ok(Evaluator {
-            model: VNet::new(&config.model.vnet(), device)?,
+            model,
             config: config.clone(),
             dataset,
             opts: EvalOptions { infer, ..EvalOptions::default() },

@@ -27,6 +27,7 @@ use tch::{Device, Tensor};
 use uamt::checkpoint::{self, host_copies, host_copy, Snapshot};
 use uamt::config::Config;
 use uamt::data::{HostBatch, PatchLoader};
+use uamt::gpu::{OwnStream, Ready};
 use uamt::model::{VNet, VNetConfig};
 use uamt::train::{self, Guidance, Method, StepConfig, StepRandom, StepReport, TeacherOutput, Trainer};
 
@@ -68,19 +69,22 @@ pub struct Outcome {
 struct ParamsMsg {
     step: i64,
     params: Vec<Tensor>,
-    reply: Option<crossbeam_channel::Sender<Vec<Tensor>>>,
+    reply: Option<crossbeam_channel::Sender<(Vec<Tensor>, Ready)>>,
+    ready: Ready,
 }
 
 /// A teacher weight version: the EMA after student step `step`.
 struct VersionMsg {
     step: i64,
     params: Vec<Tensor>,
+    ready: Ready,
 }
 
 /// The teacher's output plus a copy of its BatchNorm buffers after these passes.
 struct TeacherMsg {
     out: TeacherOutput,
     buffers: Vec<Tensor>,
+    ready: Ready,
 }
 
 /// What the student waits for.
@@ -88,6 +92,7 @@ struct GuidanceMsg {
     iter: i64,
     guidance: Guidance,
     buffers: Vec<Tensor>,
+    ready: Ready,
 }
 
 /// A batch on the device.
@@ -95,6 +100,7 @@ struct BatchMsg {
     iter: i64,
     images: Tensor,
     labels: Tensor,
+    ready: Ready,
 }
 
 fn set_threads(n: usize) {
@@ -120,14 +126,17 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         Some(n) => (start + n).min(cfg.optim.iterations),
         None => cfg.optim.iterations,
     };
-    let threads = cfg.device.stage_threads();
     let q = &cfg.queues;
     let with_teacher = step_cfg.method != Method::Supervised;
     let lag = cfg.method.teacher_lag;
+    let threads = cfg.device.stage_threads(with_teacher && lag > 0);
     if run.device.is_cuda() {
         // Fixed shapes: let cuDNN pick the fastest convolution algorithms once.
         tch::Cuda::cudnn_set_benchmark(true);
     }
+    // On CUDA every stage below queues its work on a stream of its own; messages carrying device
+    // tensors carry a `Ready` event that the receiving stage's stream waits on.
+    uamt::gpu::enable_streams(run.device.is_cuda() && cfg.device.streams);
 
     // ---- data plane: loader workers -> dispatcher -> student (and teacher)
     let workers = q.loader_workers;
@@ -162,10 +171,11 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         }));
     }
     let (batch_tx, batch_rx) = bounded::<BatchMsg>("batches", q.batches);
-    let (unl_tx, unl_rx) = bounded::<(i64, Tensor)>("unlabelled", q.batches);
+    let (unl_tx, unl_rx) = bounded::<(i64, Tensor, Ready)>("unlabelled", q.batches);
     let labelled_bs = step_cfg.labelled_bs;
     let device = run.device;
     handles.push(spawn("dispatcher", move || {
+        let _stream = OwnStream::new(device)?;
         let stage = Stage { name: "dispatcher" };
         let mut last_good: Option<(Tensor, Tensor)> = None;
         for i in start..end {
@@ -195,11 +205,11 @@ pub fn run(mut run: Run) -> Result<Outcome> {
             let (images, labels) = tensors;
             if with_teacher {
                 let unl = images.narrow(0, labelled_bs, images.size()[0] - labelled_bs);
-                if unl_tx.send((i, unl)).map(|b| stage.idle(b)).is_err() {
+                if unl_tx.send((i, unl, Ready::now(device)?)).map(|b| stage.idle(b)).is_err() {
                     break;
                 }
             }
-            match batch_tx.send(BatchMsg { iter: i, images, labels }) {
+            match batch_tx.send(BatchMsg { iter: i, images, labels, ready: Ready::now(device)? }) {
                 Ok(b) => stage.idle(b),
                 Err(Closed) => break,
             }
@@ -222,17 +232,19 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         let decay = step_cfg.ema_decay;
         handles.push(spawn("ema", move || {
             set_threads(threads);
+            let _stream = OwnStream::new(device)?;
             let stage = Stage { name: "ema" };
             while let Ok((msg, b)) = params_rx.recv() {
                 stage.idle(b);
+                msg.ready.wait(device, &msg.params)?;
                 let version = stage.busy(|| -> Result<Vec<Tensor>> {
                     uamt::uamt::ema_update_tensors(&ema, &msg.params, msg.step, decay)?;
                     Ok(device_copies(ema.iter()))
                 })?;
                 if let Some(reply) = msg.reply {
-                    let _ = reply.send(device_copies(version.iter()));
+                    let _ = reply.send((device_copies(version.iter()), Ready::now(device)?));
                 }
-                if ver_tx.send(VersionMsg { step: msg.step, params: version }).is_err() {
+                if ver_tx.send(VersionMsg { step: msg.step, params: version, ready: Ready::now(device)? }).is_err() {
                     break;
                 }
                 stage.done();
@@ -244,24 +256,28 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         let (sc, nc) = (step_cfg.clone(), net_cfg.clone());
         teacher_handle = Some(std::thread::Builder::new().name("teacher".into()).spawn(move || -> Result<VNet> {
             set_threads(threads);
+            let _stream = OwnStream::new(device)?;
             let stage = Stage { name: "teacher" };
             let mut have = start - 1; // the teacher we hold is the EMA after step start-1
-            fn apply(teacher: &VNet, v: VersionMsg, have: &mut i64) {
+            fn apply(teacher: &VNet, v: VersionMsg, have: &mut i64) -> Result<()> {
+                v.ready.wait(teacher.device(), &v.params)?;
                 tch::no_grad(|| {
                     for (p, src) in teacher.store().trainable().zip(&v.params) {
                         p.tensor.shallow_clone().copy_(src);
                     }
                 });
                 *have = v.step;
+                Ok(())
             }
-            while let Ok(((i, unl), b)) = unl_rx.recv() {
+            while let Ok(((i, unl, ready), b)) = unl_rx.recv() {
                 stage.idle(b);
+                ready.wait(device, [&unl])?;
                 let need = i - 1 - lag;
                 while have < need {
                     match ver_rx.recv() {
                         Ok((v, b)) => {
                             stage.idle(b);
-                            apply(&teacher, v, &mut have);
+                            apply(&teacher, v, &mut have)?;
                         }
                         Err(Closed) => return Ok(teacher),
                     }
@@ -270,7 +286,8 @@ pub fn run(mut run: Run) -> Result<Outcome> {
                     let (t, mc) = StepRandom::draw_teacher(&nc, device, &sc, seed, i, &unl.size());
                     let t = t.ok_or_else(|| anyhow!("teacher randomness missing"))?;
                     let out = train::teacher_passes(&teacher, &sc, i, &unl, &t, &mc)?;
-                    Ok(TeacherMsg { out, buffers: device_copies(teacher.store().buffers().map(|p| &p.tensor)) })
+                    let buffers = device_copies(teacher.store().buffers().map(|p| &p.tensor));
+                    Ok(TeacherMsg { out, buffers, ready: Ready::now(device)? })
                 })?;
                 if tout_tx.send(msg).map(|b| stage.idle(b)).is_err() {
                     break;
@@ -281,7 +298,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
             // EMA after the last student step.
             drop(tout_tx);
             while let Ok((v, _)) = ver_rx.recv() {
-                apply(&teacher, v, &mut have);
+                apply(&teacher, v, &mut have)?;
             }
             Ok(teacher)
         })?);
@@ -289,12 +306,15 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         let (sc, n_classes) = (step_cfg.clone(), net_cfg.n_classes);
         handles.push(spawn("mask", move || {
             set_threads(threads);
+            let _stream = OwnStream::new(device)?;
             let stage = Stage { name: "mask" };
             while let Ok((m, b)) = tout_rx.recv() {
                 stage.idle(b);
+                m.ready.wait(device, [&m.out.target].into_iter().chain(&m.out.mc).chain(&m.buffers))?;
                 let iter = m.out.iter;
                 let guidance = stage.busy(|| train::guidance(m.out, &sc, n_classes));
-                if guid_tx.send(GuidanceMsg { iter, guidance, buffers: m.buffers }).map(|b| stage.idle(b)).is_err() {
+                let ready = Ready::now(device)?;
+                if guid_tx.send(GuidanceMsg { iter, guidance, buffers: m.buffers, ready }).map(|b| stage.idle(b)).is_err() {
                     break;
                 }
                 stage.done();
@@ -313,6 +333,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         let stop = run.stop.clone();
         handles.push(spawn("evaluator", move || {
             set_threads(threads);
+            let _stream = OwnStream::new(device)?;
             evaluator::run(ev, eval_rx, stop)
         }));
     } else {
@@ -321,9 +342,11 @@ pub fn run(mut run: Run) -> Result<Outcome> {
 
     // ---- the student trainer, on this thread
     set_threads(threads);
+    let student_stream = OwnStream::new(device)?;
     let t0 = Instant::now();
     let result = student_loop(&mut run, &cfg, &net_cfg, &step_cfg, StudentQueues { batch_rx, guid_rx, params_tx, eval_tx: eval_wanted.then_some(eval_tx) }, start, end, &teacher_names);
     // Its queue ends are dropped by now: every other stage winds down.
+    drop(student_stream); // waits for the student's last work, back to the default stream
     let seconds = t0.elapsed().as_secs_f64();
     if !cfg.eval.watch_dir.as_os_str().is_empty() && !run.stop.load(Ordering::SeqCst) {
         tracing::info!(dir = %cfg.eval.watch_dir.display(), "training finished; still evaluating checkpoints dropped into the watched folder until SIGTERM");
@@ -377,6 +400,9 @@ fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &St
     let log_every = cfg.telemetry.log_every;
     let mut log_t = Instant::now();
     let mut log_i = start;
+    let device = run.device;
+    let readback_every = cfg.telemetry.readback_interval(device);
+    let mut pending = Vec::new();
     let tr = &mut run.trainer;
     let with_teacher = step_cfg.method != Method::Supervised;
     for i in start..end {
@@ -385,11 +411,12 @@ fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &St
             break;
         }
         let t_iter = Instant::now();
-        let (batch, b) = batch_rx.recv().map_err(|_| anyhow!("the data loader stopped"))?;
+        let (mut batch, b) = batch_rx.recv().map_err(|_| anyhow!("the data loader stopped"))?;
         stage.idle(b);
         if batch.iter != i {
             return Err(anyhow!("batch for iteration {} arrived at {i}", batch.iter));
         }
+        std::mem::take(&mut batch.ready).wait(device, [&batch.images, &batch.labels])?;
         tr.check(&batch.images, &batch.labels)?;
         let student_batch = if with_teacher { batch.images.size()[0] } else { step_cfg.labelled_bs };
         let logits = stage.busy(|| {
@@ -397,11 +424,13 @@ fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &St
             tr.student_forward(&batch.images, &rnd)
         })?;
         let guidance = if with_teacher {
-            let (g, b) = guid_rx.recv().map_err(|_| anyhow!("the teacher stopped"))?;
+            let (mut g, b) = guid_rx.recv().map_err(|_| anyhow!("the teacher stopped"))?;
             stage.idle(b);
             if g.iter != i {
                 return Err(anyhow!("guidance for iteration {} arrived at {i}", g.iter));
             }
+            let gd = &g.guidance;
+            std::mem::take(&mut g.ready).wait(device, [&gd.target, &gd.mask].into_iter().chain(&gd.uncertainty).chain(&g.buffers))?;
             last_teacher_buffers = Some(g.buffers);
             Some(g.guidance)
         } else {
@@ -417,17 +446,23 @@ fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &St
         if with_teacher {
             let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
             let params = stage.busy(|| device_copies(tr.student.store().trainable().map(|p| &p.tensor)));
-            let msg = ParamsMsg { step: i, params, reply: want_ckpt.then_some(reply_tx) };
+            let msg = ParamsMsg { step: i, params, reply: want_ckpt.then_some(reply_tx), ready: Ready::now(device)? };
             params_tx.send(msg).map_err(|_| anyhow!("the EMA updater stopped"))?;
             if want_ckpt {
-                teacher_params = Some(reply_rx.recv().map_err(|_| anyhow!("the EMA updater stopped"))?);
+                let (params, ready) = reply_rx.recv().map_err(|_| anyhow!("the EMA updater stopped"))?;
+                ready.wait(device, &params)?;
+                teacher_params = Some(params);
             }
         }
-        let report = stats.report();
-        emit::iteration(&report, t_iter.elapsed().as_secs_f64());
+        // The step's numbers stay on the device until a read-back (one copy for many steps).
+        pending.push((stats, t_iter.elapsed().as_secs_f64()));
+        let log_now = (i + 1) % log_every == 0 || i + 1 == end;
+        if log_now || pending.len() as i64 >= readback_every || want_ckpt || run.stop.load(Ordering::SeqCst) {
+            read_back(&mut pending, &mut reports)?;
+        }
         stage.done();
-        reports.push(report);
-        if (i + 1) % log_every == 0 || i + 1 == end {
+        if log_now {
+            let report = *reports.last().expect("read back above");
             let rate = (i + 1 - log_i) as f64 / log_t.elapsed().as_secs_f64().max(1e-9);
             emit::it_per_second(rate);
             let eta = (end - i - 1) as f64 / rate.max(1e-9);
@@ -485,10 +520,21 @@ fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &St
             }
         }
     }
+    read_back(&mut pending, &mut reports)?;
     if run.stop.load(Ordering::SeqCst) {
         stopped = true;
     }
     Ok((reports, last_checkpoint, stopped))
+}
+
+/// Reads the pending steps' numbers back in one copy and publishes them (metrics, reports).
+fn read_back(pending: &mut Vec<(train::StepStats, f64)>, reports: &mut Vec<StepReport>) -> Result<()> {
+    let (stats, seconds): (Vec<train::StepStats>, Vec<f64>) = pending.drain(..).unzip();
+    for (r, seconds) in train::StepStats::read_back(&stats)?.into_iter().zip(seconds) {
+        emit::iteration(&r, seconds);
+        reports.push(r);
+    }
+    Ok(())
 }
 
 /// The teacher's named tensors in store order from its trainable weights and its buffers.

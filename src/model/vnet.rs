@@ -272,6 +272,8 @@ pub struct VNet {
     up: [Block; 4],
     dec: [Block; 4],
     out_conv: Conv,
+    /// Run forward passes under bfloat16 autocast (logits come back as float32).
+    bf16: bool,
 }
 
 impl VNet {
@@ -320,7 +322,19 @@ impl VNet {
             up: [u5, u6, u7, u8],
             dec: [c6, c7, c8, c9],
             out_conv,
+            bf16: false,
         })
+    }
+
+    /// Runs every forward pass under bfloat16 autocast (convolutions in bf16 on the tensor cores,
+    /// BatchNorm and the losses in float32: the logits are returned as float32), or not.
+    pub fn set_bf16(&mut self, on: bool) {
+        self.bf16 = on;
+    }
+
+    /// Whether forward passes run under bfloat16 autocast.
+    pub fn bf16(&self) -> bool {
+        self.bf16
     }
 
     /// The network's shape.
@@ -382,6 +396,7 @@ impl VNet {
             _ => None,
         };
         self.check_input(x, masks)?;
+        let _autocast = if self.bf16 { Some(crate::gpu::Autocast::bf16(x.device())?) } else { None };
         let train = bn_train;
         let drop = |t: Tensor, pick: fn(&DropoutMasks) -> &Tensor| -> Tensor {
             if !self.config.has_dropout {
@@ -411,7 +426,8 @@ impl VNet {
             h = dec.forward(&(up.forward(&h, train) + skip), train);
         }
         let h = drop(h, |m| &m.x9); // x9 [b, nf, X, Y, Z]
-        Ok(self.out_conv.forward(&h))
+        let logits = self.out_conv.forward(&h);
+        Ok(if self.bf16 { logits.to_kind(Kind::Float) } else { logits })
     }
 }
 

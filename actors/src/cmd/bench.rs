@@ -1,6 +1,11 @@
 //! `uamt bench pipeline`: iterations per second of the actor pipeline at several queue depths,
 //! loader worker counts and teacher lags, next to the sequential loop, all measured in one run on
 //! the same data, shapes and device.
+//!
+//! `uamt bench streams`: the exact pipeline (`teacher_lag = 0`) with a CUDA stream per stage
+//! against all stages on the default stream, from the same start: the losses must agree (the
+//! hand-offs between streams are correct) and the times say what the overlap buys. On the CPU
+//! both runs are the same code path; the check means something on a GPU.
 
 use crate::cmd::train::{loader, open_dataset};
 use crate::pipeline::{self, Run};
@@ -10,7 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 use uamt::config::Config;
-use uamt::train::Trainer;
+use uamt::train::{StepStats, Trainer};
 
 /// Arguments of `uamt bench`.
 #[derive(Debug, clap::Args)]
@@ -55,24 +60,30 @@ fn line(json: bool, name: &str, secs: f64, baseline: Option<f64>) {
 }
 
 /// Benchmarks.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum What {
     /// The training pipeline against the sequential loop.
     Pipeline,
+    /// The exact pipeline with a CUDA stream per stage against the default stream: same losses?
+    Streams,
 }
 
 fn fresh(cfg: &Config) -> Result<Trainer> {
-    Ok(Trainer::seeded(&cfg.model.vnet(), cfg.step_config(), cfg.device.resolve()?, cfg.optim.seed)?)
+    let mut tr = Trainer::seeded(&cfg.model.vnet(), cfg.step_config(), cfg.device.resolve()?, cfg.optim.seed)?;
+    tr.set_precision(cfg.device.precision)?;
+    Ok(tr)
 }
 
 /// Seconds per timed iteration of the sequential loop.
 fn sequential(cfg: &Config, warmup: i64, n: i64) -> Result<f64> {
     let l = loader(cfg, open_dataset(cfg)?)?;
     let device = cfg.device.resolve()?;
-    if cfg.device.stage_threads() > 0 {
-        tch::set_num_threads(cfg.device.stage_threads() as i32);
+    if cfg.device.stage_threads(false) > 0 {
+        tch::set_num_threads(cfg.device.stage_threads(false) as i32);
     }
     let mut tr = fresh(cfg)?;
+    let readback = cfg.telemetry.readback_interval(device);
+    let mut pending = Vec::new();
     let mut t0 = Instant::now();
     for i in 0..warmup + n {
         if i == warmup {
@@ -81,33 +92,71 @@ fn sequential(cfg: &Config, warmup: i64, n: i64) -> Result<f64> {
         let (images, labels) = l.batch(i as u64)?;
         let (images, labels) = (images.to_device(device), labels.to_device(device));
         let rnd = tr.draw_random(cfg.optim.seed, &images.size());
-        let r = tr.step(&images, &labels, &rnd)?;
-        let _ = r.loss.double_value(&[]); // the pipeline reads its losses back too
+        pending.push(tr.step(&images, &labels, &rnd)?);
+        // Read the numbers back as the pipeline does (one copy every `readback` steps).
+        if pending.len() as i64 >= readback || i + 1 == warmup + n {
+            StepStats::read_back(&pending)?;
+            pending.clear();
+        }
     }
     Ok(t0.elapsed().as_secs_f64() / n as f64)
 }
 
+/// `steps` pipeline steps from `tr`, without checkpoints.
+fn pipeline_steps(cfg: &Config, tr: Trainer, steps: i64) -> Result<pipeline::Outcome> {
+    pipeline::run(Run {
+        config: cfg.clone(),
+        device: cfg.device.resolve()?,
+        loader: loader(cfg, open_dataset(cfg)?)?,
+        trainer: tr,
+        stop: Arc::new(AtomicBool::new(false)),
+        checkpoint_now: Arc::new(AtomicBool::new(false)),
+        max_steps: Some(steps),
+        checkpoints: false,
+    })
+}
+
 /// Seconds per timed iteration of the pipeline.
 fn pipelined(cfg: &Config, warmup: i64, n: i64) -> Result<f64> {
-    let run = |tr: Trainer, steps: i64| -> Result<pipeline::Outcome> {
-        pipeline::run(Run {
-            config: cfg.clone(),
-            device: cfg.device.resolve()?,
-            loader: loader(cfg, open_dataset(cfg)?)?,
-            trainer: tr,
-            stop: Arc::new(AtomicBool::new(false)),
-            checkpoint_now: Arc::new(AtomicBool::new(false)),
-            max_steps: Some(steps),
-            checkpoints: false,
-        })
-    };
-    let warm = run(fresh(cfg)?, warmup)?;
-    let out = run(warm.trainer, n)?;
+    let warm = pipeline_steps(cfg, fresh(cfg)?, warmup)?;
+    let out = pipeline_steps(cfg, warm.trainer, n)?;
     Ok(out.seconds / n as f64)
 }
 
+/// `uamt bench streams`: see the module documentation. Fails when the losses disagree.
+fn streams(cfg: &Config, args: &Args) -> Result<()> {
+    let run = |streams: bool| -> Result<(Vec<f64>, f64)> {
+        let mut c = cfg.clone();
+        c.device.streams = streams;
+        c.method.teacher_lag = 0;
+        let warm = pipeline_steps(&c, fresh(&c)?, args.warmup)?;
+        let out = pipeline_steps(&c, warm.trainer, args.iterations)?;
+        let losses = warm.reports.iter().chain(&out.reports).map(|r| r.loss).collect();
+        Ok((losses, out.seconds / args.iterations as f64))
+    };
+    let (with, t_with) = run(true)?;
+    let (without, t_without) = run(false)?;
+    // cuDNN's benchmark mode may pick other algorithms in the second run: allow rounding.
+    let worst = with.iter().zip(&without).map(|(a, b)| (a - b).abs() / b.abs().max(1e-6)).fold(0.0, f64::max);
+    let agree = with.len() == without.len() && worst <= 1e-3;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"streams_ms_per_iteration": t_with * 1e3, "default_stream_ms_per_iteration": t_without * 1e3,
+                "speedup": t_without / t_with, "max_relative_loss_difference": worst, "steps": with.len(), "agree": agree})
+        );
+    } else {
+        println!("streams: {:.1} ms/it with a stream per stage, {:.1} ms/it on the default stream ({:.2}x)", t_with * 1e3, t_without * 1e3, t_without / t_with);
+        if !cfg.device.resolve()?.is_cuda() {
+            println!("(not on CUDA: both runs take the same code path, so the times differ by noise only)");
+        }
+        println!("losses of {} steps agree to {worst:.2e} relative (at most 1e-3 allowed)", with.len());
+    }
+    anyhow::ensure!(agree, "with streams the losses differ from the default stream's by up to {worst:.3e} relative: a hand-off is not ordered");
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<()> {
-    let What::Pipeline = args.what;
     let mut cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::demo(),
@@ -115,10 +164,13 @@ pub fn run(args: Args) -> Result<()> {
     cfg.telemetry.listen.clear();
     cfg.optim.iterations = cfg.optim.iterations.max(args.warmup + args.iterations);
     let device = cfg.device.resolve()?;
+    if args.what == What::Streams {
+        return streams(&cfg, &args);
+    }
     if !args.json {
         println!(
-        "pipeline benchmark: {:?}, patch {:?}, n_filters {}, {:?}, T {}, {} timed iterations after {} warm-up, device {:?}, threads per stage {}",
-        cfg.method.kind, cfg.data.patch, cfg.model.n_filters, (cfg.data.labelled_bs, cfg.data.unlabelled_bs), cfg.method.mc_passes, args.iterations, args.warmup, device, cfg.device.stage_threads()
+        "pipeline benchmark: {:?}, patch {:?}, n_filters {}, {:?}, T {}, {} timed iterations after {} warm-up, device {:?}, threads per stage {} (with a lag: {})",
+        cfg.method.kind, cfg.data.patch, cfg.model.n_filters, (cfg.data.labelled_bs, cfg.data.unlabelled_bs), cfg.method.mc_passes, args.iterations, args.warmup, device, cfg.device.stage_threads(false), cfg.device.stage_threads(true)
         );
         println!("{:<34} {:>9} {:>8} {:>10}", "setting", "ms/it", "it/s", "vs seq");
     }

@@ -31,10 +31,13 @@ pub struct Args {
     /// Model weights: named tensors in .safetensors, .npz or .ot (PyTorch state_dict names).
     #[arg(long, requires = "dataset")]
     pub weights: Option<PathBuf>,
-    /// A checkpoint written by `uamt train`: its student is evaluated with the model, dataset
+    /// A checkpoint written by `uamt train`: its student (or with --teacher its teacher) is evaluated with the model, dataset
     /// and sliding-window settings of the config stored in it (or of --config).
     #[arg(long, conflicts_with_all = ["weights", "prediction"])]
     pub checkpoint: Option<PathBuf>,
+    /// With --checkpoint: evaluate its teacher (the EMA weights) instead of its student.
+    #[arg(long, requires = "checkpoint")]
+    pub teacher: bool,
     /// With --checkpoint: use this config instead of the one stored in the checkpoint.
     #[arg(long, requires = "checkpoint")]
     pub config: Option<PathBuf>,
@@ -132,8 +135,13 @@ fn report(args: &Args) -> anyhow::Result<Report> {
             Some(d) => open(d)?,
             None => crate::cmd::train::open_dataset(&cfg)?,
         };
-        let model = model_from_named(&cfg.model.vnet(), args.device, &snap.student, ck)?;
         let teacher = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model.vnet(), args.device, t, ck)).transpose()?;
+        let (model, teacher) = if args.teacher {
+            let t = teacher.ok_or_else(|| anyhow::anyhow!("{}: --teacher, but this checkpoint has no teacher (supervised training)", ck.display()))?;
+            (t, None) // the evaluated teacher also draws the uncertainty
+        } else {
+            (model_from_named(&cfg.model.vnet(), args.device, &snap.student, ck)?, teacher)
+        };
         (model, teacher, dataset, ck, cfg.eval.patch, cfg.eval.stride)
     } else {
         let (Some(weights), Some(dir)) = (&args.weights, &args.dataset) else {

@@ -31,6 +31,9 @@ pub struct Args {
     /// Override `checkpoint.dir`.
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
+    /// Override `optim.seed` (weights, sampling, augmentation, noise and dropout).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Override `telemetry.listen` (e.g. 127.0.0.1:0 for any free port; "" to disable).
     #[arg(long)]
     pub listen: Option<String>,
@@ -50,6 +53,9 @@ pub fn resolve_config(args: &Args) -> Result<Config> {
     }
     if let Some(d) = &args.checkpoint_dir {
         cfg.checkpoint.dir = d.clone();
+    }
+    if let Some(seed) = args.seed {
+        cfg.optim.seed = seed;
     }
     if let Some(l) = &args.listen {
         cfg.telemetry.listen = l.clone();
@@ -90,6 +96,7 @@ pub fn loader(cfg: &Config, dataset: Dataset) -> Result<PatchLoader> {
 pub fn trainer(cfg: &Config, resume: bool) -> Result<Trainer> {
     let device = cfg.device.resolve()?;
     let mut tr = Trainer::seeded(&cfg.model.vnet(), cfg.step_config(), device, cfg.optim.seed)?;
+    tr.set_precision(cfg.device.precision)?;
     if resume {
         match checkpoint::latest(&cfg.checkpoint.dir) {
             Some((_, path)) => {
