@@ -105,6 +105,21 @@ fn pipeline_with_teacher_lag_0_equals_the_sequential_loop() {
 }
 
 #[test]
+fn reading_the_numbers_back_every_few_steps_reports_every_step_the_same() {
+    // As on a GPU, where the step's scalars stay on the device and come back in one copy every
+    // `readback_every` steps (here 4 of 7: one read after step 4, the rest at the end).
+    let dir = tempdir("readback");
+    let mut c = config(&dir, Method::Uamt, 7);
+    c.telemetry.log_every = 100;
+    let every_step = pipelined(&c, fresh_trainer(&c), false);
+    c.telemetry.readback_every = 4;
+    let batched = pipelined(&c, fresh_trainer(&c), false);
+    assert_eq!(batched.reports.len(), 7);
+    assert_same_reports("readback_every = 4", &every_step.reports, &batched.reports);
+    assert_eq!(batched.reports.iter().map(|r| r.iter).collect::<Vec<_>>(), (0..7).collect::<Vec<_>>());
+}
+
+#[test]
 fn teacher_lag_1_trains_with_an_older_teacher() {
     let dir = tempdir("lag1");
     let mut c = config(&dir, Method::Uamt, 5);
