@@ -103,6 +103,13 @@ struct BatchMsg {
     ready: Ready,
 }
 
+/// Waits for all work queued on a CUDA device (outside the training loop only).
+fn sync_device(device: Device) {
+    if let Device::Cuda(n) = device {
+        tch::Cuda::synchronize(n as i64);
+    }
+}
+
 fn set_threads(n: usize) {
     if n > 0 {
         tch::set_num_threads(n as i32);
@@ -137,6 +144,9 @@ pub fn run(mut run: Run) -> Result<Outcome> {
     // On CUDA every stage below queues its work on a stream of its own; messages carrying device
     // tensors carry a `Ready` event that the receiving stage's stream waits on.
     uamt::gpu::enable_streams(run.device.is_cuda() && cfg.device.streams);
+    // Weights made or restored on the default stream must be complete before a stage's own
+    // stream (which does not wait for the default one) reads them.
+    sync_device(run.device);
 
     // ---- data plane: loader workers -> dispatcher -> student (and teacher)
     let workers = q.loader_workers;
@@ -229,6 +239,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         let (tout_tx, tout_rx) = bounded::<TeacherMsg>("teacher", q.teacher);
         // EMA updater: owns the EMA weights, publishes each version.
         let mut ema = device_copies(teacher.store().trainable().map(|p| &p.tensor));
+        sync_device(run.device); // the copies above, before the EMA thread's stream reads them
         let decay = step_cfg.ema_decay;
         handles.push(spawn("ema", move || {
             set_threads(threads);
