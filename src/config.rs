@@ -137,6 +137,9 @@ pub struct MethodConfig {
     pub mc_passes: i64,
     /// Copies of the unlabelled patches per teacher forward (2 in the reference).
     pub mc_repeats: i64,
+    /// Batch the Monte-Carlo forwards into one, BatchNorm statistics still per original
+    /// forward: the reference's numbers, fewer and larger kernels (default off).
+    pub mc_batched: bool,
     /// Standard deviation of the teacher's input noise.
     pub noise_std: f64,
     /// Noise clamp.
@@ -161,6 +164,7 @@ impl Default for MethodConfig {
             kind: s.method,
             mc_passes: s.mc_passes,
             mc_repeats: s.mc_repeats,
+            mc_batched: s.mc_batched,
             noise_std: s.noise_std,
             noise_clip: s.noise_clip,
             consistency: s.consistency,
@@ -428,6 +432,7 @@ impl Config {
             labelled_bs: self.data.labelled_bs as i64,
             mc_passes: m.mc_passes,
             mc_repeats: m.mc_repeats,
+            mc_batched: m.mc_batched,
             noise_std: m.noise_std,
             noise_clip: m.noise_clip,
             consistency: m.consistency,

@@ -37,6 +37,11 @@ pub struct StepConfig {
     /// Copies of the unlabelled patches per teacher forward (the reference: 2, so T=8 is 4 forwards
     /// of batch 4). BatchNorm statistics are taken over each forward's batch.
     pub mc_repeats: i64,
+    /// Run the `mc_passes / mc_repeats` Monte-Carlo forwards as one batched forward with
+    /// BatchNorm statistics still taken per original forward (see [`VNet::forward_grouped`]):
+    /// the same logits and running statistics as the reference's separate forwards, fewer and
+    /// bigger kernels.
+    pub mc_batched: bool,
     /// Standard deviation of the teacher's input noise.
     pub noise_std: f64,
     /// The noise is clamped to +-this.
@@ -70,6 +75,7 @@ impl Default for StepConfig {
             labelled_bs: 2,
             mc_passes: 8,
             mc_repeats: 2,
+            mc_batched: false,
             noise_std: 0.1,
             noise_clip: 0.2,
             consistency: 0.1,
@@ -233,6 +239,15 @@ pub fn teacher_passes(teacher: &VNet, cfg: &StepConfig, iter: i64, unlabelled: &
             return Err(Error::invalid("mc_passes", format!("{} Monte-Carlo pass randoms given, {expect} expected", mc_rnd.len())));
         }
         let repeated = unlabelled.repeat([cfg.mc_repeats, 1, 1, 1, 1]);
+        if cfg.mc_batched && mc_rnd.len() > 1 {
+            let inputs: Vec<Tensor> = mc_rnd.iter().map(|r| noisy(&repeated, r)).collect();
+            let masks = DropoutMasks {
+                x5: Tensor::cat(&mc_rnd.iter().map(|r| r.dropout.x5.shallow_clone()).collect::<Vec<_>>(), 0),
+                x9: Tensor::cat(&mc_rnd.iter().map(|r| r.dropout.x9.shallow_clone()).collect::<Vec<_>>(), 0),
+            };
+            let mc = teacher.forward_grouped(&Tensor::cat(&inputs, 0), mc_rnd.len() as i64, &masks)?;
+            return Ok(TeacherOutput { iter, target, mc: Some(mc) });
+        }
         let logits = mc_rnd
             .iter()
             .map(|r| teacher.forward_with(&noisy(&repeated, r), true, Dropout::Masks(&r.dropout)))

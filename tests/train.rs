@@ -153,3 +153,30 @@ fn seeded_initialisation_ignores_libtorch_s_global_generator() {
     let bound = 1.0 / 27f64.sqrt();
     assert!(s.abs().max().double_value(&[]) <= bound && s.abs().max().double_value(&[]) > 0.8 * bound);
 }
+
+#[test]
+fn batched_monte_carlo_passes_equal_the_separate_ones_batchnorm_statistics_included() {
+    let (images, _) = batch(5);
+    let cfg = StepConfig::default(); // T = 8 as 4 forwards of 2 copies of the 2 unlabelled patches
+    let (a, b) = (Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 6).unwrap(), Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 6).unwrap());
+    let (ta, tb) = (a.teacher.as_ref().unwrap(), b.teacher.as_ref().unwrap());
+    let unl = a.unlabelled(&images);
+    let (t, mc) = StepRandom::draw_teacher(ta.config(), Device::Cpu, &cfg, 3, 7, &unl.size());
+    let t = t.unwrap();
+    let separate = uamt::train::teacher_passes(ta, &cfg, 7, &unl, &t, &mc).unwrap();
+    let batched_cfg = StepConfig { mc_batched: true, ..cfg.clone() };
+    let batched = uamt::train::teacher_passes(tb, &batched_cfg, 7, &unl, &t, &mc).unwrap();
+    let (ms, mb) = (separate.mc.unwrap(), batched.mc.unwrap());
+    assert_eq!(ms.size(), vec![16, 2, 32, 32, 16]);
+    assert!(ms.allclose(&mb, 1e-5, 1e-5, false), "logits differ by {}", (&ms - &mb).abs().max().double_value(&[]));
+    assert!(separate.target.equal(&batched.target));
+    // Running statistics as after the 1 + 4 separate forwards (and they did move).
+    for (p, q) in ta.store().buffers().zip(tb.store().buffers()) {
+        assert!(p.tensor.allclose(&q.tensor, 1e-5, 1e-6, false), "{}: {} vs {}", p.name, p.tensor, q.tensor);
+    }
+    let nbt = ta.store().get("block_one.conv.1.num_batches_tracked").unwrap();
+    assert_eq!(nbt.int64_value(&[]), 5);
+    let fresh = Trainer::seeded(&net(), cfg, Device::Cpu, 6).unwrap();
+    let rm = |t: &Trainer| t.teacher.as_ref().unwrap().store().get("block_one.conv.1.running_mean").unwrap().copy();
+    assert!(!rm(&fresh).allclose(&rm(&b), 1e-4, 1e-6, false));
+}

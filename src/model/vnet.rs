@@ -177,7 +177,12 @@ impl BatchNorm {
     }
 
     /// Training mode normalises with the batch's statistics and updates the running ones.
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, mode: Bn) -> Tensor {
+        let train = match mode {
+            Bn::Eval => false,
+            Bn::Train => true,
+            Bn::Grouped(g) => return self.forward_grouped(x, g),
+        };
         if train {
             tch::no_grad(|| {
                 let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
@@ -197,6 +202,44 @@ impl BatchNorm {
     }
 }
 
+impl BatchNorm {
+    /// Training mode on `x`'s `groups` equal batch slices as if each were its own forward pass,
+    /// in order: each slice is normalised with its own statistics, and the running statistics
+    /// (and `num_batches_tracked`) are updated once per slice, exactly as `groups` successive
+    /// passes would. The slices sit side by side as channels, so libtorch's own kernel computes
+    /// the per-slice statistics.
+    fn forward_grouped(&self, x: &Tensor, groups: i64) -> Tensor {
+        let size = x.size();
+        let (c, n) = (size[1], size[0] / groups);
+        let side_by_side = x.reshape([groups, n, c, -1]).transpose(0, 1).reshape([n, groups * c, -1]);
+        let (w, b) = (self.weight.repeat([groups]), self.bias.repeat([groups]));
+        let (eps, momentum) = (1e-5, 0.1);
+        let (y, mean, invstd) = side_by_side.native_batch_norm(Some(&w), Some(&b), None::<&Tensor>, None::<&Tensor>, true, momentum, eps);
+        tch::no_grad(|| {
+            let count = (n * side_by_side.size()[2]) as f64;
+            let var = (invstd.pow_tensor_scalar(-2.0) - eps) * (count / (count - 1.0).max(1.0));
+            let (mean, var) = (mean.reshape([groups, c]), var.reshape([groups, c]));
+            for g in 0..groups {
+                let _ = self.running_mean.shallow_clone().g_mul_scalar_(1.0 - momentum).g_add_(&(mean.get(g) * momentum));
+                let _ = self.running_var.shallow_clone().g_mul_scalar_(1.0 - momentum).g_add_(&(var.get(g) * momentum));
+            }
+            let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(groups);
+        });
+        y.reshape([n, groups, c, -1]).transpose(0, 1).reshape(size.as_slice())
+    }
+}
+
+/// How BatchNorm runs in a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bn {
+    /// Running statistics.
+    Eval,
+    /// Batch statistics, running ones updated.
+    Train,
+    /// Batch statistics per slice of `n` equal slices (see `BatchNorm::forward_grouped`).
+    Grouped(i64),
+}
+
 /// conv -> [BatchNorm] -> ReLU.
 #[derive(Debug)]
 struct Unit {
@@ -205,7 +248,7 @@ struct Unit {
 }
 
 impl Unit {
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, train: Bn) -> Tensor {
         let y = self.conv.forward(x);
         let y = match &self.norm {
             Some(bn) => bn.forward(&y, train),
@@ -253,7 +296,7 @@ impl Block {
         Block { units }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, train: Bn) -> Tensor {
         let mut y = self.units[0].forward(x, train);
         for u in &self.units[1..] {
             y = u.forward(&y, train);
@@ -379,18 +422,32 @@ impl VNet {
     /// (and updates the running ones) and, if the net has dropout, channels are dropped as
     /// `dropout` says; in eval mode neither.
     pub fn forward_with(&self, x: &Tensor, train: bool, dropout: Dropout<'_>) -> Result<Tensor> {
-        self.forward_modes(x, train, train.then_some(dropout))
+        self.forward_modes(x, if train { Bn::Train } else { Bn::Eval }, train.then_some(dropout))
+    }
+
+    /// A training-mode forward pass of `groups` passes batched into one: `x` is their inputs
+    /// concatenated along the batch (equal parts, in order) and `masks` their dropout masks
+    /// likewise. The logits equal those of the passes run one after another (concatenated), and
+    /// the BatchNorm running statistics end as they would: each part is normalised with its own
+    /// batch statistics, as the reference's separate forward passes are.
+    pub fn forward_grouped(&self, x: &Tensor, groups: i64, masks: &DropoutMasks) -> Result<Tensor> {
+        let b = x.size().first().copied().unwrap_or(0);
+        if groups < 1 || b % groups != 0 {
+            return Err(Error::shape("grouped v-net input", format!("a batch divisible by {groups} groups"), x.size()));
+        }
+        let bn = if groups == 1 { Bn::Train } else { Bn::Grouped(groups) };
+        self.forward_modes(x, bn, Some(Dropout::Masks(masks)))
     }
 
     /// Logits of a Monte-Carlo pass for uncertainty at inference: BatchNorm in eval mode (running
     /// statistics, so windows batched together do not see each other) and the channel dropout of
     /// `masks` (when the net has dropout).
     pub fn forward_mc(&self, x: &Tensor, masks: &DropoutMasks) -> Result<Tensor> {
-        self.forward_modes(x, false, Some(Dropout::Masks(masks)))
+        self.forward_modes(x, Bn::Eval, Some(Dropout::Masks(masks)))
     }
 
     /// The forward pass with BatchNorm's mode (`bn_train`) and dropout (`None`: off) chosen apart.
-    fn forward_modes(&self, x: &Tensor, bn_train: bool, dropout: Option<Dropout<'_>>) -> Result<Tensor> {
+    fn forward_modes(&self, x: &Tensor, bn_train: Bn, dropout: Option<Dropout<'_>>) -> Result<Tensor> {
         let masks = match dropout {
             Some(Dropout::Masks(m)) => Some(m),
             _ => None,
