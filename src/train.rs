@@ -360,19 +360,8 @@ impl StepStats {
 
     /// Copies the scalars to the host.
     pub fn report(&self) -> StepReport {
-        let v = |t: &Tensor| t.double_value(&[]);
-        StepReport {
-            iter: self.iter,
-            loss: v(&self.loss),
-            supervised: v(&self.supervised),
-            ce: v(&self.ce),
-            dice: v(&self.dice),
-            consistency: v(&self.consistency),
-            mask_fraction: v(&self.mask_fraction),
-            weight: self.weight,
-            threshold: self.threshold,
-            lr: self.lr,
-        }
+        let v: Vec<f64> = [&self.loss, &self.supervised, &self.ce, &self.dice, &self.consistency, &self.mask_fraction].iter().map(|t| t.double_value(&[])).collect();
+        self.report_from(&v)
     }
 }
 

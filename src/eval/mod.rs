@@ -117,14 +117,15 @@ pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &E
     let label = case.label.as_ref().ok_or_else(|| Error::invalid("dataset", format!("test case `{}` has no label to compare with", case.id)))?;
     let reference = label.read_labels()?;
     let image = case.image.read_f32()?;
-    let pred = segment_volume(model, &image, &opts.infer)?;
+    let image_t = image.to_tensor()?;
+    let pred = sliding_window(model, &image_t, &opts.infer)?;
     let labels = pred.label_volume()?;
     let header = case.image.header();
     let metrics = case_metrics(&labels, &reference, header.spacing, opts.empty)?;
     if let Some(out) = &opts.outputs {
         std::fs::create_dir_all(&out.dir).map_err(|e| Error::Io { path: out.dir.clone(), source: e })?;
         let uncertainty = match &out.uncertainty {
-            Some(mc) => mc_uncertainty(teacher.unwrap_or(model), &image.to_tensor()?, &opts.infer, mc)?,
+            Some(mc) => mc_uncertainty(teacher.unwrap_or(model), &image_t, &opts.infer, mc)?,
             None => pred.entropy(),
         };
         let uncertainty = Volume::<f32>::from_tensor(&uncertainty)?;

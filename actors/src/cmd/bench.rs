@@ -78,8 +78,9 @@ fn fresh(cfg: &Config) -> Result<Trainer> {
 fn sequential(cfg: &Config, warmup: i64, n: i64) -> Result<f64> {
     let l = loader(cfg, open_dataset(cfg)?)?;
     let device = cfg.device.resolve()?;
-    if cfg.device.stage_threads(false) > 0 {
-        tch::set_num_threads(cfg.device.stage_threads(false) as i32);
+    let threads = cfg.device.stage_threads(false);
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
     }
     let mut tr = fresh(cfg)?;
     let readback = cfg.telemetry.readback_interval(device);

@@ -88,17 +88,9 @@ pub struct Args {
     pub mc_seed: u64,
 }
 
+/// The same rule as the config's `device.device` (a GPU that is not there is refused).
 fn parse_device(s: &str) -> Result<Device, String> {
-    match s {
-        "auto" => Ok(Device::cuda_if_available()),
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| format!("`{s}`: give cpu, cuda, cuda:N or auto")),
-    }
+    uamt::config::DeviceConfig { device: s.into(), ..Default::default() }.resolve().map_err(|e| e.to_string())
 }
 
 fn parse_empty(s: &str) -> Result<EmptyPolicy, String> {
