@@ -23,7 +23,8 @@ fn source(tmp: &Path) -> anyhow::Result<(PathBuf, &'static str)> {
     let src = tmp.join("src");
     std::fs::create_dir_all(&src)?;
     let (ids, origin): (Vec<String>, &str) = if la.join("train.list").is_file() {
-        let ids: Vec<String> = std::fs::read_to_string(la.join("train.list"))?.lines().take(CASES).map(String::from).collect();
+        let ids: Vec<String> =
+            std::fs::read_to_string(la.join("train.list"))?.lines().take(CASES).map(String::from).collect();
         for id in &ids {
             let real = find_h5(&la, id).ok_or_else(|| anyhow::anyhow!("no HDF5 file for {id}"))?;
             std::os::unix::fs::symlink(real, src.join(format!("{id}.h5")))?;
@@ -108,8 +109,16 @@ fn main() -> anyhow::Result<()> {
 
     let (rm, rh) = (rate(mapped_plans.len(), mapped), rate(h5_plans.len(), h5));
     println!("data_sampling: {origin}, {CASES} cases {:?}, patch {PATCH:?}, image + label per patch, one thread", dims);
-    println!("  mapped NIfTI (rot/flip + crop read from the map): {:>4} patches in {:>6.2} s = {rm:>8.1} patches/s", mapped_plans.len(), mapped.as_secs_f64());
-    println!("  HDF5 per sample (decompress + full copy + crop):  {:>4} patches in {:>6.2} s = {rh:>8.1} patches/s", h5_plans.len(), h5.as_secs_f64());
+    println!(
+        "  mapped NIfTI (rot/flip + crop read from the map): {:>4} patches in {:>6.2} s = {rm:>8.1} patches/s",
+        mapped_plans.len(),
+        mapped.as_secs_f64()
+    );
+    println!(
+        "  HDF5 per sample (decompress + full copy + crop):  {:>4} patches in {:>6.2} s = {rh:>8.1} patches/s",
+        h5_plans.len(),
+        h5.as_secs_f64()
+    );
     println!("  ratio: {:.1}x (checksum {checksum:.3})", rm / rh);
     std::fs::remove_dir_all(&tmp)?;
     Ok(())

@@ -17,7 +17,10 @@ fn main() {
     if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("uamt") {
         shim(Path::new(&dir));
     }
-    let cuda: Vec<&str> = ["torch_cuda", "c10_cuda"].into_iter().filter(|l| Path::new(&dir).join(format!("lib{l}.so")).exists()).collect();
+    let cuda: Vec<&str> = ["torch_cuda", "c10_cuda"]
+        .into_iter()
+        .filter(|l| Path::new(&dir).join(format!("lib{l}.so")).exists())
+        .collect();
     if !cuda.is_empty() {
         println!("cargo:rustc-link-search=native={dir}");
         let libs: Vec<String> = cuda.iter().map(|l| format!("-l{l}")).collect();

@@ -37,7 +37,11 @@ pub struct Snapshot {
 /// A detached copy on the CPU that later in-place updates of `t` do not touch.
 pub fn host_copy(t: &Tensor) -> Tensor {
     let t = t.detach();
-    if t.device() == Device::Cpu { t.copy() } else { t.to_device(Device::Cpu) }
+    if t.device() == Device::Cpu {
+        t.copy()
+    } else {
+        t.to_device(Device::Cpu)
+    }
 }
 
 /// Host copies of named tensors.
@@ -63,7 +67,12 @@ impl Snapshot {
         tr.student.store().load_named(&self.student, origin, false)?;
         match (&tr.teacher, &self.teacher) {
             (Some(t), Some(named)) => t.store().load_named(named, origin, false)?,
-            (Some(_), None) => return Err(Error::File { path: origin.to_path_buf(), why: "checkpoint has no teacher, the method needs one".into() }),
+            (Some(_), None) => {
+                return Err(Error::File {
+                    path: origin.to_path_buf(),
+                    why: "checkpoint has no teacher, the method needs one".into(),
+                })
+            }
             _ => {}
         }
         tr.opt.load_named(&self.momentum, origin)?;
@@ -91,7 +100,9 @@ impl Snapshot {
         named.push(("meta.iteration".into(), scalar(self.iteration)));
         named.push(("meta.seed".into(), scalar(self.seed as i64)));
         named.push(("meta.config".into(), Tensor::from_slice(self.config.as_bytes())));
-        let prefixed = |p: &str, v: &[(String, Tensor)]| v.iter().map(|(n, t)| (format!("{p}.{n}"), t.shallow_clone())).collect::<Vec<_>>();
+        let prefixed = |p: &str, v: &[(String, Tensor)]| {
+            v.iter().map(|(n, t)| (format!("{p}.{n}"), t.shallow_clone())).collect::<Vec<_>>()
+        };
         named.extend(prefixed("student", &self.student));
         if let Some(t) = &self.teacher {
             named.extend(prefixed("teacher", t));
@@ -115,7 +126,13 @@ impl Snapshot {
     pub fn read(path: &Path) -> Result<Self> {
         let err = |why: String| Error::File { path: path.to_path_buf(), why };
         let named = Tensor::read_safetensors(path).map_err(|e| err(format!("not a readable checkpoint: {e}")))?;
-        let get = |k: &str| named.iter().find(|(n, _)| n == k).map(|(_, t)| t.shallow_clone()).ok_or_else(|| err(format!("missing `{k}`")));
+        let get = |k: &str| {
+            named
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, t)| t.shallow_clone())
+                .ok_or_else(|| err(format!("missing `{k}`")))
+        };
         let int = |k: &str| -> Result<i64> {
             let t = get(k)?;
             if t.kind() != Kind::Int64 || t.numel() != 1 {
@@ -133,7 +150,10 @@ impl Snapshot {
         let config = String::from_utf8(config_bytes).map_err(|_| err("`meta.config` is not UTF-8".into()))?;
         let section = |p: &str| {
             let p = format!("{p}.");
-            named.iter().filter_map(|(n, t)| n.strip_prefix(&p).map(|k| (k.to_string(), t.shallow_clone()))).collect::<Vec<_>>()
+            named
+                .iter()
+                .filter_map(|(n, t)| n.strip_prefix(&p).map(|k| (k.to_string(), t.shallow_clone())))
+                .collect::<Vec<_>>()
         };
         let student = section("student");
         if student.is_empty() {

@@ -109,7 +109,13 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         let v = VNetConfig::default();
-        ModelConfig { n_channels: v.n_channels, n_classes: v.n_classes, n_filters: v.n_filters, normalization: v.normalization, dropout_p: v.dropout_p }
+        ModelConfig {
+            n_channels: v.n_channels,
+            n_classes: v.n_classes,
+            n_filters: v.n_filters,
+            normalization: v.normalization,
+            dropout_p: v.dropout_p,
+        }
     }
 }
 
@@ -199,7 +205,15 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         let s = StepConfig::default();
-        OptimConfig { iterations: s.max_iter, base_lr: s.base_lr, lr_step: s.lr_step, lr_gamma: s.lr_gamma, momentum: s.momentum, weight_decay: s.weight_decay, seed: 1337 }
+        OptimConfig {
+            iterations: s.max_iter,
+            base_lr: s.base_lr,
+            lr_step: s.lr_step,
+            lr_gamma: s.lr_gamma,
+            momentum: s.momentum,
+            weight_decay: s.weight_decay,
+            seed: 1337,
+        }
     }
 }
 
@@ -350,7 +364,13 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { every: 0, watch_dir: PathBuf::new(), report_dir: PathBuf::from("runs/default/eval"), patch: [112, 112, 80], stride: [18, 18, 4] }
+        EvalConfig {
+            every: 0,
+            watch_dir: PathBuf::new(),
+            report_dir: PathBuf::from("runs/default/eval"),
+            patch: [112, 112, 80],
+            stride: [18, 18, 4],
+        }
     }
 }
 
@@ -408,7 +428,10 @@ impl Config {
 
     /// Parses TOML text; `origin` names the source in errors.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self> {
-        let c: Config = toml::from_str(text).map_err(|e| Error::File { path: origin.to_path_buf(), why: format!("invalid config: {}", e.message().trim()).replace('\n', " ") + &span_hint(text, e.span()) })?;
+        let c: Config = toml::from_str(text).map_err(|e| Error::File {
+            path: origin.to_path_buf(),
+            why: format!("invalid config: {}", e.message().trim()).replace('\n', " ") + &span_hint(text, e.span()),
+        })?;
         c.validate().map_err(|e| Error::File { path: origin.to_path_buf(), why: e.to_string() })?;
         Ok(c)
     }
@@ -450,14 +473,21 @@ impl Config {
 
     /// Unlabelled patches per batch for the chosen method (0 when supervised).
     pub fn unlabelled_bs(&self) -> usize {
-        if self.method.kind == Method::Supervised { 0 } else { self.data.unlabelled_bs }
+        if self.method.kind == Method::Supervised {
+            0
+        } else {
+            self.data.unlabelled_bs
+        }
     }
 
     /// Checks every range; the error names the key (`section.field`).
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &str, why: String| Err(Error::invalid(k, why));
         if let Some(s) = self.data.patch.iter().find(|s| **s == 0 || **s % 16 != 0) {
-            return bad("data.patch", format!("every side must be a positive multiple of 16, got {s} in {:?}", self.data.patch));
+            return bad(
+                "data.patch",
+                format!("every side must be a positive multiple of 16, got {s} in {:?}", self.data.patch),
+            );
         }
         if self.data.labelled_bs == 0 {
             return bad("data.labelled_bs", "must be >= 1".into());
@@ -466,11 +496,16 @@ impl Config {
             return bad("data.unlabelled_bs", "must be >= 1 for uamt and mean_teacher".into());
         }
         let s = &self.data.synth;
-        if self.data.dataset.as_os_str().is_empty() && (s.cases == 0 || s.labelled == 0 || s.labelled > s.cases || s.size.contains(&0)) {
+        if self.data.dataset.as_os_str().is_empty()
+            && (s.cases == 0 || s.labelled == 0 || s.labelled > s.cases || s.size.contains(&0))
+        {
             return bad("data.synth", format!("need cases >= labelled >= 1 and a non-empty size, got {s:?}"));
         }
         if self.model.n_channels != 1 {
-            return bad("model.n_channels", format!("the data loader produces 1 channel, got {}", self.model.n_channels));
+            return bad(
+                "model.n_channels",
+                format!("the data loader produces 1 channel, got {}", self.model.n_channels),
+            );
         }
         if self.model.n_classes < 2 {
             return bad("model.n_classes", format!("must be >= 2, got {}", self.model.n_classes));
@@ -483,7 +518,10 @@ impl Config {
         }
         let m = &self.method;
         if m.kind == Method::Uamt && (m.mc_passes < 1 || m.mc_repeats < 1 || m.mc_passes % m.mc_repeats != 0) {
-            return bad("method.mc_passes", format!("must be a positive multiple of method.mc_repeats ({}), got {}", m.mc_repeats, m.mc_passes));
+            return bad(
+                "method.mc_passes",
+                format!("must be a positive multiple of method.mc_repeats ({}), got {}", m.mc_repeats, m.mc_passes),
+            );
         }
         if m.noise_std < 0.0 || m.noise_clip < 0.0 {
             return bad("method.noise_std", "noise_std and noise_clip must be >= 0".into());
@@ -511,7 +549,12 @@ impl Config {
             return bad("optim.momentum", "momentum and weight_decay must be >= 0, lr_gamma > 0".into());
         }
         let q = &self.queues;
-        for (k, v) in [("queues.batches", q.batches), ("queues.loader_workers", q.loader_workers), ("queues.teacher", q.teacher), ("queues.guidance", q.guidance)] {
+        for (k, v) in [
+            ("queues.batches", q.batches),
+            ("queues.loader_workers", q.loader_workers),
+            ("queues.teacher", q.teacher),
+            ("queues.guidance", q.guidance),
+        ] {
             if v == 0 {
                 return bad(k, "must be >= 1".into());
             }
@@ -529,7 +572,10 @@ impl Config {
         }
         self.device.resolve()?;
         if self.device.precision == Precision::Tf32 && self.device.device == "cpu" {
-            return bad("device.precision", "tf32 is a CUDA setting (tensor cores); on the CPU use fp32 or bf16".into());
+            return bad(
+                "device.precision",
+                "tf32 is a CUDA setting (tensor cores); on the CPU use fp32 or bf16".into(),
+            );
         }
         if self.device.threads > 256 {
             return bad("device.threads", format!("at most 256, got {}", self.device.threads));
@@ -544,10 +590,16 @@ impl Config {
             return bad("eval.stride", "eval.stride must be positive and eval.patch multiples of 16".into());
         }
         if !self.telemetry.listen.is_empty() && self.telemetry.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad("telemetry.listen", format!("`{}` is not an address like 127.0.0.1:9184", self.telemetry.listen));
+            return bad(
+                "telemetry.listen",
+                format!("`{}` is not an address like 127.0.0.1:9184", self.telemetry.listen),
+            );
         }
         if self.telemetry.readback_every < 0 {
-            return bad("telemetry.readback_every", format!("must be >= 0 (0: automatic), got {}", self.telemetry.readback_every));
+            return bad(
+                "telemetry.readback_every",
+                format!("must be >= 0 (0: automatic), got {}", self.telemetry.readback_every),
+            );
         }
         if self.telemetry.log_every < 1 {
             return bad("telemetry.log_every", "must be >= 1".into());
@@ -564,8 +616,11 @@ fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     // Name the key too (`table.key`), when the error points into a `key = value` line.
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
-    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.is_empty() && !k.starts_with('['));
-    let table = text[..line_start].lines().rev().find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.split(']').next()).map(|t| t.trim_matches('[').trim().to_string()));
+    let key =
+        line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = text[..line_start].lines().rev().find_map(|l| {
+        l.trim().strip_prefix('[').and_then(|l| l.split(']').next()).map(|t| t.trim_matches('[').trim().to_string())
+    });
     match (key, table) {
         (Some(k), Some(t)) => format!(" (`{t}.{k}`, line {line_no})"),
         (Some(k), None) => format!(" (`{k}`, line {line_no})"),

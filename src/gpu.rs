@@ -218,7 +218,10 @@ impl Ready {
         check(unsafe { uamt_event_block(ev.0, s.device, s.id) }, "waiting for a CUDA event")?;
         for t in tensors {
             if t.device().is_cuda() {
-                check(unsafe { uamt_tensor_record_stream(t.as_ptr() as *mut c_void, s.device, s.id) }, "record_stream")?;
+                check(
+                    unsafe { uamt_tensor_record_stream(t.as_ptr() as *mut c_void, s.device, s.id) },
+                    "record_stream",
+                )?;
             }
         }
         Ok(())

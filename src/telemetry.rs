@@ -102,8 +102,10 @@ impl Metric {
     pub const fn kind(self) -> MetricKind {
         use Metric::*;
         match self {
-            Iterations | QueuePushed | QueuePopped | QueueBlockedSeconds | StageBusySeconds | StageIdleSeconds | StageItems
-            | CheckpointWrites | CheckpointFailures | SkippedCases | EvalRuns | EvalFailures => MetricKind::Counter,
+            Iterations | QueuePushed | QueuePopped | QueueBlockedSeconds | StageBusySeconds | StageIdleSeconds
+            | StageItems | CheckpointWrites | CheckpointFailures | SkippedCases | EvalRuns | EvalFailures => {
+                MetricKind::Counter
+            }
             IterationSeconds | CheckpointSeconds => MetricKind::Histogram,
             _ => MetricKind::Gauge,
         }

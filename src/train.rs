@@ -101,7 +101,10 @@ impl StepConfig {
         }
         if self.method == Method::Uamt {
             if self.mc_passes < 1 || self.mc_repeats < 1 || self.mc_passes % self.mc_repeats != 0 {
-                return bad("mc_passes", format!("must be a positive multiple of mc_repeats ({}), got {}", self.mc_repeats, self.mc_passes));
+                return bad(
+                    "mc_passes",
+                    format!("must be a positive multiple of mc_repeats ({}), got {}", self.mc_repeats, self.mc_passes),
+                );
             }
         }
         if !(0.0..=1.0).contains(&self.ema_decay) {
@@ -153,7 +156,14 @@ impl StepRandom {
 
     /// The teacher's parts (target pass and Monte-Carlo passes) for iteration `iter`, for
     /// unlabelled patches of `unl_shape` `[u, C, X, Y, Z]`.
-    pub fn draw_teacher(net: &VNetConfig, device: Device, cfg: &StepConfig, seed: u64, iter: i64, unl_shape: &[i64]) -> (Option<PassRandom>, Vec<PassRandom>) {
+    pub fn draw_teacher(
+        net: &VNetConfig,
+        device: Device,
+        cfg: &StepConfig,
+        seed: u64,
+        iter: i64,
+        unl_shape: &[i64],
+    ) -> (Option<PassRandom>, Vec<PassRandom>) {
         if cfg.method == Method::Supervised {
             return (None, Vec::new());
         }
@@ -167,7 +177,15 @@ impl StepRandom {
         let teacher = draw_pass(net, device, rng::key(seed, &[iter as u64, STREAM_TEACHER]), u, Some(&noise));
         let mc = if cfg.method == Method::Uamt {
             (0..cfg.mc_passes / cfg.mc_repeats)
-                .map(|k| draw_pass(net, device, rng::key(seed, &[iter as u64, STREAM_MC, k as u64]), u * cfg.mc_repeats, Some(&noise)))
+                .map(|k| {
+                    draw_pass(
+                        net,
+                        device,
+                        rng::key(seed, &[iter as u64, STREAM_MC, k as u64]),
+                        u * cfg.mc_repeats,
+                        Some(&noise),
+                    )
+                })
                 .collect()
         } else {
             Vec::new()
@@ -176,7 +194,14 @@ impl StepRandom {
     }
 
     /// Everything for iteration `iter` on a batch of `images_shape` `[b, C, X, Y, Z]`.
-    pub fn draw(net: &VNetConfig, device: Device, cfg: &StepConfig, seed: u64, iter: i64, images_shape: &[i64]) -> StepRandom {
+    pub fn draw(
+        net: &VNetConfig,
+        device: Device,
+        cfg: &StepConfig,
+        seed: u64,
+        iter: i64,
+        images_shape: &[i64],
+    ) -> StepRandom {
         let student_batch = if cfg.method == Method::Supervised { cfg.labelled_bs } else { images_shape[0] };
         let student = Self::draw_student(net, device, seed, iter, student_batch);
         let mut unl = images_shape.to_vec();
@@ -224,19 +249,30 @@ pub struct TeacherOutput {
 /// The teacher's passes for one iteration: the noisy target pass and, for UA-MT, the T
 /// Monte-Carlo passes. Runs under no_grad; the teacher stays in train mode (dropout on,
 /// BatchNorm on batch statistics, running statistics updated), as in the reference.
-pub fn teacher_passes(teacher: &VNet, cfg: &StepConfig, iter: i64, unlabelled: &Tensor, teacher_rnd: &PassRandom, mc_rnd: &[PassRandom]) -> Result<TeacherOutput> {
+pub fn teacher_passes(
+    teacher: &VNet,
+    cfg: &StepConfig,
+    iter: i64,
+    unlabelled: &Tensor,
+    teacher_rnd: &PassRandom,
+    mc_rnd: &[PassRandom],
+) -> Result<TeacherOutput> {
     tch::no_grad(|| {
         let noisy = |x: &Tensor, r: &PassRandom| match &r.noise {
             Some(n) => x + n,
             None => x.shallow_clone(),
         };
-        let target = teacher.forward_with(&noisy(unlabelled, teacher_rnd), true, Dropout::Masks(&teacher_rnd.dropout))?;
+        let target =
+            teacher.forward_with(&noisy(unlabelled, teacher_rnd), true, Dropout::Masks(&teacher_rnd.dropout))?;
         if cfg.method != Method::Uamt {
             return Ok(TeacherOutput { iter, target, mc: None });
         }
         let expect = (cfg.mc_passes / cfg.mc_repeats) as usize;
         if mc_rnd.len() != expect {
-            return Err(Error::invalid("mc_passes", format!("{} Monte-Carlo pass randoms given, {expect} expected", mc_rnd.len())));
+            return Err(Error::invalid(
+                "mc_passes",
+                format!("{} Monte-Carlo pass randoms given, {expect} expected", mc_rnd.len()),
+            ));
         }
         let repeated = unlabelled.repeat([cfg.mc_repeats, 1, 1, 1, 1]);
         if cfg.mc_batched && mc_rnd.len() > 1 {
@@ -274,7 +310,14 @@ pub fn guidance(out: TeacherOutput, cfg: &StepConfig, n_classes: i64) -> Guidanc
 }
 
 /// The teacher's whole work for one iteration: [`teacher_passes`] then [`guidance`].
-pub fn teacher_guidance(teacher: &VNet, cfg: &StepConfig, iter: i64, unlabelled: &Tensor, teacher_rnd: &PassRandom, mc_rnd: &[PassRandom]) -> Result<Guidance> {
+pub fn teacher_guidance(
+    teacher: &VNet,
+    cfg: &StepConfig,
+    iter: i64,
+    unlabelled: &Tensor,
+    teacher_rnd: &PassRandom,
+    mc_rnd: &[PassRandom],
+) -> Result<Guidance> {
     let out = teacher_passes(teacher, cfg, iter, unlabelled, teacher_rnd, mc_rnd)?;
     Ok(guidance(out, cfg, teacher.config().n_classes))
 }
@@ -324,10 +367,11 @@ impl StepStats {
     /// float64 tensor `[6]`, still on the device.
     pub fn scalars(&self) -> Tensor {
         let device = self.loss.device();
-        let parts: Vec<Tensor> = [&self.loss, &self.supervised, &self.ce, &self.dice, &self.consistency, &self.mask_fraction]
-            .iter()
-            .map(|t| t.detach().to_kind(Kind::Double).to_device(device).reshape([1]))
-            .collect();
+        let parts: Vec<Tensor> =
+            [&self.loss, &self.supervised, &self.ce, &self.dice, &self.consistency, &self.mask_fraction]
+                .iter()
+                .map(|t| t.detach().to_kind(Kind::Double).to_device(device).reshape([1]))
+                .collect();
         Tensor::cat(&parts, 0)
     }
 
@@ -353,14 +397,18 @@ impl StepStats {
         if stats.is_empty() {
             return Ok(Vec::new());
         }
-        let all = Tensor::f_stack(&stats.iter().map(StepStats::scalars).collect::<Vec<_>>(), 0)?.f_to_device(Device::Cpu)?;
+        let all =
+            Tensor::f_stack(&stats.iter().map(StepStats::scalars).collect::<Vec<_>>(), 0)?.f_to_device(Device::Cpu)?;
         let v = Vec::<f64>::try_from(all.reshape([-1]))?;
         Ok(stats.iter().zip(v.chunks(6)).map(|(s, v)| s.report_from(v)).collect())
     }
 
     /// Copies the scalars to the host.
     pub fn report(&self) -> StepReport {
-        let v: Vec<f64> = [&self.loss, &self.supervised, &self.ce, &self.dice, &self.consistency, &self.mask_fraction].iter().map(|t| t.double_value(&[])).collect();
+        let v: Vec<f64> = [&self.loss, &self.supervised, &self.ce, &self.dice, &self.consistency, &self.mask_fraction]
+            .iter()
+            .map(|t| t.double_value(&[]))
+            .collect();
         self.report_from(&v)
     }
 }
@@ -449,7 +497,8 @@ impl Trainer {
         let guidance = match (&self.teacher, self.cfg.method) {
             (Some(teacher), m) if m != Method::Supervised => {
                 let unl = self.unlabelled(images);
-                let t = rnd.teacher.as_ref().ok_or_else(|| Error::invalid("random", "teacher pass randomness missing"))?;
+                let t =
+                    rnd.teacher.as_ref().ok_or_else(|| Error::invalid("random", "teacher pass randomness missing"))?;
                 Some(teacher_guidance(teacher, &self.cfg, self.iter, &unl, t, &rnd.mc)?)
             }
             _ => None,
@@ -469,13 +518,22 @@ impl Trainer {
 
     /// The student's forward pass (train mode) on the patches its method trains on.
     pub fn student_forward(&self, images: &Tensor, rnd: &PassRandom) -> Result<Tensor> {
-        let inputs = if self.cfg.method == Method::Supervised { images.narrow(0, 0, self.cfg.labelled_bs) } else { images.shallow_clone() };
+        let inputs = if self.cfg.method == Method::Supervised {
+            images.narrow(0, 0, self.cfg.labelled_bs)
+        } else {
+            images.shallow_clone()
+        };
         self.student.forward_with(&inputs, true, Dropout::Masks(&rnd.dropout)) // [b, C, X, Y, Z]
     }
 
     /// The rest of the student's step given its logits and the teacher's guidance: losses,
     /// backward, SGD, counter. The EMA update is the caller's (it may run elsewhere).
-    pub fn student_finish(&mut self, logits: &Tensor, labels: &Tensor, guidance: Option<&Guidance>) -> Result<StepStats> {
+    pub fn student_finish(
+        &mut self,
+        logits: &Tensor,
+        labels: &Tensor,
+        guidance: Option<&Guidance>,
+    ) -> Result<StepStats> {
         let cfg = &self.cfg;
         let (iter, l) = (self.iter, cfg.labelled_bs);
         let sup = losses::supervised_loss(&logits.narrow(0, 0, l), labels);

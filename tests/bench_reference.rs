@@ -35,19 +35,29 @@ fn should_run_the_reference_loop_two_iterations_with_finite_plausible_losses() {
     run_py(&[pack.to_str().unwrap(), "synth", "--out", data.to_str().unwrap(), "--cases", "4", "--size", "40,40,24"]);
     let out = run_py(&[
         reference.to_str().unwrap(),
-        "--data", data.to_str().unwrap(),
-        "--labelled", "2",
-        "--patch", "32,32,16",
-        "--n-filters", "4",
-        "--iterations", "2",
-        "--warmup", "0",
-        "--workers", "0",
-        "--threads", "2",
-        "--device", "cpu",
+        "--data",
+        data.to_str().unwrap(),
+        "--labelled",
+        "2",
+        "--patch",
+        "32,32,16",
+        "--n-filters",
+        "4",
+        "--iterations",
+        "2",
+        "--warmup",
+        "0",
+        "--workers",
+        "0",
+        "--threads",
+        "2",
+        "--device",
+        "cpu",
         "--print-losses",
         "--json",
     ]);
-    let lines: Vec<serde_json::Value> = out.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        out.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 3, "two loss lines and the summary expected, got:\n{out}");
     for l in &lines[..2] {
         for k in ["loss", "ce", "dice", "supervised", "consistency", "mask_fraction"] {
@@ -55,7 +65,8 @@ fn should_run_the_reference_loop_two_iterations_with_finite_plausible_losses() {
         }
     }
     let first = &lines[0];
-    let (ce, dice, sup, loss) = (field(first, "ce"), field(first, "dice"), field(first, "supervised"), field(first, "loss"));
+    let (ce, dice, sup, loss) =
+        (field(first, "ce"), field(first, "dice"), field(first, "supervised"), field(first, "loss"));
     // A fresh two-class network: the cross-entropy is near ln 2 (0.69), the Dice loss in [0, 1].
     assert!((0.2..1.5).contains(&ce), "first cross-entropy {ce} implausible for a fresh network (ln 2 = 0.69)");
     assert!((0.0..=1.0).contains(&dice), "Dice loss {dice} outside [0, 1]");
@@ -77,8 +88,28 @@ fn should_pack_and_unpack_an_la_case_exactly() {
     let dir = tmp("pack");
     let pack = repo().join("benches/reference/la_pack.py");
     let (packed, unpacked) = (dir.join("packed"), dir.join("unpacked"));
-    run_py(&[pack.to_str().unwrap(), "pack", "--src", la.to_str().unwrap(), "--out", packed.to_str().unwrap(), "--cases", "1"]);
-    run_py(&[pack.to_str().unwrap(), "unpack", "--src", packed.to_str().unwrap(), "--out", unpacked.to_str().unwrap(), "--labelled", "2", "--unlabelled", "1"]);
+    run_py(&[
+        pack.to_str().unwrap(),
+        "pack",
+        "--src",
+        la.to_str().unwrap(),
+        "--out",
+        packed.to_str().unwrap(),
+        "--cases",
+        "1",
+    ]);
+    run_py(&[
+        pack.to_str().unwrap(),
+        "unpack",
+        "--src",
+        packed.to_str().unwrap(),
+        "--out",
+        unpacked.to_str().unwrap(),
+        "--labelled",
+        "2",
+        "--unlabelled",
+        "1",
+    ]);
     let check = r#"
 import sys, h5py, numpy as np
 la, out = sys.argv[1], sys.argv[2]

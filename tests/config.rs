@@ -24,13 +24,21 @@ fn every_file_in_config_parses_and_validates() {
 
 #[test]
 fn the_la_configs_cover_the_three_methods_with_the_recipe() {
-    for (file, method) in [("la-uamt.toml", Method::Uamt), ("la-mean-teacher.toml", Method::MeanTeacher), ("la-supervised.toml", Method::Supervised)] {
+    for (file, method) in [
+        ("la-uamt.toml", Method::Uamt),
+        ("la-mean-teacher.toml", Method::MeanTeacher),
+        ("la-supervised.toml", Method::Supervised),
+    ] {
         let c = Config::load(&repo().join("config").join(file)).unwrap();
         assert_eq!(c.method.kind, method, "{file}");
         assert_eq!(c.data.patch, [112, 112, 80]);
         assert_eq!(c.model.n_filters, 16);
         assert_eq!(c.optim.iterations, 6000);
-        assert_eq!(c.step_config(), uamt::train::StepConfig { method, ..Default::default() }, "{file} differs from the recipe");
+        assert_eq!(
+            c.step_config(),
+            uamt::train::StepConfig { method, ..Default::default() },
+            "{file} differs from the recipe"
+        );
     }
 }
 
@@ -42,7 +50,9 @@ fn the_demo_file_is_the_built_in_demo() {
 
 #[test]
 fn an_unknown_key_is_refused_with_its_name() {
-    let err = Config::from_toml("[optim]\niterations = 5\nlearning_rate = 0.1\n", Path::new("x.toml")).unwrap_err().to_string();
+    let err = Config::from_toml("[optim]\niterations = 5\nlearning_rate = 0.1\n", Path::new("x.toml"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("learning_rate") && err.contains("x.toml"), "{err}");
     let err = Config::from_toml("[optimizer]\n", Path::new("y.toml")).unwrap_err().to_string();
     assert!(err.contains("optimizer"), "{err}");

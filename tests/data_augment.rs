@@ -37,7 +37,10 @@ fn should_cut_the_patches_numpy_cuts() {
             }
         }
     }
-    let specs: Vec<String> = augs.iter().map(|a| format!("{},{},{},{},{}", a.k, a.flip.unwrap(), a.offset[0], a.offset[1], a.offset[2])).collect();
+    let specs: Vec<String> = augs
+        .iter()
+        .map(|a| format!("{},{},{},{},{}", a.k, a.flip.unwrap(), a.offset[0], a.offset[1], a.offset[2]))
+        .collect();
     let out = TempDir::new("aug-numpy-out");
     let mut args: Vec<PathBuf> = vec![path.clone(), out.path().to_path_buf(), PathBuf::from("6,8,4")];
     args.extend(specs.iter().map(PathBuf::from));
@@ -46,8 +49,13 @@ fn should_cut_the_patches_numpy_cuts() {
         let meta = read_json(&out.join(format!("{i}.json")));
         let pad: Vec<usize> = meta["pad"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
         assert_eq!(pad, a.pad.to_vec(), "padding rule for k={} (numpy pads {pad:?})", a.k);
-        let bounds: Vec<usize> = meta["bounds"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-        assert!((0..3).all(|j| a.offset[j] < bounds[j]), "offset {:?} outside numpy's randint range {bounds:?}", a.offset);
+        let bounds: Vec<usize> =
+            meta["bounds"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        assert!(
+            (0..3).all(|j| a.offset[j] < bounds[j]),
+            "offset {:?} outside numpy's randint range {bounds:?}",
+            a.offset
+        );
         let want = read_f32(&out.join(format!("{i}.f32")));
         let mut got = vec![0f32; 6 * 8 * 4];
         extract(&mapped, a, patch, &mut got).unwrap();
@@ -60,7 +68,9 @@ fn should_cut_the_patches_numpy_cuts() {
 #[test]
 fn should_equal_the_step_by_step_reference_for_drawn_augments() {
     let mut rng = Rng::new(11);
-    for (dims, patch) in [([20, 17, 12], [8, 8, 4]), ([10, 13, 6], [16, 8, 8]), ([3, 3, 3], [8, 8, 8]), ([17, 9, 11], [16, 8, 10])] {
+    for (dims, patch) in
+        [([20, 17, 12], [8, 8, 4]), ([10, 13, 6], [16, 8, 8]), ([3, 3, 3], [8, 8, 8]), ([17, 9, 11], [16, 8, 10])]
+    {
         let v = distinct_volume(dims);
         let labels = v.map(|x| (x as u32 % 3) as u8);
         for _ in 0..24 {

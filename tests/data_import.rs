@@ -17,19 +17,31 @@ fn write_list(path: &Path, ids: &[&str]) {
 }
 
 /// Asserts `r` failed naming `file` and saying `words`, and that `out` was not created.
-fn assert_failed_cleanly<T: std::fmt::Debug>(r: Result<T, uamt::data::DataError>, file: &Path, words: &str, out: &Path) {
+fn assert_failed_cleanly<T: std::fmt::Debug>(
+    r: Result<T, uamt::data::DataError>,
+    file: &Path,
+    words: &str,
+    out: &Path,
+) {
     let msg = r.expect_err("the import must fail").to_string();
     assert!(msg.contains(&file.display().to_string()), "error does not name {}: {msg}", file.display());
     assert!(msg.contains(words), "error should say `{words}`: {msg}");
     assert!(!out.exists(), "a failed import left {}", out.display());
     let name = out.file_name().unwrap().to_string_lossy();
-    assert!(!has_entry_starting(out.parent().unwrap(), &format!(".{name}.")), "a failed import left its temporary folder");
+    assert!(
+        !has_entry_starting(out.parent().unwrap(), &format!(".{name}.")),
+        "a failed import left its temporary folder"
+    );
 }
 
 #[test]
 fn should_import_real_la_cases_equal_to_what_h5py_reads() {
     let la = la_dir();
-    let train: Vec<String> = std::fs::read_to_string(la.join("train.list")).expect("the LA data in ../shared/data/la2018").lines().map(String::from).collect();
+    let train: Vec<String> = std::fs::read_to_string(la.join("train.list"))
+        .expect("the LA data in ../shared/data/la2018")
+        .lines()
+        .map(String::from)
+        .collect();
     let test: Vec<String> = std::fs::read_to_string(la.join("test.list")).unwrap().lines().map(String::from).collect();
     let (tr, ts) = ([train[0].as_str(), train[1].as_str()], [test[0].as_str()]);
     let tmp = TempDir::new("la-import");
@@ -63,21 +75,37 @@ fn should_import_real_la_cases_equal_to_what_h5py_reads() {
     oracle("nifti_dump.py", &args);
     for (k, c) in cases.iter().enumerate() {
         let meta = read_json(&dump.join(format!("{}.json", 4 * k)));
-        let shape: Vec<usize> = meta["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> =
+            meta["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         assert_eq!(c.image.dims().to_vec(), shape, "{}: shape (W, H, D) as h5py reads it", c.id);
         let h5_image = read_f32(&dump.join(format!("{}.f32", 4 * k)));
         let h5_label = read_f32(&dump.join(format!("{}.f32", 4 * k + 1)));
         let image = c.image.read_f32().unwrap();
         let label = c.label.as_ref().unwrap().read_labels().unwrap();
         assert_eq!(image.data, h5_image, "{}: image differs from h5py", c.id);
-        assert_eq!(label.data.iter().map(|&v| v as f32).collect::<Vec<_>>(), h5_label, "{}: label differs from h5py", c.id);
+        assert_eq!(
+            label.data.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            h5_label,
+            "{}: label differs from h5py",
+            c.id
+        );
         assert!(label.data.contains(&1));
         // Spot-check the axis convention: h5py's image[x][y][z] is our get(x, y, z).
         let [w, h, d] = image.dims;
         let (x, y, z) = (w / 3, h / 2, d - 1);
         assert_eq!(image.get(x, y, z), Some(h5_image[x + w * (y + h * z)]));
-        assert_eq!(read_f32(&dump.join(format!("{}.f32", 4 * k + 2))), h5_image, "{}: nibabel reads our image differently", c.id);
-        assert_eq!(read_f32(&dump.join(format!("{}.f32", 4 * k + 3))), h5_label, "{}: nibabel reads our label differently", c.id);
+        assert_eq!(
+            read_f32(&dump.join(format!("{}.f32", 4 * k + 2))),
+            h5_image,
+            "{}: nibabel reads our image differently",
+            c.id
+        );
+        assert_eq!(
+            read_f32(&dump.join(format!("{}.f32", 4 * k + 3))),
+            h5_label,
+            "{}: nibabel reads our label differently",
+            c.id
+        );
         let nib = read_json(&dump.join(format!("{}.json", 4 * k + 2)));
         assert_eq!(nib["zooms"], serde_json::json!([0.625, 0.625, 0.625]));
         assert_eq!(c.image.header().spacing, [0.625; 3]);
@@ -87,9 +115,11 @@ fn should_import_real_la_cases_equal_to_what_h5py_reads() {
 #[test]
 fn should_leave_no_output_when_an_h5_case_is_truncated() {
     let la = la_dir();
-    let ids: Vec<String> = std::fs::read_to_string(la.join("train.list")).unwrap().lines().take(2).map(String::from).collect();
+    let ids: Vec<String> =
+        std::fs::read_to_string(la.join("train.list")).unwrap().lines().take(2).map(String::from).collect();
     let src = TempDir::new("h5-trunc-src");
-    std::os::unix::fs::symlink(la.join("h5").join(format!("{}.h5", ids[0])), src.join(format!("{}.h5", ids[0]))).unwrap();
+    std::os::unix::fs::symlink(la.join("h5").join(format!("{}.h5", ids[0])), src.join(format!("{}.h5", ids[0])))
+        .unwrap();
     let real = std::fs::read(la.join("h5").join(format!("{}.h5", ids[1]))).unwrap();
     let bad = src.join(format!("{}.h5", ids[1]));
     std::fs::write(&bad, &real[..real.len() / 3]).unwrap();
@@ -240,7 +270,12 @@ fn challenge_case(dims: [usize; 3], seed: u32) -> (Vec<f64>, Vec<u8>) {
 
 /// The reference preprocessing written out independently: z-score over the whole volume, crop
 /// x/y to `[lo - m - p, hi + m + p)` clipped, with `p = max(patch - (hi - lo), 0) // 2`.
-fn expected_crop(image: &[f64], dims: [usize; 3], margin: usize, patch: [usize; 2]) -> (Vec<f32>, [usize; 3], [usize; 2]) {
+fn expected_crop(
+    image: &[f64],
+    dims: [usize; 3],
+    margin: usize,
+    patch: [usize; 2],
+) -> (Vec<f32>, [usize; 3], [usize; 2]) {
     let n = image.len() as f64;
     let mean = image.iter().sum::<f64>() / n;
     let std = (image.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
@@ -270,9 +305,33 @@ fn should_import_challenge_nrrd_with_the_reference_preprocessing() {
         let (image, label) = challenge_case(dims, k as u32);
         // Case A raw uint8, case B gzip uint8, case C gzip big-endian int16.
         match k {
-            0 => write_nrrd(&src.join(id).join("lgemri.nrrd"), dims, "unsigned char", false, false, &image.iter().map(|&v| v as u8).collect::<Vec<_>>(), DIRS),
-            1 => write_nrrd(&src.join(id).join("lgemri.nrrd"), dims, "uchar", false, true, &image.iter().map(|&v| v as u8).collect::<Vec<_>>(), DIRS),
-            _ => write_nrrd(&src.join(id).join("lgemri.nrrd"), dims, "short", true, true, &image.iter().flat_map(|&v| (v as i16).to_be_bytes()).collect::<Vec<_>>(), DIRS),
+            0 => write_nrrd(
+                &src.join(id).join("lgemri.nrrd"),
+                dims,
+                "unsigned char",
+                false,
+                false,
+                &image.iter().map(|&v| v as u8).collect::<Vec<_>>(),
+                DIRS,
+            ),
+            1 => write_nrrd(
+                &src.join(id).join("lgemri.nrrd"),
+                dims,
+                "uchar",
+                false,
+                true,
+                &image.iter().map(|&v| v as u8).collect::<Vec<_>>(),
+                DIRS,
+            ),
+            _ => write_nrrd(
+                &src.join(id).join("lgemri.nrrd"),
+                dims,
+                "short",
+                true,
+                true,
+                &image.iter().flat_map(|&v| (v as i16).to_be_bytes()).collect::<Vec<_>>(),
+                DIRS,
+            ),
         }
         write_nrrd(&src.join(id).join("laendo.nrrd"), dims, "unsigned char", false, k == 2, &label, DIRS);
         images.push(image);
@@ -302,7 +361,12 @@ fn should_import_challenge_nrrd_with_the_reference_preprocessing() {
         // LPS directions and origin become RAS, shifted to the crop's first voxel.
         let a = case.image.header().geometry.affine;
         assert_eq!([a[0][0], a[1][1], a[2][2]], [-0.625, -0.625, 1.25]);
-        assert!((a[0][3] - (100.0 - 14.0 * 0.625)).abs() < 1e-4 && (a[1][3] - (-50.0 - 0.625)).abs() < 1e-4 && (a[2][3] + 20.0).abs() < 1e-4, "{a:?}");
+        assert!(
+            (a[0][3] - (100.0 - 14.0 * 0.625)).abs() < 1e-4
+                && (a[1][3] - (-50.0 - 0.625)).abs() < 1e-4
+                && (a[2][3] + 20.0).abs() < 1e-4,
+            "{a:?}"
+        );
         assert_eq!(case.image.header().geometry.orientation(), "LPS");
     }
 
@@ -358,13 +422,39 @@ fn should_name_the_file_when_nrrd_input_is_bad() {
 
     // Whole imports: a NaN image, a label of another shape, a label without 255, a case
     // missing its label; each fails naming the file and leaves no output folder.
-    let nan: Vec<u8> = image.iter().enumerate().flat_map(|(i, &v)| (if i == 77 { f32::NAN } else { v as f32 }).to_le_bytes()).collect();
+    let nan: Vec<u8> = image
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &v)| (if i == 77 { f32::NAN } else { v as f32 }).to_le_bytes())
+        .collect();
     type Spoil<'a> = Box<dyn Fn(&Path) + 'a>;
     let cases: [(&str, Spoil, &str, &str); 4] = [
-        ("nan", Box::new(|d: &Path| write_nrrd(&d.join("lgemri.nrrd"), dims, "float", false, false, &nan, "")), "lgemri.nrrd", "NaN"),
-        ("shape", Box::new(|d: &Path| write_nrrd(&d.join("laendo.nrrd"), [40, 20, 2], "uchar", false, false, &label[..1600], "")), "laendo.nrrd", "differs"),
-        ("empty", Box::new(|d: &Path| write_nrrd(&d.join("laendo.nrrd"), dims, "uchar", false, false, &vec![0u8; 2400], "")), "laendo.nrrd", "no foreground"),
-        ("nolabel", Box::new(|d: &Path| std::fs::remove_file(d.join("laendo.nrrd")).unwrap()), "train.list", "no laendo.nrrd"),
+        (
+            "nan",
+            Box::new(|d: &Path| write_nrrd(&d.join("lgemri.nrrd"), dims, "float", false, false, &nan, "")),
+            "lgemri.nrrd",
+            "NaN",
+        ),
+        (
+            "shape",
+            Box::new(|d: &Path| {
+                write_nrrd(&d.join("laendo.nrrd"), [40, 20, 2], "uchar", false, false, &label[..1600], "")
+            }),
+            "laendo.nrrd",
+            "differs",
+        ),
+        (
+            "empty",
+            Box::new(|d: &Path| write_nrrd(&d.join("laendo.nrrd"), dims, "uchar", false, false, &vec![0u8; 2400], "")),
+            "laendo.nrrd",
+            "no foreground",
+        ),
+        (
+            "nolabel",
+            Box::new(|d: &Path| std::fs::remove_file(d.join("laendo.nrrd")).unwrap()),
+            "train.list",
+            "no laendo.nrrd",
+        ),
     ];
     for (name, spoil, file, words) in cases {
         let root = src.join(name);

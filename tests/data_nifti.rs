@@ -49,7 +49,11 @@ fn should_read_nibabel_files_equal_to_what_nibabel_reads() {
         }
         assert_affine_close(&h.geometry.affine, &affine(&c["affine"]), 1e-5, name);
         let (slope, inter) = (c["slope"].as_f64().unwrap(), c["inter"].as_f64().unwrap());
-        assert!((h.scale.slope - slope).abs() < 1e-12 && (h.scale.inter - inter).abs() < 1e-9, "{name}: scale {:?}", h.scale);
+        assert!(
+            (h.scale.slope - slope).abs() < 1e-12 && (h.scale.inter - inter).abs() < 1e-9,
+            "{name}: scale {:?}",
+            h.scale
+        );
         let ours = v.read_f32().unwrap();
         let theirs = read_f32(&dir.join(format!("{name}.f32")));
         assert_eq!(ours.data.len(), theirs.len(), "{name}");

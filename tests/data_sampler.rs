@@ -12,7 +12,12 @@ use uamt::data::sampler::{BatchSampler, HostBatch, LoaderConfig, PatchLoader, Sa
 use uamt::data::{write_synth, Dataset, DatasetOptions, SynthConfig};
 
 fn sampler(lbs: usize, ubs: usize, nl: usize, nu: usize, restart: bool, seed: u64) -> BatchSampler {
-    BatchSampler::new(SamplerConfig { labelled_bs: lbs, unlabelled_bs: ubs, seed, unlabelled_restart_each_epoch: restart }, nl, nu).unwrap()
+    BatchSampler::new(
+        SamplerConfig { labelled_bs: lbs, unlabelled_bs: ubs, seed, unlabelled_restart_each_epoch: restart },
+        nl,
+        nu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -50,7 +55,11 @@ fn should_draw_unlabelled_cases_from_endless_reshuffles() {
     for epoch in 0..3u64 {
         let draws: Vec<usize> = (0..4).flat_map(|b| restart.batch(epoch * 4 + b).unlabelled).collect();
         for pass in draws.chunks(3) {
-            assert_eq!(pass.iter().collect::<HashSet<_>>().len(), pass.len(), "epoch {epoch}: a reshuffle repeats a case: {draws:?}");
+            assert_eq!(
+                pass.iter().collect::<HashSet<_>>().len(),
+                pass.len(),
+                "epoch {epoch}: a reshuffle repeats a case: {draws:?}"
+            );
         }
     }
     // One stream across epochs: passes of 3 line up with the global draw count.
@@ -119,8 +128,15 @@ fn should_cut_batches_the_trainer_takes_from_a_mapped_dataset() {
             let want = augment_reference(&case.image.read_f32().unwrap(), &p.augment, lc.patch).unwrap().to_c_order();
             assert_eq!(&host.images[slot * n..(slot + 1) * n], want.as_slice(), "iteration {it} slot {slot}");
             if slot < 2 {
-                let want = augment_reference(&case.label.as_ref().unwrap().read_labels().unwrap(), &p.augment, lc.patch).unwrap().to_c_order();
-                assert_eq!(&host.labels[slot * n..(slot + 1) * n], want.as_slice(), "labels, iteration {it} slot {slot}");
+                let want =
+                    augment_reference(&case.label.as_ref().unwrap().read_labels().unwrap(), &p.augment, lc.patch)
+                        .unwrap()
+                        .to_c_order();
+                assert_eq!(
+                    &host.labels[slot * n..(slot + 1) * n],
+                    want.as_slice(),
+                    "labels, iteration {it} slot {slot}"
+                );
             }
         }
         // The padding (z: 6 <= 8) shows as zeros around the volume.
@@ -130,7 +146,10 @@ fn should_cut_batches_the_trainer_takes_from_a_mapped_dataset() {
     let again = PatchLoader::new(Arc::new(Dataset::open(&out, &DatasetOptions::default()).unwrap()), lc).unwrap();
     let mut other = HostBatch::default();
     again.fill(7, &mut other).unwrap();
-    assert_eq!((other.images.clone(), other.labels.clone(), other.plans.clone()), (host.images.clone(), host.labels.clone(), host.plans.clone()));
+    assert_eq!(
+        (other.images.clone(), other.labels.clone(), other.plans.clone()),
+        (host.images.clone(), host.labels.clone(), host.plans.clone())
+    );
     let (ti, tl) = other.to_tensors().unwrap();
     let flat: Vec<f32> = Vec::try_from(&ti.flatten(0, -1)).unwrap();
     assert_eq!(flat, other.images);

@@ -47,7 +47,8 @@ fn should_look_like_an_la_scan() {
     let std = (image.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
     assert!(mean.abs() < 1e-3 && (std - 1.0).abs() < 1e-3, "z-scored: mean {mean}, std {std}");
     let avg = |want: u8| {
-        let v: Vec<f64> = image.data.iter().zip(&label.data).filter(|(_, &l)| l == want).map(|(&x, _)| x as f64).collect();
+        let v: Vec<f64> =
+            image.data.iter().zip(&label.data).filter(|(_, &l)| l == want).map(|(&x, _)| x as f64).collect();
         v.iter().sum::<f64>() / v.len() as f64
     };
     assert!(avg(1) > avg(0) + 0.5, "the blood pool should be brighter: {} vs {}", avg(1), avg(0));

@@ -14,7 +14,12 @@ use uamt::train::{StepConfig, Trainer};
 fn should_feed_a_uamt_step_with_loader_batches() {
     let tmp = TempDir::new("data-trainer");
     let out = tmp.join("ds");
-    write_synth(&out, &SynthConfig { cases: 4, labelled: 2, test: 0, size: [24, 20, 18], seed: 3, ..SynthConfig::default() }, false).unwrap();
+    write_synth(
+        &out,
+        &SynthConfig { cases: 4, labelled: 2, test: 0, size: [24, 20, 18], seed: 3, ..SynthConfig::default() },
+        false,
+    )
+    .unwrap();
     let ds = Arc::new(Dataset::open(&out, &DatasetOptions::default()).unwrap());
     let loader = PatchLoader::new(ds, LoaderConfig { patch: [16, 16, 16], ..LoaderConfig::default() }).unwrap();
     let net = VNetConfig { n_filters: 4, ..VNetConfig::default() };

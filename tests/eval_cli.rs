@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use tch::{Device, Tensor};
-use uamt::data::synth::{write_synth, SynthConfig};
-use uamt::data::{write_nifti, Dataset, DatasetOptions, Geometry, GzCache, NiftiVolume, Volume};
 use uamt::checkpoint::Snapshot;
 use uamt::config::Config;
-use uamt::eval::{case_metrics, evaluate_dataset, mc_uncertainty, model_from_named, EmptyPolicy, EvalOptions, InferOptions, McOptions};
+use uamt::data::synth::{write_synth, SynthConfig};
+use uamt::data::{write_nifti, Dataset, DatasetOptions, Geometry, GzCache, NiftiVolume, Volume};
+use uamt::eval::{
+    case_metrics, evaluate_dataset, mc_uncertainty, model_from_named, EmptyPolicy, EvalOptions, InferOptions, McOptions,
+};
 use uamt::model::{VNet, VNetConfig};
 use uamt::train::Trainer;
 
@@ -47,7 +49,8 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -98,7 +101,10 @@ fn should_print_metrics_of_two_nifti_files_as_json() {
     for (key, w) in [("hd95", want.hd95), ("asd", want.asd), ("hd95_mm", want.hd95_mm), ("asd_mm", want.asd_mm)] {
         assert!((num(&case[key]) - w.unwrap()).abs() < 1e-9, "{key}: {case}");
     }
-    assert!(num(&case["hd95"]) > 0.0 && num(&case["hd95_mm"]) != num(&case["hd95"]), "the spacing is anisotropic: {case}");
+    assert!(
+        num(&case["hd95"]) > 0.0 && num(&case["hd95_mm"]) != num(&case["hd95"]),
+        "the spacing is anisotropic: {case}"
+    );
     assert_eq!(case["empty_prediction"], false);
     assert_eq!(report["summary"]["dice"]["n"], 1);
     assert!((num(&report["summary"]["dice"]["mean"]) - 4.0 / 6.0).abs() < 1e-12);
@@ -106,7 +112,15 @@ fn should_print_metrics_of_two_nifti_files_as_json() {
     assert!(stderr.contains("[1/1] case: dice 0.6667"), "progress line: {stderr}");
 
     // --spacing overrides the header: 1 mm voxels make millimetres equal voxels.
-    let report = json(&run(&["--prediction", p.to_str().unwrap(), "--reference", r.to_str().unwrap(), "--spacing", "1", "--json"]));
+    let report = json(&run(&[
+        "--prediction",
+        p.to_str().unwrap(),
+        "--reference",
+        r.to_str().unwrap(),
+        "--spacing",
+        "1",
+        "--json",
+    ]));
     assert_eq!(num(&report["cases"][0]["hd95_mm"]), num(&report["cases"][0]["hd95"]));
 }
 
@@ -126,7 +140,14 @@ fn should_match_folders_by_name_and_say_what_is_missing() {
     write_nifti(rd.join("c.nii"), &full, &g).unwrap(); // no prediction
     write_nifti(pd.join("extra.nii"), &full, &g).unwrap(); // no reference
 
-    let o = run(&["--prediction", pd.to_str().unwrap(), "--reference", rd.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "--prediction",
+        pd.to_str().unwrap(),
+        "--reference",
+        rd.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.lines().any(|l| l.starts_with("a ") && l.contains("100.00")), "{table}");
     assert!(table.contains("empty prediction"), "{table}");
@@ -136,7 +157,11 @@ fn should_match_folders_by_name_and_say_what_is_missing() {
     let ids: Vec<&str> = report["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["a", "b"]);
     let b = &report["cases"][1];
-    assert_eq!((b["empty_prediction"].as_bool(), num(&b["dice"]), num(&b["hd95"])), (Some(true), 0.0, 0.0), "the reference scores an empty prediction as zeros");
+    assert_eq!(
+        (b["empty_prediction"].as_bool(), num(&b["dice"]), num(&b["hd95"])),
+        (Some(true), 0.0, 0.0),
+        "the reference scores an empty prediction as zeros"
+    );
     assert_eq!(report["summary"]["empty_predictions"], 1);
     assert_eq!(report["failures"].as_array().unwrap().len(), 2);
     let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
@@ -144,7 +169,15 @@ fn should_match_folders_by_name_and_say_what_is_missing() {
     assert!(csv.lines().nth(1).unwrap().starts_with("a,1,1,0,0,0,0,"), "{csv}");
 
     // --empty undefined leaves the empty prediction's distances out of the means.
-    let report = json(&run(&["--prediction", pd.to_str().unwrap(), "--reference", rd.to_str().unwrap(), "--empty", "undefined", "--json"]));
+    let report = json(&run(&[
+        "--prediction",
+        pd.to_str().unwrap(),
+        "--reference",
+        rd.to_str().unwrap(),
+        "--empty",
+        "undefined",
+        "--json",
+    ]));
     assert!(report["cases"][1]["hd95"].is_null());
     assert_eq!(report["summary"]["hd95"]["n"], 1);
 }
@@ -162,13 +195,34 @@ fn should_evaluate_a_weights_file_on_a_dataset() {
     Tensor::write_safetensors(&model.store().named_tensors(), &weights).unwrap();
 
     let args = ["--patch", "32,32,16", "--stride", "8,8,4", "--batch", "2", "--device", "cpu"];
-    let o = run(&[&["--weights", weights.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--n-filters", "4", "--json", "--out", out.to_str().unwrap()], &args[..]].concat());
+    let o = run(&[
+        &[
+            "--weights",
+            weights.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--n-filters",
+            "4",
+            "--json",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &args[..],
+    ]
+    .concat());
     let report = json(&o);
-    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().filter(|l| l.starts_with('[')).count(), 2, "one progress line per case");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).lines().filter(|l| l.starts_with('[')).count(),
+        2,
+        "one progress line per case"
+    );
 
     // The same evaluation through the library.
     let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
-    let opts = EvalOptions { infer: InferOptions { patch: [32, 32, 16], stride: [8, 8, 4], batch_size: 1, largest_component: None }, ..EvalOptions::default() };
+    let opts = EvalOptions {
+        infer: InferOptions { patch: [32, 32, 16], stride: [8, 8, 4], batch_size: 1, largest_component: None },
+        ..EvalOptions::default()
+    };
     let want = evaluate_dataset(&model, None, &dataset, "w", &opts, &mut |_| {}).unwrap();
     let cases = report["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 2);
@@ -186,16 +240,26 @@ fn should_evaluate_a_weights_file_on_a_dataset() {
         assert_eq!(v.dims(), case.image.dims(), "{kind}");
         assert_eq!(v.header().geometry, case.image.header().geometry, "{kind}: affine");
     }
-    let labels = NiftiVolume::open(out.join(format!("{}.label.nii.gz", case.id)), &GzCache::Memory).unwrap().read_labels().unwrap();
+    let labels = NiftiVolume::open(out.join(format!("{}.label.nii.gz", case.id)), &GzCache::Memory)
+        .unwrap()
+        .read_labels()
+        .unwrap();
     let reference = case.label.as_ref().unwrap().read_labels().unwrap();
     let m = case_metrics(&labels, &reference, case.image.header().spacing, EmptyPolicy::Zeros).unwrap();
     assert!((m.dice - num(&cases[0]["dice"])).abs() < 1e-12, "the written labels are the ones scored");
     // The uncertainty is the model's own Monte-Carlo uncertainty (a weights file has no teacher).
-    let unc = NiftiVolume::open(out.join(format!("{}.uncertainty.nii.gz", case.id)), &GzCache::Memory).unwrap().read_f32().unwrap();
+    let unc = NiftiVolume::open(out.join(format!("{}.uncertainty.nii.gz", case.id)), &GzCache::Memory)
+        .unwrap()
+        .read_f32()
+        .unwrap();
     let image = case.image.read_f32().unwrap().to_tensor().unwrap();
     let want = mc_uncertainty(&model, &image, &opts.infer, &McOptions::default()).unwrap();
-    assert!(unc.to_tensor().unwrap().allclose(&want, 1e-4, 1e-5, false), "uncertainty map is the 8-pass Monte-Carlo one");
-    let prob = NiftiVolume::open(out.join(format!("{}.prob.nii.gz", case.id)), &GzCache::Memory).unwrap().read_f32().unwrap();
+    assert!(
+        unc.to_tensor().unwrap().allclose(&want, 1e-4, 1e-5, false),
+        "uncertainty map is the 8-pass Monte-Carlo one"
+    );
+    let prob =
+        NiftiVolume::open(out.join(format!("{}.prob.nii.gz", case.id)), &GzCache::Memory).unwrap().read_f32().unwrap();
     assert!(prob.data.iter().all(|p| (0.0..=1.0).contains(p)));
     let agree = prob.data.iter().zip(&labels.data).filter(|(p, l)| (**p > 0.5) == (**l == 1)).count();
     assert!(agree as f64 >= 0.999 * prob.data.len() as f64, "labels are the thresholded probabilities");
@@ -211,17 +275,41 @@ fn should_evaluate_a_weights_file_on_a_dataset() {
 fn should_draw_the_uncertainty_of_a_checkpoint_s_teacher() {
     let dir = tmp("checkpoint");
     let (data, out) = (dir.join("data"), dir.join("out"));
-    write_synth(&data, &SynthConfig { cases: 1, labelled: 1, test: 1, size: [36, 32, 18], ..SynthConfig::default() }, false).unwrap();
+    write_synth(
+        &data,
+        &SynthConfig { cases: 1, labelled: 1, test: 1, size: [36, 32, 18], ..SynthConfig::default() },
+        false,
+    )
+    .unwrap();
     // The demo's model (4 filters) and sliding window (32x32x16, stride 8,8,4); the student and
     // the teacher start from separate initialisations, so their maps differ.
     let config = Config::demo();
     let tr = Trainer::seeded(&config.model.vnet(), config.step_config(), Device::Cpu, 17).unwrap();
     let ck = Snapshot::of_trainer(&tr, 17, &config.to_toml()).write_atomic(&dir.join("ck")).unwrap();
-    let o = run(&["--checkpoint", ck.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--device", "cpu", "--json", "--out", out.to_str().unwrap(), "--mc-passes", "4", "--mc-seed", "5"]);
+    let o = run(&[
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+        "--mc-passes",
+        "4",
+        "--mc-seed",
+        "5",
+    ]);
     assert_eq!(json(&o)["cases"].as_array().unwrap().len(), 1);
 
     let case = &Dataset::open(&data, &DatasetOptions::default()).unwrap().test[0];
-    let got = NiftiVolume::open(out.join(format!("{}.uncertainty.nii.gz", case.id)), &GzCache::Memory).unwrap().read_f32().unwrap().to_tensor().unwrap();
+    let got = NiftiVolume::open(out.join(format!("{}.uncertainty.nii.gz", case.id)), &GzCache::Memory)
+        .unwrap()
+        .read_f32()
+        .unwrap()
+        .to_tensor()
+        .unwrap();
     let snap = Snapshot::read(&ck).unwrap();
     let infer = InferOptions { patch: config.eval.patch, stride: config.eval.stride, ..InferOptions::default() };
     let mc = McOptions { passes: 4, seed: 5, ..McOptions::default() };
@@ -238,18 +326,36 @@ fn should_draw_the_uncertainty_of_a_checkpoint_s_teacher() {
     // --teacher scores the teacher's weights: the same predictions as the library's on the
     // teacher (the two untrained nets predict different numbers of foreground voxels).
     let predicted = |extra: &[&str]| {
-        let o = run(&[&["--checkpoint", ck.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--device", "cpu", "--json"], extra].concat());
+        let o = run(&[
+            &["--checkpoint", ck.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--device", "cpu", "--json"],
+            extra,
+        ]
+        .concat());
         num(&json(&o)["cases"][0]["prediction_voxels"])
     };
     let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
     let lib = |named: &[(String, Tensor)]| {
         let m = model_from_named(&config.model.vnet(), Device::Cpu, named, &ck).unwrap();
-        let r = evaluate_dataset(&m, None, &dataset, "x", &EvalOptions { infer: infer.clone(), ..EvalOptions::default() }, &mut |_| {}).unwrap();
+        let r = evaluate_dataset(
+            &m,
+            None,
+            &dataset,
+            "x",
+            &EvalOptions { infer: infer.clone(), ..EvalOptions::default() },
+            &mut |_| {},
+        )
+        .unwrap();
         r.cases[0].metrics.prediction_voxels as f64
     };
     let (t, s) = (lib(snap.teacher.as_ref().unwrap()), lib(&snap.student));
-    assert!((t - s).abs() > 10.0, "teacher and student predict alike ({t} vs {s} voxels): the test cannot tell them apart");
+    assert!(
+        (t - s).abs() > 10.0,
+        "teacher and student predict alike ({t} vs {s} voxels): the test cannot tell them apart"
+    );
     // Another process may sum convolutions in another order: allow a few voxels to flip.
     let (got_t, got_s) = (predicted(&["--teacher"]), predicted(&[]));
-    assert!((got_t - t).abs() <= 3.0 && (got_s - s).abs() <= 3.0, "--teacher {got_t} (library {t}), student {got_s} (library {s})");
+    assert!(
+        (got_t - t).abs() <= 3.0 && (got_s - s).abs() <= 3.0,
+        "--teacher {got_t} (library {t}), student {got_s} (library {s})"
+    );
 }

@@ -8,7 +8,10 @@ use common::{assert_close, oracle_output, Fixture};
 use tch::{Device, Kind, Tensor};
 use uamt::data::Volume;
 use uamt::eval::infer::{padding, window_starts};
-use uamt::eval::{largest_component, mc_uncertainty, model_from_named, sliding_window, Connectivity, InferOptions, McOptions, WindowPlan};
+use uamt::eval::{
+    largest_component, mc_uncertainty, model_from_named, sliding_window, Connectivity, InferOptions, McOptions,
+    WindowPlan,
+};
 use uamt::model::{Dropout, VNet, VNetConfig};
 
 fn tiny() -> VNetConfig {
@@ -41,7 +44,11 @@ fn should_match_the_reference_sliding_window() {
         let dims = image.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
         let plan = WindowPlan::new([dims[0], dims[1], dims[2]], &o);
         for (a, axis) in ["x", "y", "z"].iter().enumerate() {
-            assert_eq!(plan.starts[a], usizes(&fx.get(&format!("{name}.starts_{axis}"))), "{name}: window starts along {axis}");
+            assert_eq!(
+                plan.starts[a],
+                usizes(&fx.get(&format!("{name}.starts_{axis}"))),
+                "{name}: window starts along {axis}"
+            );
         }
         assert_eq!(plan.pad_before.to_vec(), usizes(&fx.get(&format!("{name}.before"))), "{name}: padding");
 
@@ -60,7 +67,16 @@ fn should_match_the_reference_sliding_window() {
 #[test]
 fn should_place_windows_by_the_reference_formula() {
     // ceil((W - p) / s) + 1 windows at min(s * i, W - p), for many sizes and strides.
-    for (w, p, s) in [(112, 112, 18), (113, 112, 18), (130, 112, 18), (131, 112, 18), (256, 112, 18), (88, 80, 4), (95, 80, 4), (7, 7, 1)] {
+    for (w, p, s) in [
+        (112, 112, 18),
+        (113, 112, 18),
+        (130, 112, 18),
+        (131, 112, 18),
+        (256, 112, 18),
+        (88, 80, 4),
+        (95, 80, 4),
+        (7, 7, 1),
+    ] {
         let n = ((w - p) as f64 / s as f64).ceil() as usize + 1;
         let want: Vec<usize> = (0..n).map(|i| (s * i).min(w - p)).collect();
         assert_eq!(window_starts(w, p, s), want, "W {w}, patch {p}, stride {s}");
@@ -80,12 +96,23 @@ fn should_place_windows_by_the_reference_formula() {
 fn should_equal_a_direct_forward_when_the_volume_is_one_patch() {
     let (model, image) = model_and_image(3, [32, 32, 16]);
     let pred = sliding_window(&model, &image, &opts([8, 8, 4], 2)).unwrap();
-    let direct = tch::no_grad(|| model.forward_with(&image.view([1, 1, 32, 32, 16]), false, Dropout::Random).unwrap().softmax(1, Kind::Float).get(0));
+    let direct = tch::no_grad(|| {
+        model
+            .forward_with(&image.view([1, 1, 32, 32, 16]), false, Dropout::Random)
+            .unwrap()
+            .softmax(1, Kind::Float)
+            .get(0)
+    });
     assert_close("one-patch probability map", &pred.probabilities, &direct, 1e-6);
     assert!(pred.labels.equal(&direct.argmax(0, false)));
     assert_eq!(pred.foreground().size(), vec![32, 32, 16]);
     // Probabilities sum to one; the entropy lies in [0, ln 2].
-    assert_close("class sum", &pred.probabilities.sum_dim_intlist([0i64].as_slice(), false, Kind::Float), &Tensor::ones([32, 32, 16], (Kind::Float, Device::Cpu)), 1e-6);
+    assert_close(
+        "class sum",
+        &pred.probabilities.sum_dim_intlist([0i64].as_slice(), false, Kind::Float),
+        &Tensor::ones([32, 32, 16], (Kind::Float, Device::Cpu)),
+        1e-6,
+    );
     let h = pred.entropy();
     assert!(h.min().double_value(&[]) >= -1e-6 && h.max().double_value(&[]) <= std::f64::consts::LN_2 + 1e-6);
 }
@@ -118,7 +145,9 @@ fn should_refuse_bad_window_settings() {
         let e = sliding_window(&model, &image, &o).unwrap_err().to_string();
         assert!(e.contains(key), "{e}");
     }
-    let e = sliding_window(&model, &Tensor::zeros([32, 32], (Kind::Float, Device::Cpu)), &opts([4, 4, 4], 1)).unwrap_err().to_string();
+    let e = sliding_window(&model, &Tensor::zeros([32, 32], (Kind::Float, Device::Cpu)), &opts([4, 4, 4], 1))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("image"), "{e}");
 }
 
@@ -189,7 +218,8 @@ fn mc_uncertainty_without_noise_or_dropout_is_the_prediction_entropy() {
     let image = Tensor::randn([40, 35, 20], (Kind::Float, Device::Cpu));
     let o = opts([8, 8, 4], 3);
     let want = sliding_window(&model, &image, &o).unwrap().entropy();
-    let got = mc_uncertainty(&model, &image, &o, &McOptions { passes: 3, noise_std: 0.0, ..McOptions::default() }).unwrap();
+    let got =
+        mc_uncertainty(&model, &image, &o, &McOptions { passes: 3, noise_std: 0.0, ..McOptions::default() }).unwrap();
     assert!(got.allclose(&want, 1e-5, 1e-6, false), "max diff {}", (&got - &want).abs().max().double_value(&[]));
 }
 
@@ -200,7 +230,11 @@ fn mc_uncertainty_depends_on_seed_and_passes_not_on_batching() {
     let a = mc_uncertainty(&model, &image, &opts([8, 8, 4], 1), &mc).unwrap();
     let b = mc_uncertainty(&model, &image, &opts([8, 8, 4], 5), &mc).unwrap();
     assert_eq!(a.size(), vec![40, 35, 20]);
-    assert!(a.allclose(&b, 1e-5, 1e-6, false), "batching changed the map by {}", (&a - &b).abs().max().double_value(&[]));
+    assert!(
+        a.allclose(&b, 1e-5, 1e-6, false),
+        "batching changed the map by {}",
+        (&a - &b).abs().max().double_value(&[])
+    );
     let (lo, hi) = (a.min().double_value(&[]), a.max().double_value(&[]));
     assert!(lo >= -1e-6 && hi <= 2f64.ln() + 1e-6, "entropy of 2 classes out of [0, ln 2]: {lo}..{hi}");
     let other = mc_uncertainty(&model, &image, &opts([8, 8, 4], 5), &McOptions { seed: 4, ..mc.clone() }).unwrap();

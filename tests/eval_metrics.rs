@@ -30,7 +30,8 @@ fn close(what: &str, got: f64, want: f64) {
 fn should_agree_with_medpy_on_generated_masks() {
     let dir = oracle_output("tests/oracle/eval_medpy.py");
     let fx = Fixture::load(dir.join("metrics.npz"));
-    let names: Vec<String> = std::fs::read_to_string(dir.join("names.txt")).unwrap().lines().map(String::from).collect();
+    let names: Vec<String> =
+        std::fs::read_to_string(dir.join("names.txt")).unwrap().lines().map(String::from).collect();
     assert_eq!(names.len() as f64, fx.scalar("count"));
     for (i, name) in names.iter().enumerate() {
         let pred = volume(&fx.get(&format!("c{i}.pred")));
@@ -45,7 +46,8 @@ fn should_agree_with_medpy_on_generated_masks() {
                 None => assert!(w.is_nan(), "{name}: {k} undefined here, medpy gives {w}"),
             }
         }
-        let (np, nr) = (pred.data.iter().filter(|&&l| l != 0).count(), reference.data.iter().filter(|&&l| l != 0).count());
+        let (np, nr) =
+            (pred.data.iter().filter(|&&l| l != 0).count(), reference.data.iter().filter(|&&l| l != 0).count());
         assert_eq!((m.prediction_voxels, m.reference_voxels), (np, nr), "{name}");
         assert_eq!((m.empty_prediction, m.empty_reference), (np == 0, nr == 0), "{name}: empty flags");
 

@@ -43,16 +43,23 @@ fn should_have_9448866_trainable_parameters_with_16_filters() {
     let store = net.store();
     assert_eq!(store.num_trainable(), 9_448_866);
     // BatchNorm's affine parameters are those whose layer also has running statistics.
-    let is_bn = |name: &str| name.rsplit_once('.').is_some_and(|(stem, _)| store.get(&format!("{stem}.running_mean")).is_some());
+    let is_bn = |name: &str| {
+        name.rsplit_once('.').is_some_and(|(stem, _)| store.get(&format!("{stem}.running_mean")).is_some())
+    };
     let bn: i64 = store.trainable().filter(|p| is_bn(&p.name)).map(|p| p.tensor.numel() as i64).sum();
     assert_eq!(bn, 5_600, "BatchNorm affine parameters");
-    assert_eq!(store.buffers().filter(|p| p.name.ends_with("running_mean")).count(), 29, "BatchNorm layers: 12 encoder, 4 down, 4 up, 9 decoder");
+    assert_eq!(
+        store.buffers().filter(|p| p.name.ends_with("running_mean")).count(),
+        29,
+        "BatchNorm layers: 12 encoder, 4 down, 4 up, 9 decoder"
+    );
 }
 
 #[test]
 fn should_name_tensors_like_the_pytorch_state_dict_in_its_order() {
     let fx = fixture("vnet_forward.npz");
-    let ours: Vec<String> = VNet::new(&small_net(), Device::Cpu).unwrap().store().iter().map(|p| p.name.clone()).collect();
+    let ours: Vec<String> =
+        VNet::new(&small_net(), Device::Cpu).unwrap().store().iter().map(|p| p.name.clone()).collect();
     let theirs: Vec<String> = fx.prefixed("init").into_iter().map(|(n, _)| n).collect();
     assert_eq!(ours, theirs);
 }
@@ -82,10 +89,17 @@ fn vnet_forward_in_train_mode_with_given_dropout_matches_pytorch() {
 #[test]
 fn vnet_rejects_inputs_not_divisible_by_16_and_wrong_masks() {
     let net = VNet::new(&small_net(), Device::Cpu).unwrap();
-    let err = net.forward_with(&Tensor::zeros([1, 1, 32, 30, 16], (Kind::Float, Device::Cpu)), false, Dropout::Random).unwrap_err();
+    let err = net
+        .forward_with(&Tensor::zeros([1, 1, 32, 30, 16], (Kind::Float, Device::Cpu)), false, Dropout::Random)
+        .unwrap_err();
     assert!(err.to_string().contains("divisible by 16"), "{err}");
-    let masks = DropoutMasks { x5: Tensor::ones([2, 64, 1, 1, 1], (Kind::Float, Device::Cpu)), x9: Tensor::ones([2, 4, 1, 1, 1], (Kind::Float, Device::Cpu)) };
-    let err = net.forward_with(&Tensor::zeros([1, 1, 32, 32, 16], (Kind::Float, Device::Cpu)), true, Dropout::Masks(&masks)).unwrap_err();
+    let masks = DropoutMasks {
+        x5: Tensor::ones([2, 64, 1, 1, 1], (Kind::Float, Device::Cpu)),
+        x9: Tensor::ones([2, 4, 1, 1, 1], (Kind::Float, Device::Cpu)),
+    };
+    let err = net
+        .forward_with(&Tensor::zeros([1, 1, 32, 32, 16], (Kind::Float, Device::Cpu)), true, Dropout::Masks(&masks))
+        .unwrap_err();
     assert!(err.to_string().contains("dropout mask x5"), "{err}");
 }
 
@@ -132,7 +146,8 @@ fn sgd_with_momentum_and_weight_decay_matches_torch_optim_sgd() {
     let mut opt = m::Sgd::new(&store, 0.9, 1e-4);
     for s in 0..3 {
         m::Sgd::zero_grad(&store);
-        let loss = (&p * fx.get(&format!("wp{s}"))).sum(Kind::Float) + (&q * &q * fx.get(&format!("wq{s}"))).sum(Kind::Float);
+        let loss =
+            (&p * fx.get(&format!("wp{s}"))).sum(Kind::Float) + (&q * &q * fx.get(&format!("wq{s}"))).sum(Kind::Float);
         loss.backward();
         opt.step(&store, fx.scalar(&format!("lr{s}"))).unwrap();
         assert_close(&format!("p after step {s}"), &p, &fx.get(&format!("p{}", s + 1)), TOL);
@@ -166,7 +181,8 @@ fn check_steps(file: &str, method: Method, steps: i64) {
     let (images, labels) = (fx.get("images"), fx.get("labels"));
     for it in 0..steps {
         let r = format!("rnd.{it}");
-        let mc = (0..).map_while(|k| fx.has(&format!("{r}.mc.{k}.x5")).then(|| pass(&fx, &format!("{r}.mc.{k}")))).collect();
+        let mc =
+            (0..).map_while(|k| fx.has(&format!("{r}.mc.{k}.x5")).then(|| pass(&fx, &format!("{r}.mc.{k}")))).collect();
         let teacher = fx.has(&format!("{r}.teacher.x5")).then(|| pass(&fx, &format!("{r}.teacher")));
         let rnd = StepRandom { student: pass(&fx, &format!("{r}.student")), teacher, mc };
         let rep = tr.step(&images, &labels, &rnd).unwrap().report();

@@ -56,11 +56,14 @@ fn a_bf16_network_returns_float_logits_close_to_fp32_but_not_equal() {
 fn a_bf16_training_step_follows_the_fp32_step() {
     let x = input(4);
     let g = |n: i64| (Tensor::arange(n, (Kind::Float, Device::Cpu)) - (n as f64 - 1.0) / 2.0) / (n as f64 / 4.0);
-    let r2 = g(32).reshape([32, 1, 1]).square() + g(32).reshape([1, 32, 1]).square() + g(16).reshape([1, 1, 16]).square();
+    let r2 =
+        g(32).reshape([32, 1, 1]).square() + g(32).reshape([1, 32, 1]).square() + g(16).reshape([1, 1, 16]).square();
     let lab = r2.lt(1.5).to_kind(Kind::Int64);
     let labels = Tensor::stack(&[lab.shallow_clone(), lab], 0);
     let run = |p: Precision| {
-        let mut tr = Trainer::seeded(&tiny(), StepConfig { consistency_interval: 1, ..StepConfig::default() }, Device::Cpu, 9).unwrap();
+        let mut tr =
+            Trainer::seeded(&tiny(), StepConfig { consistency_interval: 1, ..StepConfig::default() }, Device::Cpu, 9)
+                .unwrap();
         tr.set_precision(p).unwrap();
         let mut losses = Vec::new();
         for _ in 0..2 {

@@ -14,11 +14,18 @@ fn net() -> VNetConfig {
 /// the noise and the weights come from the counter-based generator.
 fn batch() -> (Tensor, Tensor) {
     let opts = (Kind::Float, Device::Cpu);
-    let g = |n: i64, shape: [i64; 3]| (Tensor::arange(n, opts) - (n as f64 - 1.0) / 2.0).reshape(shape) / (n as f64 / 4.0);
+    let g =
+        |n: i64, shape: [i64; 3]| (Tensor::arange(n, opts) - (n as f64 - 1.0) / 2.0).reshape(shape) / (n as f64 / 4.0);
     let (x, y, z) = (g(32, [32, 1, 1]), g(32, [1, 32, 1]), g(16, [1, 1, 16]));
     let lab = (&x * &x + &y * &y + &z * &z).lt(1.2).to_kind(Kind::Int64);
-    let img = |k: u64, s: f64| (lab.to_kind(Kind::Float) * 2.0 - 1.0 + rng::normal(rng::key(21, &[k]), &[32, 32, 16], Device::Cpu) * s).unsqueeze(0);
-    (Tensor::stack(&[img(0, 0.5), img(1, 0.6), img(2, 0.5), img(3, 0.7)], 0), Tensor::stack(&[lab.shallow_clone(), lab.shallow_clone()], 0))
+    let img = |k: u64, s: f64| {
+        (lab.to_kind(Kind::Float) * 2.0 - 1.0 + rng::normal(rng::key(21, &[k]), &[32, 32, 16], Device::Cpu) * s)
+            .unsqueeze(0)
+    };
+    (
+        Tensor::stack(&[img(0, 0.5), img(1, 0.6), img(2, 0.5), img(3, 0.7)], 0),
+        Tensor::stack(&[lab.shallow_clone(), lab.shallow_clone()], 0),
+    )
 }
 
 /// Euclidean distance between the trainable parameters of `a` and the tensors `b`.
@@ -33,7 +40,13 @@ fn copy(a: &ParamStore) -> Vec<Tensor> {
 #[test]
 fn consistency_counts_once_ramped_and_the_teacher_tracks_the_student() {
     let (images, labels) = batch();
-    let cfg = StepConfig { max_iter: 20, consistency_interval: 1, consistency_rampup: 5.0, ema_decay: 0.9, ..Default::default() };
+    let cfg = StepConfig {
+        max_iter: 20,
+        consistency_interval: 1,
+        consistency_rampup: 5.0,
+        ema_decay: 0.9,
+        ..Default::default()
+    };
     let mut tr = Trainer::seeded(&net(), cfg, Device::Cpu, 3).unwrap();
     let initial_teacher = copy(tr.teacher.as_ref().unwrap().store());
     let mut reports = Vec::new();

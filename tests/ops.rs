@@ -19,7 +19,12 @@ fn metric_tokens(text: &str) -> Vec<String> {
         while e < b.len() && (b[e].is_ascii_lowercase() || b[e].is_ascii_digit() || b[e] == b'_') {
             e += 1;
         }
-        let before_ok = s == 0 || !(b[s - 1].is_ascii_alphanumeric() || b[s - 1] == b'_' || b[s - 1] == b'/' || b[s - 1] == b'.' || b[s - 1] == b'-');
+        let before_ok = s == 0
+            || !(b[s - 1].is_ascii_alphanumeric()
+                || b[s - 1] == b'_'
+                || b[s - 1] == b'/'
+                || b[s - 1] == b'.'
+                || b[s - 1] == b'-');
         if before_ok {
             out.push(text[s..e].to_string());
         }
@@ -31,7 +36,9 @@ fn metric_tokens(text: &str) -> Vec<String> {
 fn known(token: &str) -> bool {
     Metric::ALL.iter().any(|m| {
         let n = m.as_str();
-        token == n || (m.kind() == MetricKind::Histogram && ["_bucket", "_sum", "_count"].iter().any(|s| token == format!("{n}{s}")))
+        token == n
+            || (m.kind() == MetricKind::Histogram
+                && ["_bucket", "_sum", "_count"].iter().any(|s| token == format!("{n}{s}")))
     })
 }
 

@@ -14,14 +14,19 @@ fn net() -> VNetConfig {
 /// The noise comes from the counter-based generator: other tests in this binary cannot disturb it.
 fn batch(seed: u64) -> (Tensor, Tensor) {
     let opts = (Kind::Float, Device::Cpu);
-    let g = |n: i64, shape: [i64; 3]| (Tensor::arange(n, opts) - (n as f64 - 1.0) / 2.0).reshape(shape) / (n as f64 / 4.0);
+    let g =
+        |n: i64, shape: [i64; 3]| (Tensor::arange(n, opts) - (n as f64 - 1.0) / 2.0).reshape(shape) / (n as f64 / 4.0);
     let (x, y, z) = (g(32, [32, 1, 1]), g(32, [1, 32, 1]), g(16, [1, 1, 16]));
     let mut images = Vec::new();
     let mut labels = Vec::new();
     for i in 0..4u64 {
         let s = 0.8 + 0.1 * i as f64;
         let lab = ((&x * &x) * s + &y * &y / s + &z * &z).lt(1.0).to_kind(Kind::Int64);
-        images.push((lab.to_kind(Kind::Float) * 2.0 - 1.0 + rng::normal(rng::key(seed, &[i]), &[32, 32, 16], Device::Cpu) * 0.6).unsqueeze(0));
+        images.push(
+            (lab.to_kind(Kind::Float) * 2.0 - 1.0
+                + rng::normal(rng::key(seed, &[i]), &[32, 32, 16], Device::Cpu) * 0.6)
+                .unsqueeze(0),
+        );
         labels.push(lab);
     }
     (Tensor::stack(&images, 0), Tensor::stack(&labels[..2], 0))
@@ -147,7 +152,10 @@ fn seeded_initialisation_ignores_libtorch_s_global_generator() {
         assert!(p.tensor.equal(&q.tensor), "{}", p.name);
     }
     // Student and teacher start apart, as the reference's two separately built models do.
-    let (s, t) = (a.student.store().get("block_one.conv.0.weight").unwrap(), a.teacher.as_ref().unwrap().store().get("block_one.conv.0.weight").unwrap());
+    let (s, t) = (
+        a.student.store().get("block_one.conv.0.weight").unwrap(),
+        a.teacher.as_ref().unwrap().store().get("block_one.conv.0.weight").unwrap(),
+    );
     assert!(!s.equal(t));
     // PyTorch's default range: +-1/sqrt(fan_in), fan_in = 1 * 27 for the first conv.
     let bound = 1.0 / 27f64.sqrt();
@@ -158,7 +166,10 @@ fn seeded_initialisation_ignores_libtorch_s_global_generator() {
 fn batched_monte_carlo_passes_equal_the_separate_ones_batchnorm_statistics_included() {
     let (images, _) = batch(5);
     let cfg = StepConfig::default(); // T = 8 as 4 forwards of 2 copies of the 2 unlabelled patches
-    let (a, b) = (Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 6).unwrap(), Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 6).unwrap());
+    let (a, b) = (
+        Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 6).unwrap(),
+        Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 6).unwrap(),
+    );
     let (ta, tb) = (a.teacher.as_ref().unwrap(), b.teacher.as_ref().unwrap());
     let unl = a.unlabelled(&images);
     let (t, mc) = StepRandom::draw_teacher(ta.config(), Device::Cpu, &cfg, 3, 7, &unl.size());

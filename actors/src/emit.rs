@@ -67,7 +67,8 @@ pub fn render_seconds_totals() -> String {
     for m in [Metric::QueueBlockedSeconds, Metric::StageBusySeconds, Metric::StageIdleSeconds] {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", m.as_str(), m.help(), m.as_str());
         for ((name, labels), v) in map.iter().filter(|((n, _), _)| *n == m.as_str()) {
-            let l: Vec<String> = labels.iter().filter(|(k, _)| !k.is_empty()).map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            let l: Vec<String> =
+                labels.iter().filter(|(k, _)| !k.is_empty()).map(|(k, v)| format!("{k}=\"{v}\"")).collect();
             let _ = writeln!(out, "{name}{{{}}} {v}", l.join(","));
         }
     }
@@ -82,7 +83,13 @@ pub fn stage_item(stage: &'static str) {
 pub fn iteration(r: &StepReport, seconds: f64) {
     counter!(Metric::Iterations.as_str()).increment(1);
     histogram!(Metric::IterationSeconds.as_str()).record(seconds);
-    for (term, v) in [("total", r.loss), ("supervised", r.supervised), ("ce", r.ce), ("dice", r.dice), ("consistency", r.consistency)] {
+    for (term, v) in [
+        ("total", r.loss),
+        ("supervised", r.supervised),
+        ("ce", r.ce),
+        ("dice", r.dice),
+        ("consistency", r.consistency),
+    ] {
         gauge!(Metric::Loss.as_str(), "term" => term).set(v);
     }
     gauge!(Metric::ConsistencyWeight.as_str()).set(r.weight);

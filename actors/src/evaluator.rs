@@ -73,10 +73,23 @@ impl Evaluator {
     }
 
     /// Evaluates `weights` (a student state dict) and writes the report under `name`.
-    pub fn evaluate(&mut self, weights: &[(String, Tensor)], origin: &Path, name: &str, source: &'static str) -> Result<Report> {
+    pub fn evaluate(
+        &mut self,
+        weights: &[(String, Tensor)],
+        origin: &Path,
+        name: &str,
+        source: &'static str,
+    ) -> Result<Report> {
         self.model.store().load_named(weights, origin, true)?;
         let mut progress = |e: &eval::CaseEvent| tracing::debug!("{}", e.line());
-        let report = eval::evaluate_dataset(&self.model, None, &self.dataset, &origin.display().to_string(), &self.opts, &mut progress)?;
+        let report = eval::evaluate_dataset(
+            &self.model,
+            None,
+            &self.dataset,
+            &origin.display().to_string(),
+            &self.opts,
+            &mut progress,
+        )?;
         let dir = self.config.eval.report_dir.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         report.write_json(&dir.join("report.json"))?;

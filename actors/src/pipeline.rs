@@ -229,7 +229,12 @@ pub fn run(mut run: Run) -> Result<Outcome> {
     }));
 
     // ---- teacher side: sampler -> uncertainty/mask computer; EMA updater
-    let teacher_names: Vec<(String, bool)> = run.trainer.teacher.as_ref().map(|t| t.store().iter().map(|p| (p.name.clone(), p.trainable)).collect()).unwrap_or_default();
+    let teacher_names: Vec<(String, bool)> = run
+        .trainer
+        .teacher
+        .as_ref()
+        .map(|t| t.store().iter().map(|p| (p.name.clone(), p.trainable)).collect())
+        .unwrap_or_default();
     let (guid_tx, guid_rx) = bounded::<GuidanceMsg>("guidance", q.guidance);
     let (params_tx, params_rx) = bounded::<ParamsMsg>("params", q.params);
     let mut teacher_handle = None;
@@ -325,7 +330,11 @@ pub fn run(mut run: Run) -> Result<Outcome> {
                 let iter = m.out.iter;
                 let guidance = stage.busy(|| train::guidance(m.out, &sc, n_classes));
                 let ready = Ready::now(device)?;
-                if guid_tx.send(GuidanceMsg { iter, guidance, buffers: m.buffers, ready }).map(|b| stage.idle(b)).is_err() {
+                if guid_tx
+                    .send(GuidanceMsg { iter, guidance, buffers: m.buffers, ready })
+                    .map(|b| stage.idle(b))
+                    .is_err()
+                {
                     break;
                 }
                 stage.done();
@@ -355,7 +364,16 @@ pub fn run(mut run: Run) -> Result<Outcome> {
     set_threads(threads);
     let student_stream = OwnStream::new(device)?;
     let t0 = Instant::now();
-    let result = student_loop(&mut run, &cfg, &net_cfg, &step_cfg, StudentQueues { batch_rx, guid_rx, params_tx, eval_tx: eval_wanted.then_some(eval_tx) }, start, end, &teacher_names);
+    let result = student_loop(
+        &mut run,
+        &cfg,
+        &net_cfg,
+        &step_cfg,
+        StudentQueues { batch_rx, guid_rx, params_tx, eval_tx: eval_wanted.then_some(eval_tx) },
+        start,
+        end,
+        &teacher_names,
+    );
     // Its queue ends are dropped by now: every other stage winds down.
     drop(student_stream); // waits for the student's last work, back to the default stream
     let seconds = t0.elapsed().as_secs_f64();
@@ -399,7 +417,16 @@ struct StudentQueues {
 type LoopResult = Result<(Vec<StepReport>, Option<PathBuf>, bool)>;
 
 #[allow(clippy::too_many_arguments)]
-fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &StepConfig, qs: StudentQueues, start: i64, end: i64, teacher_names: &[(String, bool)]) -> LoopResult {
+fn student_loop(
+    run: &mut Run,
+    cfg: &Config,
+    net_cfg: &VNetConfig,
+    step_cfg: &StepConfig,
+    qs: StudentQueues,
+    start: i64,
+    end: i64,
+    teacher_names: &[(String, bool)],
+) -> LoopResult {
     let StudentQueues { batch_rx, guid_rx, params_tx, eval_tx } = qs;
     let stage = Stage { name: "student" };
     let seed = cfg.optim.seed;
@@ -441,7 +468,8 @@ fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &St
                 return Err(anyhow!("guidance for iteration {} arrived at {i}", g.iter));
             }
             let gd = &g.guidance;
-            std::mem::take(&mut g.ready).wait(device, [&gd.target, &gd.mask].into_iter().chain(&gd.uncertainty).chain(&g.buffers))?;
+            std::mem::take(&mut g.ready)
+                .wait(device, [&gd.target, &gd.mask].into_iter().chain(&gd.uncertainty).chain(&g.buffers))?;
             last_teacher_buffers = Some(g.buffers);
             Some(g.guidance)
         } else {
@@ -497,7 +525,10 @@ fn student_loop(run: &mut Run, cfg: &Config, net_cfg: &VNetConfig, step_cfg: &St
             if cfg.eval.every > 0 && (i + 1) % cfg.eval.every == 0 {
                 let req = EvalRequest { iteration: tr.iter, weights: host_copies(&tr.student.store().named_tensors()) };
                 if !tx.try_send(req).unwrap_or(false) {
-                    tracing::info!(iteration = tr.iter, "the evaluator is still busy; skipping this periodic evaluation");
+                    tracing::info!(
+                        iteration = tr.iter,
+                        "the evaluator is still busy; skipping this periodic evaluation"
+                    );
                 }
             }
         }

@@ -33,7 +33,13 @@ impl Bar {
         if self.tty {
             let width = 30;
             let filled = (width * done).checked_div(total).unwrap_or(width).min(width);
-            let _ = write!(err, "\r\x1b[2K{} [{}{}] {done}/{total} {what} (eta {eta:.0} s)", self.label, "#".repeat(filled), ".".repeat(width - filled));
+            let _ = write!(
+                err,
+                "\r\x1b[2K{} [{}{}] {done}/{total} {what} (eta {eta:.0} s)",
+                self.label,
+                "#".repeat(filled),
+                ".".repeat(width - filled)
+            );
             if done >= total {
                 let _ = writeln!(err);
             }

@@ -58,7 +58,10 @@ impl Actor for Supervisor {
 }
 
 /// Waits for the first of two signals and names it.
-async fn tokio_select(term: &mut actix_rt::signal::unix::Signal, int: &mut actix_rt::signal::unix::Signal) -> &'static str {
+async fn tokio_select(
+    term: &mut actix_rt::signal::unix::Signal,
+    int: &mut actix_rt::signal::unix::Signal,
+) -> &'static str {
     let t = std::pin::pin!(term.recv());
     let i = std::pin::pin!(int.recv());
     match futures_select(t, i).await {
@@ -68,7 +71,10 @@ async fn tokio_select(term: &mut actix_rt::signal::unix::Signal, int: &mut actix
 }
 
 /// Index of the first of two futures to finish.
-async fn futures_select<A: std::future::Future, B: std::future::Future>(mut a: std::pin::Pin<&mut A>, mut b: std::pin::Pin<&mut B>) -> usize {
+async fn futures_select<A: std::future::Future, B: std::future::Future>(
+    mut a: std::pin::Pin<&mut A>,
+    mut b: std::pin::Pin<&mut B>,
+) -> usize {
     std::future::poll_fn(move |cx| {
         if a.as_mut().poll(cx).is_ready() {
             return std::task::Poll::Ready(0);

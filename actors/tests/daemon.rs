@@ -90,17 +90,23 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 
 /// Scrapes /metrics with Python's urllib and parses it with prometheus_client's parser.
 fn scrape(addr: &str) -> serde_json::Value {
-    let out = Command::new(python()).arg(repo().join("tests/oracle/scrape_metrics.py")).arg(format!("http://{addr}/metrics")).output().unwrap();
+    let out = Command::new(python())
+        .arg(repo().join("tests/oracle/scrape_metrics.py"))
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "scrape failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The value of sample `name` whose labels include `labels`.
 fn sample(m: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    m["families"].as_object()?.values().flat_map(|f| f["samples"].as_array().cloned().unwrap_or_default()).find_map(|s| {
-        let ok = s[0] == name && labels.iter().all(|(k, v)| s[1][*k] == *v);
-        ok.then(|| s[2].as_f64()).flatten()
-    })
+    m["families"].as_object()?.values().flat_map(|f| f["samples"].as_array().cloned().unwrap_or_default()).find_map(
+        |s| {
+            let ok = s[0] == name && labels.iter().all(|(k, v)| s[1][*k] == *v);
+            ok.then(|| s[2].as_f64()).flatten()
+        },
+    )
 }
 
 fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
@@ -183,7 +189,11 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0() {
     assert!(snap.iteration >= 3 && snap.iteration < 100_000, "iteration {}", snap.iteration);
     assert!(snap.teacher.is_some() && !snap.momentum.is_empty());
     // No temporary files left behind.
-    let stray: Vec<_> = std::fs::read_dir(dir.join("ckpt")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("tmp")).collect();
+    let stray: Vec<_> = std::fs::read_dir(dir.join("ckpt"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("tmp"))
+        .collect();
     assert!(stray.is_empty(), "{stray:?}");
 }
 
@@ -209,14 +219,20 @@ fn cli_resume_reaches_the_same_weights_as_an_uninterrupted_run() {
     assert_eq!((ia, ib), (6, 6));
     let (sa, sb) = (Snapshot::read(&pa).unwrap(), Snapshot::read(&pb).unwrap());
     // The checkpoint evaluates one-shot with the config stored in it.
-    let out = Command::new(bin()).args(["eval", "--device", "cpu", "--json", "--checkpoint"]).arg(&pa).current_dir(&a).output().unwrap();
+    let out = Command::new(bin())
+        .args(["eval", "--device", "cpu", "--json", "--checkpoint"])
+        .arg(&pa)
+        .current_dir(&a)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["cases"].as_array().unwrap().len(), 1);
     assert!(report["summary"]["dice"]["mean"].as_f64().is_some_and(|d| (0.0..=1.0).contains(&d)));
     let all = |s: &Snapshot| -> Vec<(String, tch::Tensor)> {
         let teacher = s.teacher.as_deref().unwrap_or(&[]);
-        let mut v: Vec<(String, tch::Tensor)> = s.student.iter().map(|(n, t)| (format!("s.{n}"), t.shallow_clone())).collect();
+        let mut v: Vec<(String, tch::Tensor)> =
+            s.student.iter().map(|(n, t)| (format!("s.{n}"), t.shallow_clone())).collect();
         v.extend(teacher.iter().map(|(n, t)| (format!("t.{n}"), t.shallow_clone())));
         v.extend(s.momentum.iter().map(|(n, t)| (format!("m.{n}"), t.shallow_clone())));
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -238,7 +254,14 @@ fn a_config_with_a_wrong_key_fails_naming_it() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("optim2") && err.contains("run.toml"), "{err}");
-    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("[optim2]\nx = 1\n", "").replace("n_filters = 4", "n_filters = 4\nn_filter = 8")).unwrap();
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("[optim2]\nx = 1\n", "")
+            .replace("n_filters = 4", "n_filters = 4\nn_filter = 8"),
+    )
+    .unwrap();
     let out = Command::new(bin()).args(["train", "--config"]).arg(&cfg).current_dir(&dir).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("n_filter"));
@@ -249,7 +272,11 @@ fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_report
     let dir = tempdir("watch");
     let watch = dir.join("watch");
     std::fs::create_dir_all(&watch).unwrap();
-    let extra = format!("[eval]\nwatch_dir = \"{}\"\nreport_dir = \"{}\"\npatch = [32, 32, 16]\nstride = [8, 8, 4]\n", watch.display(), dir.join("reports").display());
+    let extra = format!(
+        "[eval]\nwatch_dir = \"{}\"\nreport_dir = \"{}\"\npatch = [32, 32, 16]\nstride = [8, 8, 4]\n",
+        watch.display(),
+        dir.join("reports").display()
+    );
     let cfg = write_config(&dir, 100_000, 4, &extra);
     let mut child = start(&cfg, &dir, &[]);
     wait_for("the metrics address", 120, || dir.join("addr").exists());
@@ -262,8 +289,11 @@ fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_report
     std::fs::write(watch.join("broken.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
     let runs = |m: &serde_json::Value| sample(m, "uamt_eval_runs_total", &[("source", "watch")]).unwrap_or(0.0);
     wait_for("the good checkpoint's evaluation", 120, || runs(&scrape(&addr)) >= 1.0);
-    wait_for("the broken checkpoint's failure", 60, || sample(&scrape(&addr), "uamt_eval_failures_total", &[]).unwrap_or(0.0) >= 1.0);
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reports/mine/report.json")).unwrap()).unwrap();
+    wait_for("the broken checkpoint's failure", 60, || {
+        sample(&scrape(&addr), "uamt_eval_failures_total", &[]).unwrap_or(0.0) >= 1.0
+    });
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reports/mine/report.json")).unwrap()).unwrap();
     assert_eq!(report["cases"].as_array().unwrap().len(), 1);
     let dice = report["summary"]["dice"]["mean"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&dice), "dice {dice}");
@@ -309,7 +339,11 @@ fn a_corrupt_case_is_logged_counted_and_skipped() {
     let dir = tempdir("badcase");
     let cfg = write_config(&dir, 100_000, 0, "");
     // Make the synthetic dataset, then truncate one unlabelled training image.
-    let out = Command::new(bin()).args(["synth", "--cases", "6", "--labelled", "2", "--test", "1", "--size", "40,40,24", "--out"]).arg(dir.join("synth")).output().unwrap();
+    let out = Command::new(bin())
+        .args(["synth", "--cases", "6", "--labelled", "2", "--test", "1", "--size", "40,40,24", "--out"])
+        .arg(dir.join("synth"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let victim = dir.join("synth/imagesTr/synth_004.nii");
     let bytes = std::fs::read(&victim).unwrap();
@@ -317,10 +351,17 @@ fn a_corrupt_case_is_logged_counted_and_skipped() {
     let mut child = start(&cfg, &dir, &[]);
     wait_for("the metrics address", 120, || dir.join("addr").exists());
     let addr = std::fs::read_to_string(dir.join("addr")).unwrap();
-    wait_for("training despite the bad case", 240, || sample(&scrape(&addr), "uamt_iterations_total", &[]).unwrap_or(0.0) >= 2.0);
+    wait_for("training despite the bad case", 240, || {
+        sample(&scrape(&addr), "uamt_iterations_total", &[]).unwrap_or(0.0) >= 2.0
+    });
     assert_eq!(sample(&scrape(&addr), "uamt_skipped_cases_total", &[]), Some(1.0));
     assert_eq!(unsafe { libc_kill(child.id() as i32, 15) }, 0);
     assert!(wait_exit(&mut child, 120).success());
-    let log: String = std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("log-")).map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    let log: String = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("log-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
     assert!(log.contains("case skipped") && log.contains("synth_004.nii"), "{log}");
 }

@@ -207,7 +207,10 @@ pub fn pad<T: Copy + Default>(v: &Volume<T>, pad: [usize; 3]) -> Volume<T> {
 /// `v[o0:o0+s0, o1:o1+s1, o2:o2+s2]`; an error if the box leaves the volume.
 pub fn crop<T: Copy + Default>(v: &Volume<T>, offset: [usize; 3], size: [usize; 3]) -> Result<Volume<T>> {
     if (0..3).any(|i| offset[i] + size[i] > v.dims[i]) {
-        return Err(DataError::invalid("crop", format!("box at {offset:?} of {size:?} leaves a volume of {:?}", v.dims)));
+        return Err(DataError::invalid(
+            "crop",
+            format!("box at {offset:?} of {size:?} leaves a volume of {:?}", v.dims),
+        ));
     }
     let mut out = Volume::zeros(size);
     for z in 0..size[2] {

@@ -49,7 +49,9 @@ impl TestEntry {
     pub fn to_case(&self) -> CaseEntry {
         match self {
             TestEntry::Case(c) => c.clone(),
-            TestEntry::Image(p) => CaseEntry { id: String::new(), image: p.clone(), label: None, labelled: Some(false) },
+            TestEntry::Image(p) => {
+                CaseEntry { id: String::new(), image: p.clone(), label: None, labelled: Some(false) }
+            }
         }
     }
 }
@@ -94,7 +96,14 @@ fn three_d() -> String {
 
 impl Manifest {
     /// A manifest for `training` and `test` with the counts filled in.
-    pub fn new(name: &str, description: &str, modality: &str, labels: &[&str], training: Vec<CaseEntry>, test: Vec<CaseEntry>) -> Self {
+    pub fn new(
+        name: &str,
+        description: &str,
+        modality: &str,
+        labels: &[&str],
+        training: Vec<CaseEntry>,
+        test: Vec<CaseEntry>,
+    ) -> Self {
         Manifest {
             name: name.into(),
             description: description.into(),
@@ -119,19 +128,30 @@ impl Manifest {
     /// Writes `<dir>/dataset.json` atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(MANIFEST);
-        let text = serde_json::to_string_pretty(self).map_err(|e| DataError::bad(&path, format!("cannot serialise: {e}")))?;
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| DataError::bad(&path, format!("cannot serialise: {e}")))?;
         write_atomic(&path, |w| w.write_all(format!("{text}\n").as_bytes()))
     }
 }
 
 /// A standard training-case entry `./imagesTr/<id><ext>` (+ `./labelsTr/<id><ext>`).
 pub fn training_entry(id: &str, ext: &str, labelled: bool) -> CaseEntry {
-    CaseEntry { id: id.into(), image: format!("./imagesTr/{id}{ext}"), label: Some(format!("./labelsTr/{id}{ext}")), labelled: Some(labelled) }
+    CaseEntry {
+        id: id.into(),
+        image: format!("./imagesTr/{id}{ext}"),
+        label: Some(format!("./labelsTr/{id}{ext}")),
+        labelled: Some(labelled),
+    }
 }
 
 /// A standard test-case entry `./imagesTs/<id><ext>` + `./labelsTs/<id><ext>`.
 pub fn test_entry(id: &str, ext: &str) -> CaseEntry {
-    CaseEntry { id: id.into(), image: format!("./imagesTs/{id}{ext}"), label: Some(format!("./labelsTs/{id}{ext}")), labelled: None }
+    CaseEntry {
+        id: id.into(),
+        image: format!("./imagesTs/{id}{ext}"),
+        label: Some(format!("./labelsTs/{id}{ext}")),
+        labelled: None,
+    }
 }
 
 /// One opened case.
@@ -236,7 +256,12 @@ fn open_case(root: &Path, e: CaseEntry, cache: &GzCache, ids: &mut HashSet<Strin
             if label.dims() != image.dims() {
                 return Err(DataError::bad(
                     label.path(),
-                    format!("label shape {:?} differs from image shape {:?} ({})", label.dims(), image.dims(), image_path.display()),
+                    format!(
+                        "label shape {:?} differs from image shape {:?} ({})",
+                        label.dims(),
+                        image.dims(),
+                        image_path.display()
+                    ),
                 ));
             }
             Some(label)

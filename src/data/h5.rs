@@ -30,7 +30,10 @@ fn dataset3(file: &hdf5::File, path: &Path, name: &str, integer: bool) -> Result
     if dims.contains(&0) {
         return Err(DataError::bad(path, format!("dataset `{name}` has shape {shape:?} with an empty axis")));
     }
-    let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(|e| h5err(path, &format!("dataset `{name}` data type"), e))?;
+    let desc = ds
+        .dtype()
+        .and_then(|t| t.to_descriptor())
+        .map_err(|e| h5err(path, &format!("dataset `{name}` data type"), e))?;
     let ok = match desc {
         TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) => true,
         TypeDescriptor::Float(_) => !integer,
@@ -38,7 +41,10 @@ fn dataset3(file: &hdf5::File, path: &Path, name: &str, integer: bool) -> Result
     };
     if !ok {
         let want = if integer { "an integer type" } else { "a numeric type" };
-        return Err(DataError::bad(path, format!("dataset `{name}` has unsupported data type {desc}, expected {want}")));
+        return Err(DataError::bad(
+            path,
+            format!("dataset `{name}` has unsupported data type {desc}, expected {want}"),
+        ));
     }
     Ok((ds, dims))
 }
@@ -49,7 +55,10 @@ pub fn read_h5_image(file: &hdf5::File, path: &Path, name: &str) -> Result<Volum
     let c: Vec<f32> = ds.read_raw().map_err(|e| h5err(path, &format!("cannot read dataset `{name}`"), e))?;
     if let Some(i) = c.iter().position(|v| !v.is_finite()) {
         let bad = c.iter().filter(|v| !v.is_finite()).count();
-        return Err(DataError::bad(path, format!("dataset `{name}` has {bad} NaN or infinite voxels (first at C-order index {i})")));
+        return Err(DataError::bad(
+            path,
+            format!("dataset `{name}` has {bad} NaN or infinite voxels (first at C-order index {i})"),
+        ));
     }
     Volume::from_c_order(dims, &c).map_err(|e| DataError::bad(path, e.to_string()))
 }
@@ -79,7 +88,10 @@ pub fn read_h5_case(path: &Path, max_label: u8) -> Result<H5Case> {
     let image = read_h5_image(&file, path, "image")?;
     let label = read_h5_label(&file, path, "label", max_label)?;
     if image.dims != label.dims {
-        return Err(DataError::bad(path, format!("`label` shape {:?} differs from `image` shape {:?}", label.dims, image.dims)));
+        return Err(DataError::bad(
+            path,
+            format!("`label` shape {:?} differs from `image` shape {:?}", label.dims, image.dims),
+        ));
     }
     Ok(H5Case { image, label })
 }
@@ -90,9 +102,19 @@ pub fn write_h5_case(path: &Path, case: &H5Case) -> Result<()> {
         let file = hdf5::File::create(path)?;
         let chunk = |dims: [usize; 3]| dims.map(|d| d.clamp(1, 32));
         let image = case.image.to_c_order();
-        file.new_dataset::<f32>().shape(case.image.dims).chunk(chunk(case.image.dims)).deflate(4).create("image")?.write_raw(&image)?;
+        file.new_dataset::<f32>()
+            .shape(case.image.dims)
+            .chunk(chunk(case.image.dims))
+            .deflate(4)
+            .create("image")?
+            .write_raw(&image)?;
         let label = case.label.to_c_order();
-        file.new_dataset::<u8>().shape(case.label.dims).chunk(chunk(case.label.dims)).deflate(4).create("label")?.write_raw(&label)?;
+        file.new_dataset::<u8>()
+            .shape(case.label.dims)
+            .chunk(chunk(case.label.dims))
+            .deflate(4)
+            .create("label")?
+            .write_raw(&label)?;
         Ok(())
     };
     run().map_err(|e| h5err(path, "cannot write HDF5", e))

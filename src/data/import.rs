@@ -32,7 +32,8 @@ impl Staging {
         if out.exists() && !force {
             return Err(DataError::bad(out, "already exists (use --force to replace it)"));
         }
-        let name = out.file_name().ok_or_else(|| DataError::bad(out, "not a folder name"))?.to_string_lossy().into_owned();
+        let name =
+            out.file_name().ok_or_else(|| DataError::bad(out, "not a folder name"))?.to_string_lossy().into_owned();
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         fs::create_dir_all(parent).at(parent)?;
         let dir = parent.join(format!(".{name}.{}", temp_suffix()));
@@ -51,7 +52,11 @@ impl Staging {
     pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf> {
         manifest.write(&self.dir)?;
         if self.force && self.out.exists() {
-            let old = self.dir.with_file_name(format!(".{}.old-{}", self.out.file_name().unwrap_or_default().to_string_lossy(), temp_suffix()));
+            let old = self.dir.with_file_name(format!(
+                ".{}.old-{}",
+                self.out.file_name().unwrap_or_default().to_string_lossy(),
+                temp_suffix()
+            ));
             fs::rename(&self.out, &old).at(&self.out)?;
             fs::rename(&self.dir, &self.out).at(&self.out)?;
             fs::remove_dir_all(&old).at(&old)?;
@@ -122,7 +127,10 @@ impl Split {
         let train = read_list(train_list)?;
         let test = test_list.map(read_list).transpose()?.unwrap_or_default();
         if labelled > train.len() {
-            return Err(DataError::invalid("labelled", format!("{labelled} labelled cases but {} lists only {}", train_list.display(), train.len())));
+            return Err(DataError::invalid(
+                "labelled",
+                format!("{labelled} labelled cases but {} lists only {}", train_list.display(), train.len()),
+            ));
         }
         let in_train: HashSet<&String> = train.iter().collect();
         if let (Some(id), Some(tl)) = (test.iter().find(|id| in_train.contains(id)), test_list) {
@@ -133,7 +141,12 @@ impl Split {
 }
 
 /// Where a case's file is, checked for every listed case before anything is written.
-fn locate_all(split: &Split, list_of: (&Path, Option<&Path>), find: impl Fn(&str) -> Option<PathBuf>, what: &str) -> Result<()> {
+fn locate_all(
+    split: &Split,
+    list_of: (&Path, Option<&Path>),
+    find: impl Fn(&str) -> Option<PathBuf>,
+    what: &str,
+) -> Result<()> {
     for (ids, list) in [(&split.train, Some(list_of.0)), (&split.test, list_of.1)] {
         if let (Some(id), Some(list)) = (ids.iter().find(|id| find(id).is_none()), list) {
             return Err(DataError::bad(list, format!("case `{id}` is listed but has no {what}")));
@@ -152,7 +165,13 @@ pub(crate) fn entry_for(id: &str, test: bool, labelled: bool, ext: &str) -> Case
 }
 
 /// Writes one case's volumes where `entry` says, inside the staging folder `dir`.
-pub(crate) fn write_case(dir: &Path, entry: &CaseEntry, image: &Volume<f32>, label: &Volume<u8>, geometry: &Geometry) -> Result<()> {
+pub(crate) fn write_case(
+    dir: &Path,
+    entry: &CaseEntry,
+    image: &Volume<f32>,
+    label: &Volume<u8>,
+    geometry: &Geometry,
+) -> Result<()> {
     write_nifti(dir.join(&entry.image), image, geometry)?;
     if let Some(l) = &entry.label {
         write_nifti(dir.join(l), label, geometry)?;
@@ -191,7 +210,15 @@ pub struct ImportCommon {
 impl ImportCommon {
     /// From `src` to `out`, 16 labelled, default lists, `.nii`, no replacing.
     pub fn new(src: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
-        ImportCommon { src: src.into(), out: out.into(), labelled: 16, train_list: None, test_list: None, gzip: false, force: false }
+        ImportCommon {
+            src: src.into(),
+            out: out.into(),
+            labelled: 16,
+            train_list: None,
+            test_list: None,
+            gzip: false,
+            force: false,
+        }
     }
 }
 
@@ -215,7 +242,9 @@ impl H5Import {
 
 /// Where the HDF5 file of case `id` is under `src`, if anywhere.
 pub fn find_h5(src: &Path, id: &str) -> Option<PathBuf> {
-    [src.join(format!("{id}.h5")), src.join("h5").join(format!("{id}.h5")), src.join(id).join("mri_norm2.h5")].into_iter().find(|p| p.is_file())
+    [src.join(format!("{id}.h5")), src.join("h5").join(format!("{id}.h5")), src.join(id).join("mri_norm2.h5")]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// Called after each case of a long one-shot job with (cases done, total, case id).
@@ -239,7 +268,12 @@ pub fn import_h5_with(opts: &H5Import, progress: Progress<'_>) -> Result<ImportR
     let staging = Staging::new(&c.out, c.force)?;
     let geometry = Geometry::from_spacing(opts.spacing);
     let (mut training, mut test) = (Vec::new(), Vec::new());
-    let cases = split.train.iter().enumerate().map(|(i, id)| (id, false, i < split.labelled)).chain(split.test.iter().map(|id| (id, true, false)));
+    let cases = split
+        .train
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id, false, i < split.labelled))
+        .chain(split.test.iter().map(|id| (id, true, false)));
     let total = split.train.len() + split.test.len();
     for (n, (id, is_test, labelled)) in cases.enumerate() {
         let path = find_h5(&c.src, id).ok_or_else(|| DataError::bad(&c.src, format!("case `{id}` disappeared")))?;
@@ -247,10 +281,18 @@ pub fn import_h5_with(opts: &H5Import, progress: Progress<'_>) -> Result<ImportR
         let entry = entry_for(id, is_test, labelled, ext(c.gzip));
         write_case(staging.dir(), &entry, &case.image, &case.label, &geometry)?;
         tracing::debug!(case = %id, dims = ?case.image.dims, test = is_test, "imported");
-        if is_test { test.push(entry) } else { training.push(entry) }
+        if is_test {
+            test.push(entry)
+        } else {
+            training.push(entry)
+        }
         progress(n + 1, total, id);
     }
-    let description = format!("imported from UA-MT HDF5 files in {}; spacing {:?} mm (assumed, the HDF5 files carry none)", c.src.display(), opts.spacing);
+    let description = format!(
+        "imported from UA-MT HDF5 files in {}; spacing {:?} mm (assumed, the HDF5 files carry none)",
+        c.src.display(),
+        opts.spacing
+    );
     report(staging, Manifest::new("LA2018", &description, "MRI", &["background", "left atrium"], training, test))
 }
 
@@ -317,10 +359,24 @@ pub struct Preprocessed {
 /// bounding box (inclusive), `m` the margin of that side and `p = max(patch - (max - min), 0) / 2`
 /// so the crop covers at least the patch; z is kept whole. `margins` = `[x low, x high, y low, y high]`.
 /// `paths` (image, label) name the files in errors.
-pub fn preprocess_challenge(image: &Volume<f32>, label_raw: &Volume<f32>, patch: [usize; 3], margins: [usize; 4], paths: (&Path, &Path)) -> Result<Preprocessed> {
+pub fn preprocess_challenge(
+    image: &Volume<f32>,
+    label_raw: &Volume<f32>,
+    patch: [usize; 3],
+    margins: [usize; 4],
+    paths: (&Path, &Path),
+) -> Result<Preprocessed> {
     let (image_path, path) = paths;
     if image.dims != label_raw.dims {
-        return Err(DataError::bad(path, format!("label shape {:?} differs from image shape {:?} ({})", label_raw.dims, image.dims, image_path.display())));
+        return Err(DataError::bad(
+            path,
+            format!(
+                "label shape {:?} differs from image shape {:?} ({})",
+                label_raw.dims,
+                image.dims,
+                image_path.display()
+            ),
+        ));
     }
     if let Some(i) = image.data.iter().position(|v| !v.is_finite()) {
         return Err(DataError::bad(image_path, format!("NaN or infinite voxels (first at index {i})")));
@@ -400,7 +456,10 @@ pub fn import_nrrd_with(opts: &NrrdImport, progress: Progress<'_>) -> Result<Imp
                 return Err(DataError::bad(&c.src, "no training case folders with lgemri.nrrd"));
             }
             if c.labelled > ids.len() {
-                return Err(DataError::invalid("labelled", format!("{} labelled cases but {} has only {}", c.labelled, c.src.display(), ids.len())));
+                return Err(DataError::invalid(
+                    "labelled",
+                    format!("{} labelled cases but {} has only {}", c.labelled, c.src.display(), ids.len()),
+                ));
             }
             Split { train: ids, test, labelled: c.labelled }
         }
@@ -410,7 +469,12 @@ pub fn import_nrrd_with(opts: &NrrdImport, progress: Progress<'_>) -> Result<Imp
     locate_all(&split, listed, |id| label_of(id).is_file().then(|| label_of(id)), "laendo.nrrd")?;
     let staging = Staging::new(&c.out, c.force)?;
     let (mut training, mut test) = (Vec::new(), Vec::new());
-    let cases = split.train.iter().enumerate().map(|(i, id)| (id, false, i < split.labelled)).chain(split.test.iter().map(|id| (id, true, false)));
+    let cases = split
+        .train
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id, false, i < split.labelled))
+        .chain(split.test.iter().map(|id| (id, true, false)));
     for (n, (id, is_test, labelled)) in cases.enumerate() {
         let image = read_nrrd(image_of(id))?;
         let label = read_nrrd(label_of(id))?;
@@ -421,12 +485,17 @@ pub fn import_nrrd_with(opts: &NrrdImport, progress: Progress<'_>) -> Result<Imp
                 [0; 4].map(|_| rng.range(lo, hi.max(lo) + 1))
             }
         };
-        let p = preprocess_challenge(&image.volume, &label.volume, opts.patch, margins, (&image_of(id), &label_of(id)))?;
+        let p =
+            preprocess_challenge(&image.volume, &label.volume, opts.patch, margins, (&image_of(id), &label_of(id)))?;
         let geometry = image.geometry.cropped(p.origin);
         let entry = entry_for(id, is_test, labelled, ext(c.gzip));
         write_case(staging.dir(), &entry, &p.image, &p.label, &geometry)?;
         tracing::debug!(case = %id, dims = ?p.image.dims, origin = ?p.origin, "imported");
-        if is_test { test.push(entry) } else { training.push(entry) }
+        if is_test {
+            test.push(entry)
+        } else {
+            training.push(entry)
+        }
         progress(n + 1, split.train.len() + split.test.len(), id);
     }
     let margin = match opts.margin {

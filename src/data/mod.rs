@@ -32,7 +32,9 @@ pub mod volume;
 pub use augment::{extract, Augment, VoxelSource};
 pub use dataset::{Case, Dataset, DatasetOptions, Manifest};
 pub use error::DataError;
-pub use import::{import_h5, import_h5_with, import_nrrd, import_nrrd_with, Progress, H5Import, ImportReport, Margin, NrrdImport};
+pub use import::{
+    import_h5, import_h5_with, import_nrrd, import_nrrd_with, H5Import, ImportReport, Margin, NrrdImport, Progress,
+};
 pub use nifti::{write_nifti, DType, GzCache, NiftiVolume};
 pub use rng::Rng;
 pub use sampler::{BatchIndices, BatchSampler, HostBatch, LoaderConfig, PatchLoader, SamplerConfig};

@@ -181,7 +181,15 @@ from_voxel!(f32, f64, u8, i64);
 
 /// Decodes `out.len()` voxels at element indices `start, start + step, ...` from `raw`.
 /// `None` if an index falls outside `raw`.
-pub(crate) fn decode_line<T: FromVoxel>(raw: &[u8], dtype: DType, big_endian: bool, scale: Scale, start: usize, step: isize, out: &mut [T]) -> Option<()> {
+pub(crate) fn decode_line<T: FromVoxel>(
+    raw: &[u8],
+    dtype: DType,
+    big_endian: bool,
+    scale: Scale,
+    start: usize,
+    step: isize,
+    out: &mut [T],
+) -> Option<()> {
     macro_rules! walk {
         ($t:ty) => {{
             const N: usize = std::mem::size_of::<$t>();
@@ -331,10 +339,11 @@ fn header_geometry(h: &nifti::NiftiHeader, path: &Path) -> Result<Geometry> {
 
 /// Parses and validates the header at the start of `bytes`.
 fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
-    let head = bytes
-        .get(..HEADER_LEN)
-        .ok_or_else(|| DataError::bad(path, format!("truncated: {} bytes, shorter than a NIfTI-1 header (348)", bytes.len())))?;
-    let h = nifti::NiftiHeader::from_reader(head).map_err(|e| DataError::bad(path, format!("not a NIfTI-1 file: {e}")))?;
+    let head = bytes.get(..HEADER_LEN).ok_or_else(|| {
+        DataError::bad(path, format!("truncated: {} bytes, shorter than a NIfTI-1 header (348)", bytes.len()))
+    })?;
+    let h =
+        nifti::NiftiHeader::from_reader(head).map_err(|e| DataError::bad(path, format!("not a NIfTI-1 file: {e}")))?;
     if h.sizeof_hdr != HEADER_LEN as i32 {
         return Err(DataError::bad(path, format!("not a NIfTI-1 file: sizeof_hdr is {}, not 348", h.sizeof_hdr)));
     }
@@ -358,7 +367,13 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
         }
     }
     let dtype = DType::from_code(h.datatype).ok_or_else(|| {
-        DataError::bad(path, format!("unsupported data type code {} (supported: uint8, int16, uint16, int32, float32, float64)", h.datatype))
+        DataError::bad(
+            path,
+            format!(
+                "unsupported data type code {} (supported: uint8, int16, uint16, int32, float32, float64)",
+                h.datatype
+            ),
+        )
     })?;
     let offset = h.vox_offset;
     let vox_offset = if offset == 0.0 {
@@ -375,7 +390,11 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
     if bytes.len() < need {
         return Err(DataError::bad(
             path,
-            format!("truncated: the header promises {need} bytes ({dims:?} {} from offset {vox_offset}), the file has {}", dtype.name(), bytes.len()),
+            format!(
+                "truncated: the header promises {need} bytes ({dims:?} {} from offset {vox_offset}), the file has {}",
+                dtype.name(),
+                bytes.len()
+            ),
         ));
     }
     let (slope, inter) = (h.scl_slope as f64, h.scl_inter as f64);
@@ -440,7 +459,8 @@ fn gunzip(gz: &Path, mut sink: impl Write) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(DataError::bad(gz, format!("truncated or corrupt gzip stream: {e}"))),
         };
-        sink.write_all(&buf[..n]).map_err(|e| DataError::bad(gz, format!("cannot store the decompressed copy: {e}")))?;
+        sink.write_all(&buf[..n])
+            .map_err(|e| DataError::bad(gz, format!("cannot store the decompressed copy: {e}")))?;
     }
 }
 
@@ -448,7 +468,8 @@ fn gunzip(gz: &Path, mut sink: impl Write) -> Result<()> {
 fn cached_copy(gz: &Path, dir: &Path) -> Result<PathBuf> {
     let meta = fs::metadata(gz).at(gz)?;
     let canonical = fs::canonicalize(gz).at(gz)?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let mtime =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let key = fnv1a(&[canonical.to_string_lossy().as_bytes(), &meta.len().to_le_bytes(), &mtime.to_le_bytes()]);
     let name = format!("{}-{key:016x}.nii", stem(gz));
     let target = dir.join(&name);
@@ -516,8 +537,12 @@ impl NiftiVolume {
     pub fn read_line<T: FromVoxel>(&self, start: usize, step: isize, out: &mut [T]) -> Result<()> {
         let h = &self.header;
         let raw = self.bytes.as_slice().get(h.vox_offset..).unwrap_or_default();
-        decode_line(raw, h.dtype, h.big_endian, h.scale, start, step, out)
-            .ok_or_else(|| DataError::bad(&self.path, format!("voxel read out of range (start {start}, step {step}, {} voxels)", out.len())))
+        decode_line(raw, h.dtype, h.big_endian, h.scale, start, step, out).ok_or_else(|| {
+            DataError::bad(
+                &self.path,
+                format!("voxel read out of range (start {start}, step {step}, {} voxels)", out.len()),
+            )
+        })
     }
 
     /// The whole volume decoded to `T` (a copy; samplers read patches with [`Self::read_line`]).
@@ -535,8 +560,13 @@ impl NiftiVolume {
     /// The whole volume as class labels; every value must be an integer in 0..=255.
     pub fn read_labels(&self) -> Result<Volume<u8>> {
         let v: Volume<f64> = self.read()?;
-        if let Some((i, bad)) = v.data.iter().enumerate().find(|(_, &x)| !(x.fract() == 0.0 && (0.0..=255.0).contains(&x))) {
-            return Err(DataError::bad(&self.path, format!("label value {bad} at voxel {i} is not an integer in 0..=255")));
+        if let Some((i, bad)) =
+            v.data.iter().enumerate().find(|(_, &x)| !(x.fract() == 0.0 && (0.0..=255.0).contains(&x)))
+        {
+            return Err(DataError::bad(
+                &self.path,
+                format!("label value {bad} at voxel {i} is not an integer in 0..=255"),
+            ));
         }
         Ok(v.map(|x| x as u8))
     }
@@ -592,7 +622,8 @@ fn header_bytes(dims: [usize; 3], dtype: DType, geometry: &Geometry) -> Result<V
     b[38] = b'r'; // "regular", as the spec's writers set it
     put_i16(&mut b, 40, 3);
     for (i, &d) in dims.iter().enumerate() {
-        let d = i16::try_from(d).map_err(|_| DataError::invalid("nifti dims", format!("axis {i} of {dims:?} exceeds 32767")))?;
+        let d = i16::try_from(d)
+            .map_err(|_| DataError::invalid("nifti dims", format!("axis {i} of {dims:?} exceeds 32767")))?;
         put_i16(&mut b, 42 + 2 * i, d);
     }
     for i in 3..7 {

@@ -120,14 +120,20 @@ fn geometry(f: &Fields, path: &Path) -> Result<Geometry> {
             return Err(DataError::bad(path, format!("`space directions` has {} vectors, expected 3", cols.len())));
         }
         for (j, c) in cols.iter().enumerate() {
-            let v = parse_vector(c).ok_or_else(|| DataError::bad(path, format!("bad `space directions` vector `{c}`")))?;
+            let v =
+                parse_vector(c).ok_or_else(|| DataError::bad(path, format!("bad `space directions` vector `{c}`")))?;
             for (row, x) in g.affine.iter_mut().zip(v) {
                 row[j] = x;
             }
         }
     } else if let Some(s) = &f.spacings {
-        let v: Vec<f64> = s.split_whitespace().map(|x| x.parse::<f64>()).collect::<std::result::Result<_, _>>().map_err(|_| DataError::bad(path, format!("bad `spacings` `{s}`")))?;
-        let v: [f64; 3] = v.try_into().map_err(|_| DataError::bad(path, format!("`spacings` `{s}` is not 3 numbers")))?;
+        let v: Vec<f64> = s
+            .split_whitespace()
+            .map(|x| x.parse::<f64>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| DataError::bad(path, format!("bad `spacings` `{s}`")))?;
+        let v: [f64; 3] =
+            v.try_into().map_err(|_| DataError::bad(path, format!("`spacings` `{s}` is not 3 numbers")))?;
         g = Geometry::from_spacing(v.map(|x| if x.is_finite() && x > 0.0 { x } else { 1.0 }));
     }
     if let Some(o) = &f.origin {
@@ -177,7 +183,8 @@ pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
     let nbytes = n.checked_mul(dtype.size()).ok_or_else(|| DataError::bad(path, "sizes too large"))?;
     let encoding = required(&f.encoding, "encoding", path)?;
     let parse_skip = |v: &Option<String>, name: &str| -> Result<i64> {
-        v.as_deref().map_or(Ok(0), |s| s.parse::<i64>().map_err(|_| DataError::bad(path, format!("bad `{name}` `{s}`"))))
+        v.as_deref()
+            .map_or(Ok(0), |s| s.parse::<i64>().map_err(|_| DataError::bad(path, format!("bad `{name}` `{s}`"))))
     };
     let byte_skip = parse_skip(&f.byte_skip, "byte skip")?;
     let line_skip = parse_skip(&f.line_skip, "line skip")?.max(0) as usize;
@@ -199,7 +206,10 @@ pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
         None => (path, bytes.get(data_start..).unwrap_or_default()),
     };
     for _ in 0..line_skip {
-        let nl = encoded.iter().position(|&b| b == b'\n').ok_or_else(|| DataError::bad(data_path, "truncated: fewer lines than `line skip`"))?;
+        let nl = encoded
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| DataError::bad(data_path, "truncated: fewer lines than `line skip`"))?;
         encoded = &encoded[nl + 1..];
     }
     let decoded: Vec<u8>;
@@ -223,9 +233,13 @@ pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
         raw.get(byte_skip.max(0) as usize..).unwrap_or_default()
     };
     if raw.len() < nbytes {
-        return Err(DataError::bad(data_path, format!("truncated: {dims:?} {tname} needs {nbytes} bytes of data, found {}", raw.len())));
+        return Err(DataError::bad(
+            data_path,
+            format!("truncated: {dims:?} {tname} needs {nbytes} bytes of data, found {}", raw.len()),
+        ));
     }
     let mut data = vec![0f32; n];
-    decode_line(raw, dtype, big_endian, Scale::IDENTITY, 0, 1, &mut data).ok_or_else(|| DataError::bad(data_path, "voxel data out of range"))?;
+    decode_line(raw, dtype, big_endian, Scale::IDENTITY, 0, 1, &mut data)
+        .ok_or_else(|| DataError::bad(data_path, "voxel data out of range"))?;
     Ok(NrrdVolume { volume: Volume::new(dims, data)?, dtype, geometry: geometry(&f, path)? })
 }

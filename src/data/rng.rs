@@ -115,9 +115,24 @@ mod tests {
 
     #[test]
     fn should_repeat_a_stream_for_the_same_key() {
-        let a: Vec<u64> = (0..8).map({ let mut r = Rng::keyed(7, &[1, 2]); move |_| r.next_u64() }).collect();
-        let b: Vec<u64> = (0..8).map({ let mut r = Rng::keyed(7, &[1, 2]); move |_| r.next_u64() }).collect();
-        let c: Vec<u64> = (0..8).map({ let mut r = Rng::keyed(7, &[1, 3]); move |_| r.next_u64() }).collect();
+        let a: Vec<u64> = (0..8)
+            .map({
+                let mut r = Rng::keyed(7, &[1, 2]);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let b: Vec<u64> = (0..8)
+            .map({
+                let mut r = Rng::keyed(7, &[1, 2]);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let c: Vec<u64> = (0..8)
+            .map({
+                let mut r = Rng::keyed(7, &[1, 3]);
+                move |_| r.next_u64()
+            })
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -8,8 +8,8 @@ use super::augment::{extract, Augment};
 use super::dataset::Dataset;
 use super::error::{DataError, Result};
 use super::rng::{stream, Rng};
-use std::sync::Arc;
 use super::volume::LABEL_KIND;
+use std::sync::Arc;
 use tch::Tensor;
 
 /// How batches are drawn.
@@ -63,10 +63,16 @@ impl BatchSampler {
             return Err(DataError::invalid("labelled_bs", "must be at least 1"));
         }
         if n_labelled < cfg.labelled_bs {
-            return Err(DataError::invalid("labelled_bs", format!("{} labelled patches per batch but only {n_labelled} labelled cases", cfg.labelled_bs)));
+            return Err(DataError::invalid(
+                "labelled_bs",
+                format!("{} labelled patches per batch but only {n_labelled} labelled cases", cfg.labelled_bs),
+            ));
         }
         if cfg.unlabelled_bs > 0 && n_unlabelled == 0 {
-            return Err(DataError::invalid("unlabelled_bs", format!("{} unlabelled patches per batch but no unlabelled cases", cfg.unlabelled_bs)));
+            return Err(DataError::invalid(
+                "unlabelled_bs",
+                format!("{} unlabelled patches per batch but no unlabelled cases", cfg.unlabelled_bs),
+            ));
         }
         Ok(BatchSampler { cfg, n_labelled, n_unlabelled })
     }
@@ -172,7 +178,8 @@ impl HostBatch {
         let [x, y, z] = self.patch.map(|d| d as i64);
         let b = self.plans.len() as i64;
         let images = Tensor::f_from_slice(&self.images)?.f_view([b, 1, x, y, z])?;
-        let labels = Tensor::f_from_slice(&self.labels)?.f_view([self.labelled as i64, x, y, z])?.f_to_kind(LABEL_KIND)?;
+        let labels =
+            Tensor::f_from_slice(&self.labels)?.f_view([self.labelled as i64, x, y, z])?.f_to_kind(LABEL_KIND)?;
         Ok((images, labels))
     }
 }
@@ -216,7 +223,8 @@ impl PatchLoader {
     /// The cases and augmentations of batch `iteration` (labelled first).
     pub fn plan(&self, iteration: u64) -> (BatchIndices, Vec<PatchPlan>) {
         let idx = self.sampler.batch(iteration);
-        let cases = idx.labelled.iter().map(|&i| self.labelled[i]).chain(idx.unlabelled.iter().map(|&i| self.unlabelled[i]));
+        let cases =
+            idx.labelled.iter().map(|&i| self.labelled[i]).chain(idx.unlabelled.iter().map(|&i| self.unlabelled[i]));
         let plans = cases
             .enumerate()
             .map(|(slot, case)| {
@@ -239,7 +247,9 @@ impl PatchLoader {
             let case = &self.dataset.training[p.case];
             extract(&case.image, &p.augment, self.cfg.patch, &mut host.images[slot * n..(slot + 1) * n])?;
             if slot < l {
-                let label = case.label.as_ref().ok_or_else(|| DataError::invalid("dataset", format!("labelled case `{}` has no label", case.id)))?;
+                let label = case.label.as_ref().ok_or_else(|| {
+                    DataError::invalid("dataset", format!("labelled case `{}` has no label", case.id))
+                })?;
                 extract(label, &p.augment, self.cfg.patch, &mut host.labels[slot * n..(slot + 1) * n])?;
             }
         }

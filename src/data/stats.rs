@@ -54,7 +54,15 @@ struct Accumulator {
 
 impl Accumulator {
     fn new(integer: bool) -> Self {
-        Accumulator { n: 0, min: f64::INFINITY, max: f64::NEG_INFINITY, mean: 0.0, m2: 0.0, non_finite: 0, labels: integer.then(BTreeMap::new) }
+        Accumulator {
+            n: 0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            mean: 0.0,
+            m2: 0.0,
+            non_finite: 0,
+            labels: integer.then(BTreeMap::new),
+        }
     }
 
     fn push(&mut self, chunk: &[f64]) {
@@ -93,7 +101,13 @@ impl Accumulator {
         }
     }
 
-    fn finish(self, file: String, shape: [usize; 3], dtype: &str, geometry: Option<(&Geometry, [f64; 3])>) -> VolumeInfo {
+    fn finish(
+        self,
+        file: String,
+        shape: [usize; 3],
+        dtype: &str,
+        geometry: Option<(&Geometry, [f64; 3])>,
+    ) -> VolumeInfo {
         let empty = self.n == 0;
         VolumeInfo {
             file,
@@ -117,7 +131,8 @@ const CHUNK: usize = 1 << 16;
 pub fn describe_nifti(path: &Path) -> Result<VolumeInfo> {
     let v = NiftiVolume::open(path, &GzCache::Memory)?;
     let h = v.header();
-    let mut acc = Accumulator::new(h.dtype.is_integer() && h.scale.slope.fract() == 0.0 && h.scale.inter.fract() == 0.0);
+    let mut acc =
+        Accumulator::new(h.dtype.is_integer() && h.scale.slope.fract() == 0.0 && h.scale.inter.fract() == 0.0);
     let mut buf = vec![0f64; CHUNK];
     let n = v.len();
     let mut start = 0;
@@ -130,7 +145,13 @@ pub fn describe_nifti(path: &Path) -> Result<VolumeInfo> {
     Ok(acc.finish(path.display().to_string(), h.dims, h.dtype.name(), Some((&h.geometry, h.spacing))))
 }
 
-fn describe_values(file: String, shape: [usize; 3], dtype: DType, values: impl Iterator<Item = f64>, geometry: Option<(&Geometry, [f64; 3])>) -> VolumeInfo {
+fn describe_values(
+    file: String,
+    shape: [usize; 3],
+    dtype: DType,
+    values: impl Iterator<Item = f64>,
+    geometry: Option<(&Geometry, [f64; 3])>,
+) -> VolumeInfo {
     let mut acc = Accumulator::new(dtype.is_integer());
     let mut buf = Vec::with_capacity(CHUNK);
     for v in values {
@@ -154,7 +175,10 @@ pub fn describe_h5(path: &Path) -> Result<Vec<VolumeInfo>> {
         if ds.ndim() != 3 {
             continue;
         }
-        let desc = ds.dtype().and_then(|t| t.to_descriptor()).map_err(|e| DataError::bad(path, format!("dataset `{name}`: {e}")))?;
+        let desc = ds
+            .dtype()
+            .and_then(|t| t.to_descriptor())
+            .map_err(|e| DataError::bad(path, format!("dataset `{name}`: {e}")))?;
         use hdf5::types::{FloatSize, IntSize, TypeDescriptor as T};
         let dtype = match desc {
             T::Unsigned(IntSize::U1) => DType::Uint8,
@@ -167,7 +191,8 @@ pub fn describe_h5(path: &Path) -> Result<Vec<VolumeInfo>> {
         };
         let shape = ds.shape();
         let dims = [shape[0], shape[1], shape[2]];
-        let values: Vec<f64> = ds.read_raw().map_err(|e| DataError::bad(path, format!("cannot read dataset `{name}`: {e}")))?;
+        let values: Vec<f64> =
+            ds.read_raw().map_err(|e| DataError::bad(path, format!("cannot read dataset `{name}`: {e}")))?;
         out.push(describe_values(format!("{}:{name}", path.display()), dims, dtype, values.into_iter(), None));
     }
     if out.is_empty() {
@@ -180,7 +205,13 @@ pub fn describe_h5(path: &Path) -> Result<Vec<VolumeInfo>> {
 pub fn describe_nrrd(path: &Path) -> Result<VolumeInfo> {
     let v = read_nrrd(path)?;
     let spacing = v.geometry.spacing();
-    Ok(describe_values(path.display().to_string(), v.volume.dims, v.dtype, v.volume.data.iter().map(|&x| x as f64), Some((&v.geometry, spacing))))
+    Ok(describe_values(
+        path.display().to_string(),
+        v.volume.dims,
+        v.dtype,
+        v.volume.data.iter().map(|&x| x as f64),
+        Some((&v.geometry, spacing)),
+    ))
 }
 
 /// Describes a volume file by its extension: `.nii`, `.nii.gz`, `.nrrd`, `.h5`/`.hdf5`.

@@ -31,7 +31,15 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        SynthConfig { cases: 8, labelled: 4, test: 2, size: [128, 128, 96], spacing: [0.625, 0.625, 1.25], seed: 1337, gzip: false }
+        SynthConfig {
+            cases: 8,
+            labelled: 4,
+            test: 2,
+            size: [128, 128, 96],
+            spacing: [0.625, 0.625, 1.25],
+            seed: 1337,
+            gzip: false,
+        }
     }
 }
 
@@ -94,7 +102,10 @@ struct Tube {
 impl Tube {
     fn contains(&self, p: V3) -> bool {
         let n = self.points.len().saturating_sub(1).max(1) as f64;
-        self.points.windows(2).enumerate().any(|(k, s)| seg_dist(p, s[0], s[1]) < self.radius * (1.0 - 0.35 * k as f64 / n))
+        self.points
+            .windows(2)
+            .enumerate()
+            .any(|(k, s)| seg_dist(p, s[0], s[1]) < self.radius * (1.0 - 0.35 * k as f64 / n))
     }
 }
 
@@ -126,11 +137,23 @@ pub fn synth_case(size: [usize; 3], spacing: [f64; 3], seed: u64, index: u64) ->
         })
         .collect();
     // A second blood pool (ventricle-like), bright but not labelled, below and in front.
-    let v_centre = [centre[0] + rng.uniform_in(-0.3, 0.3) * radii[0], centre[1] + 1.7 * radii[1], centre[2] - 1.2 * radii[2]];
+    let v_centre =
+        [centre[0] + rng.uniform_in(-0.3, 0.3) * radii[0], centre[1] + 1.7 * radii[1], centre[2] - 1.2 * radii[2]];
     let ventricle = Blob::draw(&mut rng, v_centre, radii.map(|r| r * 1.1), 0.08);
-    let torso = Blob::draw(&mut rng, [ext[0] / 2.0, ext[1] / 2.0, ext[2] / 2.0], [ext[0] * 0.47, ext[1] * 0.42, ext[2] * 4.0], 0.04);
+    let torso = Blob::draw(
+        &mut rng,
+        [ext[0] / 2.0, ext[1] / 2.0, ext[2] / 2.0],
+        [ext[0] * 0.47, ext[1] * 0.42, ext[2] * 4.0],
+        0.04,
+    );
     let texture: Vec<(V3, f64, f64)> = (0..4)
-        .map(|_| ([0, 1, 2].map(|i| rng.uniform_in(-12.0, 12.0) / ext[i].max(1e-6)), rng.uniform_in(0.02, 0.05), rng.uniform_in(0.0, 6.3)))
+        .map(|_| {
+            (
+                [0, 1, 2].map(|i| rng.uniform_in(-12.0, 12.0) / ext[i].max(1e-6)),
+                rng.uniform_in(0.02, 0.05),
+                rng.uniform_in(0.0, 6.3),
+            )
+        })
         .collect();
     let bias_dir = [0, 1, 2].map(|i| rng.uniform_in(-0.5, 0.5) / ext[i].max(1e-6));
     let bias_quad = rng.uniform_in(-0.4, 0.0);
@@ -150,7 +173,11 @@ pub fn synth_case(size: [usize; 3], spacing: [f64; 3], seed: u64, index: u64) ->
                 } else if level < wall {
                     // Patchy enhancement of the wall, as late gadolinium shows scar.
                     let patch = (dot(p, [0.9, 0.5, 0.3]) / mean_r.max(1e-6) * 3.0).sin();
-                    if patch > 0.2 { wall_level } else { tissue + 0.05 }
+                    if patch > 0.2 {
+                        wall_level
+                    } else {
+                        tissue + 0.05
+                    }
                 } else if ventricle.level(p) < 0.0 {
                     blood * 0.9
                 } else if torso.level(p) < 0.0 {
@@ -183,7 +210,12 @@ pub fn write_synth(out: &Path, cfg: &SynthConfig, force: bool) -> Result<ImportR
 }
 
 /// [`write_synth`], calling `progress(done, total, id)` after each case.
-pub fn write_synth_with(out: &Path, cfg: &SynthConfig, force: bool, progress: super::import::Progress<'_>) -> Result<ImportReport> {
+pub fn write_synth_with(
+    out: &Path,
+    cfg: &SynthConfig,
+    force: bool,
+    progress: super::import::Progress<'_>,
+) -> Result<ImportReport> {
     if cfg.size.contains(&0) {
         return Err(DataError::invalid("size", format!("{:?} has an empty axis", cfg.size)));
     }
@@ -202,9 +234,14 @@ pub fn write_synth_with(out: &Path, cfg: &SynthConfig, force: bool, progress: su
         let (image, label) = synth_case(cfg.size, cfg.spacing, cfg.seed, i as u64);
         let entry = entry_for(&id, is_test, i < cfg.labelled, ext(cfg.gzip));
         write_case(staging.dir(), &entry, &image, &label, &geometry)?;
-        if is_test { test.push(entry) } else { training.push(entry) }
+        if is_test {
+            test.push(entry)
+        } else {
+            training.push(entry)
+        }
         progress(i + 1, cfg.cases + cfg.test, &id);
     }
-    let description = format!("synthetic LA-like volumes, size {:?}, spacing {:?} mm, seed {}", cfg.size, cfg.spacing, cfg.seed);
+    let description =
+        format!("synthetic LA-like volumes, size {:?}, spacing {:?} mm, seed {}", cfg.size, cfg.spacing, cfg.seed);
     report(staging, Manifest::new("synthetic-LA", &description, "MRI", &["background", "left atrium"], training, test))
 }

@@ -113,7 +113,8 @@ impl<T: TensorElement> Volume<T> {
             &[x, y, z] if x >= 0 && y >= 0 && z >= 0 => [x as usize, y as usize, z as usize],
             _ => return Err(DataError::invalid("tensor", format!("expected shape [X, Y, Z], got {size:?}"))),
         };
-        let flat = t.f_to_device(tch::Device::Cpu)?.f_to_kind(T::KIND)?.f_permute([2, 1, 0])?.f_contiguous()?.f_view([-1])?;
+        let flat =
+            t.f_to_device(tch::Device::Cpu)?.f_to_kind(T::KIND)?.f_permute([2, 1, 0])?.f_contiguous()?.f_view([-1])?;
         let data = Vec::<T>::try_from(&flat)?;
         Volume::new(dims, data)
     }

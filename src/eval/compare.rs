@@ -12,11 +12,19 @@ use std::time::Instant;
 
 /// Metrics of the prediction file against the reference file. Millimetres use `spacing`, or the
 /// reference header's voxel size (`pixdim`) when `None`.
-pub fn compare_files(prediction: &Path, reference: &Path, spacing: Option<[f64; 3]>, empty: EmptyPolicy) -> Result<CaseMetrics> {
+pub fn compare_files(
+    prediction: &Path,
+    reference: &Path,
+    spacing: Option<[f64; 3]>,
+    empty: EmptyPolicy,
+) -> Result<CaseMetrics> {
     let r = NiftiVolume::open(reference, &GzCache::Memory)?;
     let p = NiftiVolume::open(prediction, &GzCache::Memory)?;
     if p.dims() != r.dims() {
-        return Err(Error::File { path: prediction.into(), why: format!("shape {:?} differs from the reference's {:?}", p.dims(), r.dims()) });
+        return Err(Error::File {
+            path: prediction.into(),
+            why: format!("shape {:?} differs from the reference's {:?}", p.dims(), r.dims()),
+        });
     }
     let spacing = spacing.unwrap_or(r.header().spacing);
     case_metrics(&p.read_labels()?, &r.read_labels()?, spacing, empty)
@@ -51,7 +59,9 @@ pub struct Pair {
 /// only (as failures).
 pub fn pair_paths(prediction: &Path, reference: &Path) -> Result<(Vec<Pair>, Vec<CaseFailure>)> {
     match (prediction.is_dir(), reference.is_dir()) {
-        (false, false) => Ok((vec![Pair { id: stem(reference), prediction: prediction.into(), reference: reference.into() }], vec![])),
+        (false, false) => {
+            Ok((vec![Pair { id: stem(reference), prediction: prediction.into(), reference: reference.into() }], vec![]))
+        }
         (true, true) => {
             let (preds, refs) = (nifti_files(prediction)?, nifti_files(reference)?);
             let mut pairs = Vec::new();
@@ -59,14 +69,19 @@ pub fn pair_paths(prediction: &Path, reference: &Path) -> Result<(Vec<Pair>, Vec
             for (id, r) in &refs {
                 match preds.get(id) {
                     Some(p) => pairs.push(Pair { id: id.clone(), prediction: p.clone(), reference: r.clone() }),
-                    None => lone.push(CaseFailure { id: id.clone(), error: format!("no prediction for {}", r.display()) }),
+                    None => {
+                        lone.push(CaseFailure { id: id.clone(), error: format!("no prediction for {}", r.display()) })
+                    }
                 }
             }
             for (id, p) in preds.iter().filter(|(id, _)| !refs.contains_key(*id)) {
                 lone.push(CaseFailure { id: id.clone(), error: format!("no reference for {}", p.display()) });
             }
             if pairs.is_empty() {
-                return Err(Error::invalid("prediction", format!("no file of {} matches a file of {} by name", prediction.display(), reference.display())));
+                return Err(Error::invalid(
+                    "prediction",
+                    format!("no file of {} matches a file of {} by name", prediction.display(), reference.display()),
+                ));
             }
             Ok((pairs, lone))
         }
@@ -88,7 +103,13 @@ pub fn compare_paths(
         let t0 = Instant::now();
         let outcome = compare_files(p, r, spacing, empty);
         let outcome = outcome.as_ref().map_err(|e| e.to_string());
-        progress(&CaseEvent { index, total: pairs.len(), id, outcome: outcome.as_ref().copied().map_err(String::as_str), seconds: t0.elapsed().as_secs_f64() });
+        progress(&CaseEvent {
+            index,
+            total: pairs.len(),
+            id,
+            outcome: outcome.as_ref().copied().map_err(String::as_str),
+            seconds: t0.elapsed().as_secs_f64(),
+        });
         match outcome {
             Ok(metrics) => cases.push(CaseResult { id: id.clone(), metrics: metrics.clone() }),
             Err(error) => failures.push(CaseFailure { id: id.clone(), error }),

@@ -85,7 +85,10 @@ impl InferOptions {
     /// Checks every setting, naming the bad one.
     pub fn validate(&self) -> Result<()> {
         if self.patch.iter().any(|&p| p == 0 || p % 16 != 0) {
-            return Err(Error::invalid("patch", format!("every side must be a positive multiple of 16, got {:?}", self.patch)));
+            return Err(Error::invalid(
+                "patch",
+                format!("every side must be a positive multiple of 16, got {:?}", self.patch),
+            ));
         }
         if self.stride.contains(&0) {
             return Err(Error::invalid("stride", format!("every step must be positive, got {:?}", self.stride)));
@@ -159,7 +162,9 @@ impl WindowPlan {
     /// The count map `[X, Y, Z]` of the padded volume: windows covering each voxel. The windows
     /// form a grid, so it is the outer product of the per-axis coverages (exact in float32).
     fn count_map(&self, patch: [usize; 3], device: Device) -> Result<Tensor> {
-        let axis = |a: usize, shape: [i64; 3]| -> Result<Tensor> { Ok(Tensor::f_from_slice(&self.coverage(a, patch[a]))?.f_view(shape)?) };
+        let axis = |a: usize, shape: [i64; 3]| -> Result<Tensor> {
+            Ok(Tensor::f_from_slice(&self.coverage(a, patch[a]))?.f_view(shape)?)
+        };
         let c = axis(0, [-1, 1, 1])?.f_mul(&axis(1, [1, -1, 1])?)?.f_mul(&axis(2, [1, 1, -1])?)?;
         Ok(c.f_to_device(device)?)
     }
@@ -194,7 +199,9 @@ impl Prediction {
 
 /// Segments `image` (`[X, Y, Z]`, any device, any float kind) with `model` by sliding window.
 pub fn sliding_window(model: &VNet, image: &Tensor, opts: &InferOptions) -> Result<Prediction> {
-    let probabilities = window_average(model, image, opts, &mut |x, _| Ok(model.forward_with(x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?))?;
+    let probabilities = window_average(model, image, opts, &mut |x, _| {
+        Ok(model.forward_with(x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?)
+    })?;
     let mut labels = probabilities.f_argmax(0, false)?;
     if let Some(conn) = opts.largest_component {
         let kept = largest_component(&Volume::<u8>::from_tensor(&labels)?, conn);
@@ -232,7 +239,10 @@ impl Default for McOptions {
 /// (the recipe's uncertainty, i.e. what UA-MT's teacher would report on this volume).
 pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &McOptions) -> Result<Tensor> {
     if mc.passes == 0 || !(mc.noise_std >= 0.0 && mc.noise_clip >= 0.0) {
-        return Err(Error::invalid("uncertainty passes", format!("need passes >= 1 and non-negative noise, got {mc:?}")));
+        return Err(Error::invalid(
+            "uncertainty passes",
+            format!("need passes >= 1 and non-negative noise, got {mc:?}"),
+        ));
     }
     let config = model.config().clone();
     let device = model.device();
@@ -242,11 +252,15 @@ pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &Mc
         for t in 0..mc.passes as u64 {
             // One generator stream per (window, pass): the same numbers whatever the batching.
             let per_window = |what: u64, shape: &[i64]| -> Tensor {
-                let parts: Vec<Tensor> = (0..b).map(|k| rng::uniform(rng::key(mc.seed, &[what, first as u64 + k as u64, t]), &shape[1..], device)).collect();
+                let parts: Vec<Tensor> = (0..b)
+                    .map(|k| rng::uniform(rng::key(mc.seed, &[what, first as u64 + k as u64, t]), &shape[1..], device))
+                    .collect();
                 Tensor::stack(&parts, 0)
             };
             let noise = {
-                let parts: Vec<Tensor> = (0..b).map(|k| rng::normal(rng::key(mc.seed, &[1, first as u64 + k as u64, t]), &x.size()[1..], device)).collect();
+                let parts: Vec<Tensor> = (0..b)
+                    .map(|k| rng::normal(rng::key(mc.seed, &[1, first as u64 + k as u64, t]), &x.size()[1..], device))
+                    .collect();
                 (Tensor::f_stack(&parts, 0)? * mc.noise_std).f_clamp(-mc.noise_clip, mc.noise_clip)?
             };
             let mut mask_no = 1u64;
@@ -273,7 +287,12 @@ fn entropy(p: &Tensor) -> Tensor {
 /// The sliding-window average of per-window class probabilities: `probs(x, first)` maps a batch of
 /// windows `[b, 1, px, py, pz]` (`first`: the index of its first window in the plan's order) to
 /// `[b, C, px, py, pz]`. Returns `[C, X, Y, Z]`, padding cropped away.
-fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &mut dyn FnMut(&Tensor, usize) -> Result<Tensor>) -> Result<Tensor> {
+fn window_average(
+    model: &VNet,
+    image: &Tensor,
+    opts: &InferOptions,
+    probs: &mut dyn FnMut(&Tensor, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
     opts.validate()?;
     let size = image.size();
     let dims = match size.as_slice() {
@@ -291,13 +310,20 @@ fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &mut
             img
         } else {
             let p = Tensor::f_zeros(padded, (Kind::Float, device))?;
-            p.f_narrow(0, before[0], d[0])?.f_narrow(1, before[1], d[1])?.f_narrow(2, before[2], d[2])?.f_copy_(&img)?;
+            p.f_narrow(0, before[0], d[0])?
+                .f_narrow(1, before[1], d[1])?
+                .f_narrow(2, before[2], d[2])?
+                .f_copy_(&img)?;
             p
         };
         let classes = model.config().n_classes;
         let score = Tensor::f_zeros([classes, padded[0], padded[1], padded[2]], (Kind::Float, device))?;
         let window = |t: &Tensor, dim0: i64, s: &[usize; 3]| -> Result<Tensor> {
-            Ok(t.f_narrow(dim0, s[0] as i64, px)?.f_narrow(dim0 + 1, s[1] as i64, py)?.f_narrow(dim0 + 2, s[2] as i64, pz)?)
+            Ok(t.f_narrow(dim0, s[0] as i64, px)?.f_narrow(dim0 + 1, s[1] as i64, py)?.f_narrow(
+                dim0 + 2,
+                s[2] as i64,
+                pz,
+            )?)
         };
         for (n, chunk) in plan.windows().chunks(opts.batch_size).enumerate() {
             let patches = chunk.iter().map(|s| window(&img, 0, s)).collect::<Result<Vec<_>>>()?;
@@ -309,7 +335,11 @@ fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &mut
         }
         let count = plan.count_map(opts.patch, device)?;
         let probs = score.f_div(&count.f_unsqueeze(0)?)?;
-        Ok(probs.f_narrow(1, before[0], d[0])?.f_narrow(2, before[1], d[1])?.f_narrow(3, before[2], d[2])?.f_contiguous()?)
+        Ok(probs
+            .f_narrow(1, before[0], d[0])?
+            .f_narrow(2, before[1], d[1])?
+            .f_narrow(3, before[2], d[2])?
+            .f_contiguous()?)
     })
 }
 

@@ -204,18 +204,32 @@ pub fn percentile(v: &mut [f64], q: f64) -> f64 {
 
 /// The metrics of `prediction` against `reference` (same shape, foreground = non-zero),
 /// distances in voxels and in millimetres of `spacing`.
-pub fn case_metrics(prediction: &Volume<u8>, reference: &Volume<u8>, spacing: [f64; 3], empty: EmptyPolicy) -> Result<CaseMetrics> {
+pub fn case_metrics(
+    prediction: &Volume<u8>,
+    reference: &Volume<u8>,
+    spacing: [f64; 3],
+    empty: EmptyPolicy,
+) -> Result<CaseMetrics> {
     if prediction.dims != reference.dims {
         return Err(Error::shape("prediction", format!("the reference's shape {:?}", reference.dims), prediction.dims));
     }
     if spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-        return Err(Error::invalid("spacing", format!("every voxel size must be positive and finite, got {spacing:?}")));
+        return Err(Error::invalid(
+            "spacing",
+            format!("every voxel size must be positive and finite, got {spacing:?}"),
+        ));
     }
     Ok(mask_metrics(&foreground(prediction), &foreground(reference), prediction.dims, spacing, empty))
 }
 
 /// [`case_metrics`] on boolean masks (x fastest, `dims` `[X, Y, Z]`, equal lengths).
-pub fn mask_metrics(prediction: &[bool], reference: &[bool], dims: [usize; 3], spacing: [f64; 3], empty: EmptyPolicy) -> CaseMetrics {
+pub fn mask_metrics(
+    prediction: &[bool],
+    reference: &[bool],
+    dims: [usize; 3],
+    spacing: [f64; 3],
+    empty: EmptyPolicy,
+) -> CaseMetrics {
     let (mut np, mut nr, mut both) = (0usize, 0usize, 0usize);
     for (&p, &r) in prediction.iter().zip(reference) {
         np += p as usize;
@@ -238,7 +252,15 @@ pub fn mask_metrics(prediction: &[bool], reference: &[bool], dims: [usize; 3], s
     };
     if np == 0 {
         if empty == EmptyPolicy::Zeros {
-            m = CaseMetrics { dice: 0.0, jaccard: 0.0, hd95: Some(0.0), asd: Some(0.0), hd95_mm: Some(0.0), asd_mm: Some(0.0), ..m };
+            m = CaseMetrics {
+                dice: 0.0,
+                jaccard: 0.0,
+                hd95: Some(0.0),
+                asd: Some(0.0),
+                hd95_mm: Some(0.0),
+                asd_mm: Some(0.0),
+                ..m
+            };
         }
         return m;
     }

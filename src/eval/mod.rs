@@ -22,7 +22,10 @@ pub mod picture;
 pub mod report;
 
 pub use compare::{compare_files, compare_paths};
-pub use infer::{largest_component, mc_uncertainty, segment_volume, sliding_window, Connectivity, InferOptions, McOptions, Prediction, WindowPlan};
+pub use infer::{
+    largest_component, mc_uncertainty, segment_volume, sliding_window, Connectivity, InferOptions, McOptions,
+    Prediction, WindowPlan,
+};
 pub use metrics::{case_metrics, CaseMetrics, EmptyPolicy};
 pub use picture::{case_picture, Picture, PictureOptions};
 pub use report::{CaseFailure, CaseResult, Report, Stat, Summary};
@@ -100,7 +103,12 @@ impl CaseEvent<'_> {
 
 /// A V-Net shaped by `config` on `device` with its weights taken from `named` (every tensor of
 /// the model must be present, with its shape; `origin` names the source in errors).
-pub fn model_from_named(config: &VNetConfig, device: Device, named: &[(String, Tensor)], origin: &Path) -> Result<VNet> {
+pub fn model_from_named(
+    config: &VNetConfig,
+    device: Device,
+    named: &[(String, Tensor)],
+    origin: &Path,
+) -> Result<VNet> {
     let model = VNet::new(config, device)?;
     model.store().load_named(named, origin, false)?;
     Ok(model)
@@ -114,7 +122,10 @@ pub fn load_weights(path: &Path, config: &VNetConfig, device: Device) -> Result<
 /// Segments one case, scores it against its label and writes the requested outputs; `teacher`,
 /// when given, is the model whose Monte-Carlo uncertainty is drawn (a checkpoint's teacher).
 pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &EvalOptions) -> Result<CaseMetrics> {
-    let label = case.label.as_ref().ok_or_else(|| Error::invalid("dataset", format!("test case `{}` has no label to compare with", case.id)))?;
+    let label = case
+        .label
+        .as_ref()
+        .ok_or_else(|| Error::invalid("dataset", format!("test case `{}` has no label to compare with", case.id)))?;
     let reference = label.read_labels()?;
     let image = case.image.read_f32()?;
     let image_t = image.to_tensor()?;
@@ -145,13 +156,26 @@ pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &E
 
 /// Evaluates `model` on `cases`: a case that fails (unreadable, no label, ...) is listed in the
 /// report's failures and the others go on. `progress` hears about every case as it ends.
-pub fn evaluate_cases(model: &VNet, teacher: Option<&VNet>, cases: &[Case], source: &str, opts: &EvalOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Report {
+pub fn evaluate_cases(
+    model: &VNet,
+    teacher: Option<&VNet>,
+    cases: &[Case],
+    source: &str,
+    opts: &EvalOptions,
+    progress: &mut dyn FnMut(&CaseEvent),
+) -> Report {
     let mut results = Vec::new();
     let mut failures = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         let t0 = Instant::now();
         let outcome = evaluate_case(model, teacher, case, opts).map_err(|e| e.to_string());
-        let event = CaseEvent { index, total: cases.len(), id: &case.id, outcome: outcome.as_ref().map_err(String::as_str), seconds: t0.elapsed().as_secs_f64() };
+        let event = CaseEvent {
+            index,
+            total: cases.len(),
+            id: &case.id,
+            outcome: outcome.as_ref().map_err(String::as_str),
+            seconds: t0.elapsed().as_secs_f64(),
+        };
         progress(&event);
         match outcome {
             Ok(metrics) => results.push(CaseResult { id: case.id.clone(), metrics }),
@@ -163,9 +187,19 @@ pub fn evaluate_cases(model: &VNet, teacher: Option<&VNet>, cases: &[Case], sour
 
 /// Evaluates `model` on the test split of `dataset` (see [`evaluate_cases`]); an error only when
 /// the split is empty.
-pub fn evaluate_dataset(model: &VNet, teacher: Option<&VNet>, dataset: &Dataset, source: &str, opts: &EvalOptions, progress: &mut dyn FnMut(&CaseEvent)) -> Result<Report> {
+pub fn evaluate_dataset(
+    model: &VNet,
+    teacher: Option<&VNet>,
+    dataset: &Dataset,
+    source: &str,
+    opts: &EvalOptions,
+    progress: &mut dyn FnMut(&CaseEvent),
+) -> Result<Report> {
     if dataset.test.is_empty() {
-        return Err(Error::File { path: dataset.root.join(crate::data::dataset::MANIFEST), why: "the test split lists no case".into() });
+        return Err(Error::File {
+            path: dataset.root.join(crate::data::dataset::MANIFEST),
+            why: "the test split lists no case".into(),
+        });
     }
     Ok(evaluate_cases(model, teacher, &dataset.test, source, opts, progress))
 }

@@ -87,7 +87,13 @@ impl Picture {
 /// The z range `[lo, hi)` holding foreground of `labels`, if any.
 fn z_extent(labels: &Volume<u8>) -> Option<(usize, usize)> {
     let plane = labels.dims[0] * labels.dims[1];
-    let zs: Vec<usize> = labels.data.chunks(plane.max(1)).enumerate().filter(|(_, p)| p.iter().any(|&l| l != 0)).map(|(z, _)| z).collect();
+    let zs: Vec<usize> = labels
+        .data
+        .chunks(plane.max(1))
+        .enumerate()
+        .filter(|(_, p)| p.iter().any(|&l| l != 0))
+        .map(|(z, _)| z)
+        .collect();
     Some((*zs.first()?, *zs.last()? + 1))
 }
 
@@ -152,7 +158,9 @@ impl Panel {
     /// with a 4-neighbour pixel outside (or off the panel).
     fn contour(&self, pic: &mut Picture, inside: impl Fn(usize) -> bool, c: [u8; 3]) {
         let (w, h) = self.size();
-        let at = |u: isize, v: isize| u >= 0 && v >= 0 && (u as usize) < w && (v as usize) < h && inside(self.voxel(u as usize, v as usize));
+        let at = |u: isize, v: isize| {
+            u >= 0 && v >= 0 && (u as usize) < w && (v as usize) < h && inside(self.voxel(u as usize, v as usize))
+        };
         for v in 0..h as isize {
             for u in 0..w as isize {
                 if at(u, v) && !(at(u - 1, v) && at(u + 1, v) && at(u, v - 1) && at(u, v + 1)) {
@@ -172,7 +180,11 @@ pub fn case_picture(
     opts: &PictureOptions,
 ) -> Result<Picture> {
     let dims = image.dims;
-    for (what, d) in [("reference", reference.map(|r| r.dims)), ("prediction", Some(prediction.dims)), ("uncertainty", uncertainty.map(|u| u.dims))] {
+    for (what, d) in [
+        ("reference", reference.map(|r| r.dims)),
+        ("prediction", Some(prediction.dims)),
+        ("uncertainty", uncertainty.map(|u| u.dims)),
+    ] {
         if let Some(d) = d.filter(|d| *d != dims) {
             return Err(Error::shape(what, format!("the image's shape {dims:?}"), d));
         }

@@ -105,8 +105,19 @@ pub struct Report {
 }
 
 /// CSV / table column names of the per-case metrics, in order.
-const COLUMNS: [&str; 11] =
-    ["id", "dice", "jaccard", "hd95", "asd", "hd95_mm", "asd_mm", "prediction_voxels", "reference_voxels", "empty_prediction", "empty_reference"];
+const COLUMNS: [&str; 11] = [
+    "id",
+    "dice",
+    "jaccard",
+    "hd95",
+    "asd",
+    "hd95_mm",
+    "asd_mm",
+    "prediction_voxels",
+    "reference_voxels",
+    "empty_prediction",
+    "empty_reference",
+];
 
 fn opt(v: Option<f64>) -> String {
     v.map_or(String::new(), |x| format!("{x}"))
@@ -151,7 +162,10 @@ impl Report {
         for (name, pick) in [("mean", (|t: &Stat| t.mean) as fn(&Stat) -> Option<f64>), ("std", |t: &Stat| t.std)] {
             let mut row = vec![name.to_string()];
             row.extend(stats.iter().map(|t| opt(pick(t))));
-            row.extend(["", "", s.empty_predictions.to_string().as_str(), s.empty_references.to_string().as_str()].map(String::from));
+            row.extend(
+                ["", "", s.empty_predictions.to_string().as_str(), s.empty_references.to_string().as_str()]
+                    .map(String::from),
+            );
             out += &(row.join(",") + "\n");
         }
         out
@@ -159,7 +173,8 @@ impl Report {
 
     /// A table for people: Dice and Jaccard in %, distances in voxels and mm, then mean and std.
     pub fn table(&self) -> String {
-        let header = ["case", "Dice %", "Jaccard %", "95HD", "ASD", "95HD mm", "ASD mm", "note"].map(String::from).to_vec();
+        let header =
+            ["case", "Dice %", "Jaccard %", "95HD", "ASD", "95HD mm", "ASD mm", "note"].map(String::from).to_vec();
         let pct = |v: Option<f64>| v.map_or("-".into(), |x| format!("{:.2}", 100.0 * x));
         let num = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
         let mut rows = vec![header];
@@ -171,7 +186,16 @@ impl Report {
                 (false, true) => "empty reference",
                 (false, false) => "",
             };
-            rows.push(vec![c.id.clone(), pct(Some(m.dice)), pct(Some(m.jaccard)), num(m.hd95), num(m.asd), num(m.hd95_mm), num(m.asd_mm), note.into()]);
+            rows.push(vec![
+                c.id.clone(),
+                pct(Some(m.dice)),
+                pct(Some(m.jaccard)),
+                num(m.hd95),
+                num(m.asd),
+                num(m.hd95_mm),
+                num(m.asd_mm),
+                note.into(),
+            ]);
         }
         let s = &self.summary;
         let stats = [s.hd95, s.asd, s.hd95_mm, s.asd_mm];
@@ -214,8 +238,12 @@ fn csv_field(s: &str) -> String {
 
 /// Left-aligned columns separated by two spaces, a rule under the header.
 fn format_table(rows: &[Vec<String>]) -> String {
-    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
-    let line = |r: &Vec<String>| r.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string() + "\n";
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let line = |r: &Vec<String>| {
+        r.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+            + "\n"
+    };
     let mut out = line(&rows[0]);
     out += &(widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  ") + "\n");
     rows[1..].iter().for_each(|r| out += &line(r));
@@ -244,7 +272,11 @@ mod tests {
 
     #[test]
     fn should_average_defined_values_with_population_std() {
-        let r = Report::new("w", vec![case("a", 0.8, Some(2.0)), case("b,1", 0.6, Some(4.0)), case("c", 0.0, None)], vec![]);
+        let r = Report::new(
+            "w",
+            vec![case("a", 0.8, Some(2.0)), case("b,1", 0.6, Some(4.0)), case("c", 0.0, None)],
+            vec![],
+        );
         assert_eq!(r.summary.hd95, Stat { mean: Some(3.0), std: Some(1.0), n: 2 });
         assert_eq!(r.summary.dice.n, 3);
         assert!((r.summary.dice.mean.unwrap() - 1.4 / 3.0).abs() < 1e-12);

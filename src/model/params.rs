@@ -137,10 +137,10 @@ pub fn read_named(path: &Path) -> Result<Vec<(String, Tensor)>> {
 
 /// A scalar of a named-tensor list as f64, for reading fixtures and checkpoints.
 pub fn scalar_of(named: &[(String, Tensor)], name: &str, origin: &Path) -> Result<f64> {
-    let t = named.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| Error::File {
-        path: origin.to_path_buf(),
-        why: format!("missing `{name}`"),
-    })?;
-    Ok(t.to_kind(Kind::Double).f_double_value(&[])
-        .or_else(|_| t.to_kind(Kind::Double).f_double_value(&[0]))?)
+    let t = named
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .ok_or_else(|| Error::File { path: origin.to_path_buf(), why: format!("missing `{name}`") })?;
+    Ok(t.to_kind(Kind::Double).f_double_value(&[]).or_else(|_| t.to_kind(Kind::Double).f_double_value(&[0]))?)
 }

@@ -102,7 +102,11 @@ impl Initializer {
         self.drawn += 1;
         match self.init {
             Init::Global => Tensor::empty(shape, (Kind::Float, Device::Cpu)).uniform_(-bound, bound),
-            Init::Seeded(seed) => crate::uamt::rng::uniform(crate::uamt::rng::key(seed, &[0x1417, self.drawn]), shape, Device::Cpu) * (2.0 * bound) - bound,
+            Init::Seeded(seed) => {
+                crate::uamt::rng::uniform(crate::uamt::rng::key(seed, &[0x1417, self.drawn]), shape, Device::Cpu)
+                    * (2.0 * bound)
+                    - bound
+            }
         }
     }
 }
@@ -121,12 +125,19 @@ impl Conv {
     /// Registers `prefix.weight` and `prefix.bias`, initialised as PyTorch does by default:
     /// both uniform in +-1/sqrt(fan_in), fan_in taken from the weight's second dimension.
     #[allow(clippy::too_many_arguments)]
-    fn new(store: &mut ParamStore, init: &mut Initializer, prefix: &str, c_in: i64, c_out: i64, kernel: i64, stride: i64, padding: i64, transposed: bool) -> Self {
-        let shape = if transposed {
-            [c_in, c_out, kernel, kernel, kernel]
-        } else {
-            [c_out, c_in, kernel, kernel, kernel]
-        };
+    fn new(
+        store: &mut ParamStore,
+        init: &mut Initializer,
+        prefix: &str,
+        c_in: i64,
+        c_out: i64,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+        transposed: bool,
+    ) -> Self {
+        let shape =
+            if transposed { [c_in, c_out, kernel, kernel, kernel] } else { [c_out, c_in, kernel, kernel, kernel] };
         let fan_in = (shape[1] * kernel * kernel * kernel) as f64;
         let bound = 1.0 / fan_in.sqrt();
         let weight = init.uniform(&shape, bound);
@@ -214,13 +225,15 @@ impl BatchNorm {
         let side_by_side = x.reshape([groups, n, c, -1]).transpose(0, 1).reshape([n, groups * c, -1]);
         let (w, b) = (self.weight.repeat([groups]), self.bias.repeat([groups]));
         let (eps, momentum) = (1e-5, 0.1);
-        let (y, mean, invstd) = side_by_side.native_batch_norm(Some(&w), Some(&b), None::<&Tensor>, None::<&Tensor>, true, momentum, eps);
+        let (y, mean, invstd) =
+            side_by_side.native_batch_norm(Some(&w), Some(&b), None::<&Tensor>, None::<&Tensor>, true, momentum, eps);
         tch::no_grad(|| {
             let count = (n * side_by_side.size()[2]) as f64;
             let var = (invstd.pow_tensor_scalar(-2.0) - eps) * (count / (count - 1.0).max(1.0));
             let (mean, var) = (mean.reshape([groups, c]), var.reshape([groups, c]));
             for g in 0..groups {
-                let _ = self.running_mean.shallow_clone().g_mul_scalar_(1.0 - momentum).g_add_(&(mean.get(g) * momentum));
+                let _ =
+                    self.running_mean.shallow_clone().g_mul_scalar_(1.0 - momentum).g_add_(&(mean.get(g) * momentum));
                 let _ = self.running_var.shallow_clone().g_mul_scalar_(1.0 - momentum).g_add_(&(var.get(g) * momentum));
             }
             let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(groups);
@@ -276,7 +289,15 @@ enum BlockKind {
 }
 
 impl Block {
-    fn new(store: &mut ParamStore, init: &mut Initializer, name: &str, kind: BlockKind, c_in: i64, c_out: i64, norm: Normalization) -> Self {
+    fn new(
+        store: &mut ParamStore,
+        init: &mut Initializer,
+        name: &str,
+        kind: BlockKind,
+        c_in: i64,
+        c_out: i64,
+        norm: Normalization,
+    ) -> Self {
         // Each unit occupies conv, [bn,] relu slots in the reference's nn.Sequential.
         let slots = if norm == Normalization::Batchnorm { 3 } else { 2 };
         let (n, kernel, stride, padding, transposed) = match kind {
@@ -287,7 +308,17 @@ impl Block {
         let units = (0..n)
             .map(|i| {
                 let c = if i == 0 { c_in } else { c_out };
-                let conv = Conv::new(store, init, &format!("{name}.conv.{}", i * slots), c, c_out, kernel, stride, padding, transposed);
+                let conv = Conv::new(
+                    store,
+                    init,
+                    &format!("{name}.conv.{}", i * slots),
+                    c,
+                    c_out,
+                    kernel,
+                    stride,
+                    padding,
+                    transposed,
+                );
                 let norm = (norm == Normalization::Batchnorm)
                     .then(|| BatchNorm::new(store, &format!("{name}.conv.{}", i * slots + 1), c_out));
                 Unit { conv, norm }
@@ -329,7 +360,10 @@ impl VNet {
     /// Builds a V-Net with PyTorch's default initialisation drawn as `init` says.
     pub fn with_init(config: &VNetConfig, device: Device, init: Init) -> Result<Self> {
         if config.n_channels < 1 || config.n_classes < 2 || config.n_filters < 1 {
-            return Err(Error::invalid("model", format!("n_channels >= 1, n_classes >= 2, n_filters >= 1 required, got {config:?}")));
+            return Err(Error::invalid(
+                "model",
+                format!("n_channels >= 1, n_classes >= 2, n_filters >= 1 required, got {config:?}"),
+            ));
         }
         if !(0.0..1.0).contains(&config.dropout_p) {
             return Err(Error::invalid("model.dropout_p", format!("must be in [0, 1), got {}", config.dropout_p)));
@@ -399,7 +433,8 @@ impl VNet {
     /// that `masks` (if any) fit it.
     pub fn check_input(&self, x: &Tensor, masks: Option<&DropoutMasks>) -> Result<()> {
         let size = x.size();
-        let ok = size.len() == 5 && size[1] == self.config.n_channels && size[2..].iter().all(|s| *s > 0 && s % 16 == 0);
+        let ok =
+            size.len() == 5 && size[1] == self.config.n_channels && size[2..].iter().all(|s| *s > 0 && s % 16 == 0);
         if !ok {
             return Err(Error::shape(
                 "v-net input",

@@ -23,7 +23,10 @@ pub fn ema_update(teacher: &ParamStore, student: &ParamStore, step: i64, decay: 
 /// The same update on parallel lists of tensors (the pipeline's EMA updater keeps its own).
 pub fn ema_update_tensors(teacher: &[Tensor], student: &[Tensor], step: i64, decay: f64) -> Result<()> {
     if teacher.len() != student.len() {
-        return Err(Error::invalid("ema", format!("{} teacher tensors, {} student tensors", teacher.len(), student.len())));
+        return Err(Error::invalid(
+            "ema",
+            format!("{} teacher tensors, {} student tensors", teacher.len(), student.len()),
+        ));
     }
     let alpha = ema_alpha(step, decay);
     tch::no_grad(|| -> Result<()> {

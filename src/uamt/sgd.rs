@@ -36,7 +36,10 @@ impl Sgd {
         tch::no_grad(|| -> Result<()> {
             for (p, (name, buf)) in params.trainable().zip(self.buffers.iter_mut()) {
                 if &p.name != name {
-                    return Err(Error::invalid("optimizer", format!("state for `{name}` does not match parameter `{}`", p.name)));
+                    return Err(Error::invalid(
+                        "optimizer",
+                        format!("state for `{name}` does not match parameter `{}`", p.name),
+                    ));
                 }
                 let g = p.tensor.grad();
                 if !g.defined() {
@@ -66,7 +69,10 @@ impl Sgd {
                 why: format!("missing momentum buffer `{name}`"),
             })?;
             if src.size() != buf.size() {
-                return Err(Error::File { path: origin.to_path_buf(), why: format!("momentum buffer `{name}` has shape {:?}, expected {:?}", src.size(), buf.size()) });
+                return Err(Error::File {
+                    path: origin.to_path_buf(),
+                    why: format!("momentum buffer `{name}` has shape {:?}, expected {:?}", src.size(), buf.size()),
+                });
             }
             tch::no_grad(|| buf.f_copy_(&src.to_device(buf.device())))?;
         }

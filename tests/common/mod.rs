@@ -14,9 +14,7 @@ pub fn repo() -> PathBuf {
 /// The Python that runs the oracles: `$UAMT_PYTHON`, else the project's `.venv`. Panics (the
 /// test fails) when it is missing: the golden tests never skip.
 pub fn python() -> PathBuf {
-    let p = std::env::var_os("UAMT_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv/bin/python3"));
+    let p = std::env::var_os("UAMT_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv/bin/python3"));
     assert!(p.exists(), "python oracle interpreter {} not found; run ops/setup", p.display());
     p
 }
@@ -75,10 +73,7 @@ impl Fixture {
     /// Entries under `prefix.` with the prefix removed, in file order.
     pub fn prefixed(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let p = format!("{prefix}.");
-        self.named
-            .iter()
-            .filter_map(|(n, t)| n.strip_prefix(&p).map(|k| (k.to_string(), t.shallow_clone())))
-            .collect()
+        self.named.iter().filter_map(|(n, t)| n.strip_prefix(&p).map(|k| (k.to_string(), t.shallow_clone()))).collect()
     }
 }
 

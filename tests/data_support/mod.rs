@@ -21,7 +21,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> Self {
         static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!("uamt-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let p = std::env::temp_dir().join(format!(
+            "uamt-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
         TempDir(p)
@@ -49,7 +53,11 @@ pub fn python() -> PathBuf {
 
 /// Runs `tests/oracle/<script>` with `args`; panics with its output if it fails.
 pub fn oracle(script: &str, args: &[&Path]) {
-    let out = Command::new(python()).arg(repo().join("tests/oracle").join(script)).args(args).output().expect("run the Python oracle");
+    let out = Command::new(python())
+        .arg(repo().join("tests/oracle").join(script))
+        .args(args)
+        .output()
+        .expect("run the Python oracle");
     assert!(
         out.status.success(),
         "oracle {script} failed:\n{}\n{}",
@@ -66,7 +74,8 @@ pub fn read_f32(path: &Path) -> Vec<f32> {
 
 /// Reads a JSON file.
 pub fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).expect("json")
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .expect("json")
 }
 
 /// `[[f64; 4]; 4]` from a JSON 4x4 array.
@@ -91,5 +100,7 @@ pub fn assert_affine_close(a: &[[f64; 4]; 4], b: &[[f64; 4]; 4], tol: f64, what:
 
 /// Whether any file or folder in `dir` has a name starting with `prefix`.
 pub fn has_entry_starting(dir: &Path, prefix: &str) -> bool {
-    std::fs::read_dir(dir).map(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(prefix))).unwrap_or(false)
+    std::fs::read_dir(dir)
+        .map(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(prefix)))
+        .unwrap_or(false)
 }

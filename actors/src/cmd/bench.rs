@@ -52,7 +52,10 @@ pub struct Args {
 /// One measured setting.
 fn line(json: bool, name: &str, secs: f64, baseline: Option<f64>) {
     if json {
-        println!("{}", serde_json::json!({"setting": name, "ms_per_iteration": secs * 1e3, "iterations_per_second": 1.0 / secs, "speedup_vs_sequential": baseline.map(|b| b / secs)}));
+        println!(
+            "{}",
+            serde_json::json!({"setting": name, "ms_per_iteration": secs * 1e3, "iterations_per_second": 1.0 / secs, "speedup_vs_sequential": baseline.map(|b| b / secs)})
+        );
     } else {
         let ratio = baseline.map_or("-".to_string(), |b| format!("{:.2}x", b / secs));
         println!("{:<34} {:>9.1} {:>8.2} {:>10}", name, secs * 1e3, 1.0 / secs, ratio);
@@ -147,7 +150,12 @@ fn streams(cfg: &Config, args: &Args) -> Result<()> {
                 "speedup": t_without / t_with, "max_relative_loss_difference": worst, "steps": with.len(), "agree": agree})
         );
     } else {
-        println!("streams: {:.1} ms/it with a stream per stage, {:.1} ms/it on the default stream ({:.2}x)", t_with * 1e3, t_without * 1e3, t_without / t_with);
+        println!(
+            "streams: {:.1} ms/it with a stream per stage, {:.1} ms/it on the default stream ({:.2}x)",
+            t_with * 1e3,
+            t_without * 1e3,
+            t_without / t_with
+        );
         if !cfg.device.resolve()?.is_cuda() {
             println!("(not on CUDA: both runs take the same code path, so the times differ by noise only)");
         }

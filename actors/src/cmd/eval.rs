@@ -8,10 +8,13 @@ use super::import::{parse_size, parse_spacing};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use tch::Device;
-use uamt::data::{Dataset, DatasetOptions};
 use uamt::checkpoint::Snapshot;
 use uamt::config::Config;
-use uamt::eval::{compare_paths, evaluate_dataset, load_weights, model_from_named, CaseEvent, Connectivity, EmptyPolicy, EvalOptions, InferOptions, McOptions, Outputs, PictureOptions, Report};
+use uamt::data::{Dataset, DatasetOptions};
+use uamt::eval::{
+    compare_paths, evaluate_dataset, load_weights, model_from_named, CaseEvent, Connectivity, EmptyPolicy, EvalOptions,
+    InferOptions, McOptions, Outputs, PictureOptions, Report,
+};
 use uamt::model::VNetConfig;
 
 /// Arguments of `uamt eval`.
@@ -116,7 +119,9 @@ fn report(args: &Args) -> anyhow::Result<Report> {
         let mut bar = crate::progress::Bar::new("evaluating");
         return Ok(compare_paths(p, r, args.spacing, args.empty, &mut |e| progress(&mut bar, e))?);
     }
-    let open = |dir: &Path| Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()));
+    let open = |dir: &Path| {
+        Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()))
+    };
     let (model, teacher, dataset, source, patch, stride) = if let Some(ck) = &args.checkpoint {
         let snap = Snapshot::read(ck)?;
         let cfg = match &args.config {
@@ -127,9 +132,12 @@ fn report(args: &Args) -> anyhow::Result<Report> {
             Some(d) => open(d)?,
             None => crate::cmd::train::open_dataset(&cfg)?,
         };
-        let teacher = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model.vnet(), args.device, t, ck)).transpose()?;
+        let teacher =
+            snap.teacher.as_ref().map(|t| model_from_named(&cfg.model.vnet(), args.device, t, ck)).transpose()?;
         let (model, teacher) = if args.teacher {
-            let t = teacher.ok_or_else(|| anyhow::anyhow!("{}: --teacher, but this checkpoint has no teacher (supervised training)", ck.display()))?;
+            let t = teacher.ok_or_else(|| {
+                anyhow::anyhow!("{}: --teacher, but this checkpoint has no teacher (supervised training)", ck.display())
+            })?;
             (t, None) // the evaluated teacher also draws the uncertainty
         } else {
             (model_from_named(&cfg.model.vnet(), args.device, &snap.student, ck)?, teacher)
@@ -151,11 +159,17 @@ fn report(args: &Args) -> anyhow::Result<Report> {
             nifti: true,
             pictures: true,
             picture: PictureOptions::default(),
-            uncertainty: (args.mc_passes > 0).then(|| McOptions { passes: args.mc_passes, seed: args.mc_seed, ..McOptions::default() }),
+            uncertainty: (args.mc_passes > 0).then(|| McOptions {
+                passes: args.mc_passes,
+                seed: args.mc_seed,
+                ..McOptions::default()
+            }),
         }),
     };
     let mut bar = crate::progress::Bar::new("evaluating");
-    Ok(evaluate_dataset(&model, teacher.as_ref(), &dataset, &source.display().to_string(), &opts, &mut |e| progress(&mut bar, e))?)
+    Ok(evaluate_dataset(&model, teacher.as_ref(), &dataset, &source.display().to_string(), &opts, &mut |e| {
+        progress(&mut bar, e)
+    })?)
 }
 
 fn write_reports(report: &Report, dir: &Path) -> anyhow::Result<()> {

@@ -79,13 +79,22 @@ pub struct NrrdArgs {
 
 impl From<Common> for ImportCommon {
     fn from(c: Common) -> Self {
-        ImportCommon { src: c.src, out: c.out, labelled: c.labelled, train_list: c.train_list, test_list: c.test_list, gzip: c.gzip, force: c.force }
+        ImportCommon {
+            src: c.src,
+            out: c.out,
+            labelled: c.labelled,
+            train_list: c.train_list,
+            test_list: c.test_list,
+            gzip: c.gzip,
+            force: c.force,
+        }
     }
 }
 
 /// `a` or `a,b,c` as three positive numbers.
 pub fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
-    let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
+    let v: Vec<f64> =
+        s.split(',').map(|x| x.trim().parse::<f64>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
     let v = match v.as_slice() {
         [a] => [*a; 3],
         [a, b, c] => [*a, *b, *c],
@@ -99,7 +108,8 @@ pub fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
 
 /// `X,Y,Z` as three positive integers.
 pub fn parse_size(s: &str) -> Result<[usize; 3], String> {
-    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
+    let v: Vec<usize> =
+        s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
     match v.as_slice() {
         [a, b, c] if *a > 0 && *b > 0 && *c > 0 => Ok([*a, *b, *c]),
         _ => Err("give three positive integers X,Y,Z".into()),
@@ -114,10 +124,16 @@ pub fn log_report(r: &ImportReport) {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut bar = crate::progress::Bar::new("importing");
     let report = match args.source {
-        Source::H5(a) => import_h5_with(&H5Import { common: a.common.into(), spacing: a.spacing, max_label: a.max_label }, &mut |d, t, id| bar.update(d, t, id))?,
+        Source::H5(a) => import_h5_with(
+            &H5Import { common: a.common.into(), spacing: a.spacing, max_label: a.max_label },
+            &mut |d, t, id| bar.update(d, t, id),
+        )?,
         Source::Nrrd(a) => {
             let margin = a.margin.map_or(Margin::REFERENCE, Margin::Fixed);
-            import_nrrd_with(&NrrdImport { common: a.common.into(), patch: a.patch, margin, seed: a.seed }, &mut |d, t, id| bar.update(d, t, id))?
+            import_nrrd_with(
+                &NrrdImport { common: a.common.into(), patch: a.patch, margin, seed: a.seed },
+                &mut |d, t, id| bar.update(d, t, id),
+            )?
         }
     };
     log_report(&report);

@@ -17,11 +17,17 @@ pub struct Args {
 }
 
 fn fmt_triple(v: [f64; 3]) -> String {
-    v.iter().map(|x| format!("{x:.4}").trim_end_matches('0').trim_end_matches('.').to_string()).collect::<Vec<_>>().join("x")
+    v.iter()
+        .map(|x| format!("{x:.4}").trim_end_matches('0').trim_end_matches('.').to_string())
+        .collect::<Vec<_>>()
+        .join("x")
 }
 
 fn row(i: &VolumeInfo) -> Vec<String> {
-    let labels = i.labels.as_ref().map_or("-".into(), |l| l.iter().map(|(k, n)| format!("{k}:{n}")).collect::<Vec<_>>().join(" "));
+    let labels = i
+        .labels
+        .as_ref()
+        .map_or("-".into(), |l| l.iter().map(|(k, n)| format!("{k}:{n}")).collect::<Vec<_>>().join(" "));
     vec![
         i.file.clone(),
         i.shape.map(|d| d.to_string()).join("x"),
@@ -38,11 +44,17 @@ fn row(i: &VolumeInfo) -> Vec<String> {
 
 /// Formats rows as a left-aligned table with a header.
 fn table(infos: &[VolumeInfo]) -> String {
-    let header = ["file", "shape", "dtype", "spacing", "orient", "min", "max", "mean", "std", "labels"].map(String::from).to_vec();
+    let header = ["file", "shape", "dtype", "spacing", "orient", "min", "max", "mean", "std", "labels"]
+        .map(String::from)
+        .to_vec();
     let rows: Vec<Vec<String>> = std::iter::once(header).chain(infos.iter().map(row)).collect();
-    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     rows.iter()
-        .map(|r| r.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string() + "\n")
+        .map(|r| {
+            r.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+                + "\n"
+        })
         .collect()
 }
 

@@ -70,7 +70,14 @@ pub fn open_dataset(cfg: &Config) -> Result<Dataset> {
         let dir = &cfg.data.synth_dir;
         if !dir.join("dataset.json").exists() {
             let s = &cfg.data.synth;
-            let synth = SynthConfig { cases: s.cases, labelled: s.labelled, test: s.test, size: s.size, seed: s.seed, ..SynthConfig::default() };
+            let synth = SynthConfig {
+                cases: s.cases,
+                labelled: s.labelled,
+                test: s.test,
+                size: s.size,
+                seed: s.seed,
+                ..SynthConfig::default()
+            };
             tracing::info!(dir = %dir.display(), cases = s.cases, labelled = s.labelled, size = ?s.size, "generating the synthetic dataset");
             uamt::data::write_synth(dir, &synth, false)?;
         }
@@ -78,7 +85,8 @@ pub fn open_dataset(cfg: &Config) -> Result<Dataset> {
     } else {
         cfg.data.dataset.clone()
     };
-    let (dataset, skipped) = Dataset::open_skipping_bad(&root, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", root.display()))?;
+    let (dataset, skipped) = Dataset::open_skipping_bad(&root, &DatasetOptions::default())
+        .with_context(|| format!("opening dataset {}", root.display()))?;
     for e in &skipped {
         crate::emit::skipped_case();
         tracing::warn!(error = %e, "case skipped");
@@ -88,8 +96,16 @@ pub fn open_dataset(cfg: &Config) -> Result<Dataset> {
 
 /// A patch loader for `cfg` over `dataset`.
 pub fn loader(cfg: &Config, dataset: Dataset) -> Result<PatchLoader> {
-    let sampler = SamplerConfig { labelled_bs: cfg.data.labelled_bs, unlabelled_bs: cfg.unlabelled_bs(), seed: cfg.optim.seed, ..SamplerConfig::default() };
-    Ok(PatchLoader::new(Arc::new(dataset), LoaderConfig { patch: cfg.data.patch, rot_flip: cfg.data.rot_flip, sampler })?)
+    let sampler = SamplerConfig {
+        labelled_bs: cfg.data.labelled_bs,
+        unlabelled_bs: cfg.unlabelled_bs(),
+        seed: cfg.optim.seed,
+        ..SamplerConfig::default()
+    };
+    Ok(PatchLoader::new(
+        Arc::new(dataset),
+        LoaderConfig { patch: cfg.data.patch, rot_flip: cfg.data.rot_flip, sampler },
+    )?)
 }
 
 /// A fresh trainer, or the newest checkpoint's state when `resume`.
@@ -102,12 +118,18 @@ pub fn trainer(cfg: &Config, resume: bool) -> Result<Trainer> {
             Some((_, path)) => {
                 let snap = Snapshot::read(&path)?;
                 if snap.seed != cfg.optim.seed {
-                    tracing::warn!(checkpoint_seed = snap.seed, config_seed = cfg.optim.seed, "resuming with a different seed");
+                    tracing::warn!(
+                        checkpoint_seed = snap.seed,
+                        config_seed = cfg.optim.seed,
+                        "resuming with a different seed"
+                    );
                 }
                 snap.restore_into(&mut tr, &path)?;
                 tracing::info!(path = %path.display(), iteration = tr.iter, "resumed");
             }
-            None => tracing::info!(dir = %cfg.checkpoint.dir.display(), "no checkpoint to resume from; starting afresh"),
+            None => {
+                tracing::info!(dir = %cfg.checkpoint.dir.display(), "no checkpoint to resume from; starting afresh")
+            }
         }
     }
     Ok(tr)
@@ -123,7 +145,9 @@ pub fn telemetry(cfg: &Config, addr_file: Option<&Path>) -> Result<()> {
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
     if let Some(f) = addr_file {
         let tmp = f.with_extension("tmp");
-        std::fs::write(&tmp, addr.to_string()).and_then(|_| std::fs::rename(&tmp, f)).with_context(|| format!("writing {}", f.display()))?;
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|_| std::fs::rename(&tmp, f))
+            .with_context(|| format!("writing {}", f.display()))?;
     }
     Ok(())
 }
@@ -135,7 +159,12 @@ pub fn run(args: Args) -> Result<()> {
     }
     telemetry(&cfg, args.addr_file.as_deref())?;
     let dataset = open_dataset(&cfg)?;
-    tracing::info!(labelled = dataset.labelled().len(), unlabelled = dataset.unlabelled().len(), test = dataset.test.len(), "dataset open");
+    tracing::info!(
+        labelled = dataset.labelled().len(),
+        unlabelled = dataset.unlabelled().len(),
+        test = dataset.test.len(),
+        "dataset open"
+    );
     let loader = loader(&cfg, dataset)?;
     let trainer = trainer(&cfg, args.resume)?;
     let device = cfg.device.resolve()?;
