@@ -204,3 +204,44 @@ pub fn prune(dir: &Path, keep: usize) -> Vec<PathBuf> {
         .filter_map(|(_, p)| std::fs::remove_file(&p).ok().map(|_| p))
         .collect()
 }
+
+/// Checkpoint policy: write one after the step that brings the run to `done` steps?
+/// At the end of the run, every `every` steps (0: never periodically), and when asked.
+pub fn should_write(done: i64, end: i64, every: i64, requested: bool) -> bool {
+    requested || done == end || (every > 0 && done % every == 0)
+}
+
+/// Checkpoint policy when a run stops: a final checkpoint is due when it made steps since it
+/// started at `start` and the last one written (if any) is older than `done`.
+pub fn needs_final(done: i64, start: i64, last_written: Option<i64>) -> bool {
+    done > start && last_written != Some(done)
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    #[test]
+    fn writes_periodically_at_the_end_and_on_request() {
+        let written: Vec<i64> = (1..=10).filter(|&d| should_write(d, 10, 4, false)).collect();
+        assert_eq!(written, vec![4, 8, 10]);
+        assert!(!should_write(3, 10, 0, false));
+        assert!(should_write(3, 10, 0, true));
+        assert!(should_write(10, 10, 0, false));
+    }
+
+    #[test]
+    fn a_stop_gets_a_final_checkpoint_unless_nothing_changed() {
+        assert!(needs_final(7, 0, Some(4)));
+        assert!(needs_final(7, 0, None));
+        assert!(!needs_final(8, 0, Some(8)));
+        assert!(!needs_final(5, 5, None), "no step since the start: nothing new to keep");
+    }
+
+    #[test]
+    fn retention_deletes_the_oldest() {
+        assert_eq!(to_delete(&[30, 10, 20, 40], 2), vec![10, 20]);
+        assert_eq!(to_delete(&[10], 3), Vec::<i64>::new());
+        assert_eq!(to_delete(&[10, 20], 0), vec![10], "keep is at least 1");
+    }
+}

@@ -1,16 +1,22 @@
-//! The evaluator stage: evaluates the student on the test split every `eval.every` iterations
-//! (the trainer hands over a copy of its weights) and every checkpoint that appears or is
-//! replaced in `eval.watch_dir` (hot reload). A file is loaded only once its size and
-//! modification time have held still for one poll; a file that cannot be read (truncated,
-//! corrupt, wrong shapes) is reported in the log and in `uamt_eval_failures_total` and not retried
-//! until it changes. Reports go to `eval.report_dir/<name>/report.{json,csv}`.
+//! The evaluation service, a sibling of the training pipeline under the supervisor: it evaluates
+//! the student on the test split when the trainer hands over a copy of its weights (every
+//! `eval.every` steps) and every checkpoint that appears or is replaced in `eval.watch_dir` (hot
+//! reload). It runs as an actix actor on an arbiter (thread) of its own, so a long evaluation
+//! blocks nothing else.
+//!
+//! Isolation: a file or evaluation that fails (truncated, corrupt, wrong shapes, even a panic in
+//! libtorch) is logged with the file, counted in `uamt_eval_failures_total`, and not retried
+//! until the file changes; later files are evaluated, training never notices. A file is loaded
+//! only once its size and modification time have held still for one poll. Reports go to
+//! `eval.report_dir/<name>/report.{json,csv}`.
 
 use crate::emit;
-use crate::queue::{Closed, Rx};
-use anyhow::{Context, Result};
+use crate::pipeline::spawn::run_caught;
+use actix::prelude::*;
+use anyhow::{Context as _, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tch::{Device, Tensor};
@@ -30,13 +36,63 @@ pub struct EvalRequest {
 }
 
 /// How often the watched folder is looked at.
-const POLL: Duration = Duration::from_millis(500);
+pub const POLL: Duration = Duration::from_millis(500);
 
 /// What the evaluator knows of one file in the watched folder.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Seen {
-    modified: Option<SystemTime>,
-    len: u64,
+pub struct Seen {
+    /// Modification time.
+    pub modified: Option<SystemTime>,
+    /// Size in bytes.
+    pub len: u64,
+}
+
+/// The watched folder's bookkeeping: which files are new or changed and have held still.
+#[derive(Default, Debug)]
+pub struct Watch {
+    /// Files evaluated (or found unreadable) in this state.
+    done: HashMap<PathBuf, Seen>,
+    /// Files seen once in this state, waiting to hold still.
+    pending: HashMap<PathBuf, Seen>,
+}
+
+impl Watch {
+    /// Whether a file name is one the evaluator takes (not a temporary file of an atomic writer).
+    pub fn wanted(name: &str) -> bool {
+        !name.starts_with('.') && [".safetensors", ".npz", ".ot"].iter().any(|s| name.ends_with(s))
+    }
+
+    /// Given what a look at the folder found, the files to evaluate now: new or changed since
+    /// they were last evaluated, and unchanged since the previous look.
+    pub fn ready(&mut self, found: impl IntoIterator<Item = (PathBuf, Seen)>) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for (path, now) in found {
+            if self.done.get(&path) == Some(&now) {
+                continue;
+            }
+            if self.pending.insert(path.clone(), now) != Some(now) {
+                continue; // new or still changing: look again next time
+            }
+            self.pending.remove(&path);
+            self.done.insert(path.clone(), now);
+            out.push(path);
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Looks at `dir` once: its wanted files and their size and modification time.
+fn look(dir: &Path) -> Vec<(PathBuf, Seen)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| Watch::wanted(&e.file_name().to_string_lossy()))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((e.path(), Seen { modified: meta.modified().ok(), len: meta.len() }))
+        })
+        .collect()
 }
 
 /// The evaluator's state.
@@ -49,10 +105,8 @@ pub struct Evaluator {
     model: VNet,
     /// Sliding-window and metric settings.
     opts: EvalOptions,
-    /// Files evaluated (or found unreadable) in this state.
-    done: HashMap<PathBuf, Seen>,
-    /// Files seen once in this state, waiting to hold still.
-    pending: HashMap<PathBuf, Seen>,
+    /// The watched folder's bookkeeping.
+    watch: Watch,
 }
 
 impl Evaluator {
@@ -67,8 +121,7 @@ impl Evaluator {
             config: config.clone(),
             dataset,
             opts: EvalOptions { infer, ..EvalOptions::default() },
-            done: HashMap::new(),
-            pending: HashMap::new(),
+            watch: Watch::default(),
         })
     }
 
@@ -101,7 +154,7 @@ impl Evaluator {
                 emit::eval_score(metric, source, mean);
             }
         }
-        tracing::info!(name, source, cases = report.cases.len(), dice = ?s.dice.mean, hd95 = ?s.hd95.mean, report = %dir.display(), "evaluated");
+        tracing::info!(name, source, cases = report.cases.len(), dice = s.dice.mean, hd95 = s.hd95.mean, report = %dir.display(), "evaluated");
         Ok(report)
     }
 
@@ -109,75 +162,196 @@ impl Evaluator {
     fn weights_of(path: &Path) -> Result<Vec<(String, Tensor)>> {
         match Snapshot::read(path) {
             Ok(s) => Ok(s.student),
-            Err(ckpt_err) => {
-                let named = read_named(path).map_err(|_| ckpt_err)?;
-                Ok(named)
-            }
+            Err(ckpt_err) => read_named(path).map_err(|_| ckpt_err.into()),
         }
+    }
+
+    /// Evaluates one file; any failure (a panic included) is returned as an error.
+    pub fn evaluate_file(&mut self, path: &Path) -> Result<Report> {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let stem = name.rsplit_once('.').map_or(name.as_str(), |(s, _)| s).to_string();
+        run_caught("evaluator", || Self::weights_of(path).and_then(|w| self.evaluate(&w, path, &stem, "watch")))
     }
 
     /// Looks at the watched folder once; evaluates files that are new or changed and have held
-    /// still since the last look. Returns how many it evaluated.
-    pub fn poll(&mut self) -> usize {
-        let dir = self.config.eval.watch_dir.clone();
-        let Ok(entries) = std::fs::read_dir(&dir) else { return 0 };
-        let mut n = 0;
-        for e in entries.flatten() {
-            let path = e.path();
-            let name = e.file_name().to_string_lossy().to_string();
-            let wanted = [".safetensors", ".npz", ".ot"].iter().any(|s| name.ends_with(s));
-            if name.starts_with('.') || !wanted {
-                continue; // temporary files of atomic writers, other files
-            }
-            let Ok(meta) = e.metadata() else { continue };
-            let now = Seen { modified: meta.modified().ok(), len: meta.len() };
-            if self.done.get(&path) == Some(&now) {
-                continue;
-            }
-            if self.pending.insert(path.clone(), now) != Some(now) {
-                continue; // new or still changing: look again next time
-            }
-            self.pending.remove(&path);
-            self.done.insert(path.clone(), now);
-            let stem = name.rsplit_once('.').map_or(name.as_str(), |(s, _)| s).to_string();
-            match Self::weights_of(&path).and_then(|w| self.evaluate(&w, &path, &stem, "watch")) {
-                Ok(_) => n += 1,
+    /// still since the last look, each on its own: one that fails is logged and counted and the
+    /// others are still evaluated. Returns (evaluated, failed).
+    pub fn poll(&mut self) -> (usize, usize) {
+        let found = look(&self.config.eval.watch_dir);
+        let (mut ok, mut failed) = (0, 0);
+        for path in self.watch.ready(found) {
+            match self.evaluate_file(&path) {
+                Ok(_) => ok += 1,
                 Err(e) => {
+                    failed += 1;
                     emit::eval_failure();
-                    tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "cannot evaluate this checkpoint; waiting for it to change");
+                    tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "cannot evaluate this file; waiting for it to change");
                 }
             }
         }
-        n
+        (ok, failed)
     }
 }
 
-/// Runs the evaluator until its request queue closes and (when a folder is watched) `stop` is set.
-pub fn run(mut ev: Evaluator, requests: Rx<EvalRequest>, stop: Arc<AtomicBool>) -> Result<()> {
-    let watching = !ev.config.eval.watch_dir.as_os_str().is_empty();
-    let mut open = true;
-    loop {
-        if open {
-            match requests.recv_timeout(POLL) {
-                Ok(Some((req, _))) => {
-                    let name = format!("iter-{:08}", req.iteration);
-                    let origin = PathBuf::from(format!("student after {} iterations", req.iteration));
-                    if let Err(e) = ev.evaluate(&req.weights, &origin, &name, "periodic") {
-                        emit::eval_failure();
-                        tracing::warn!(error = %format!("{e:#}"), iteration = req.iteration, "periodic evaluation failed");
-                    }
-                }
-                Ok(None) => {}
-                Err(Closed) => open = false,
+/// Counters the service shares with whoever holds its handle.
+#[derive(Default, Debug)]
+pub struct EvalCounters {
+    /// Evaluations finished.
+    pub done: AtomicU64,
+    /// Evaluations that failed.
+    pub failed: AtomicU64,
+    /// A periodic request is queued or running (at most one: weights are big).
+    pub busy: AtomicBool,
+}
+
+/// The evaluation service actor.
+pub struct EvalService {
+    /// The evaluator; `None` once the service is told to finish.
+    evaluator: Evaluator,
+    /// Shared counters.
+    counters: Arc<EvalCounters>,
+    /// Whether a folder is watched.
+    watching: bool,
+}
+
+impl Actor for EvalService {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if self.watching {
+            ctx.run_interval(POLL, |act, _| {
+                let (ok, failed) = act.evaluator.poll();
+                act.counters.done.fetch_add(ok as u64, Ordering::SeqCst);
+                act.counters.failed.fetch_add(failed as u64, Ordering::SeqCst);
+            });
+        }
+    }
+}
+
+/// Evaluate the student weights of a periodic request.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EvaluateWeights(pub EvalRequest);
+
+impl Handler<EvaluateWeights> for EvalService {
+    type Result = ();
+    fn handle(&mut self, msg: EvaluateWeights, _: &mut Self::Context) {
+        let req = msg.0;
+        let name = format!("iter-{:08}", req.iteration);
+        let origin = PathBuf::from(format!("student after {} iterations", req.iteration));
+        let r = run_caught("evaluator", || self.evaluator.evaluate(&req.weights, &origin, &name, "periodic"));
+        self.counters.busy.store(false, Ordering::SeqCst);
+        match r {
+            Ok(_) => {
+                self.counters.done.fetch_add(1, Ordering::SeqCst);
             }
-        } else {
-            std::thread::sleep(POLL);
+            Err(e) => {
+                self.counters.failed.fetch_add(1, Ordering::SeqCst);
+                emit::eval_failure();
+                tracing::warn!(error = %format!("{e:#}"), iteration = req.iteration, "periodic evaluation failed");
+            }
         }
-        if watching {
-            ev.poll();
+    }
+}
+
+/// Evaluate one file now (the result is the error text on failure).
+#[derive(Message)]
+#[rtype(result = "std::result::Result<(), String>")]
+pub struct EvaluateFile(pub PathBuf);
+
+impl Handler<EvaluateFile> for EvalService {
+    type Result = std::result::Result<(), String>;
+    fn handle(&mut self, msg: EvaluateFile, _: &mut Self::Context) -> Self::Result {
+        match self.evaluator.evaluate_file(&msg.0) {
+            Ok(_) => {
+                self.counters.done.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.failed.fetch_add(1, Ordering::SeqCst);
+                emit::eval_failure();
+                Err(format!("{e:#}"))
+            }
         }
-        if !open && (!watching || stop.load(Ordering::SeqCst)) {
-            return Ok(());
+    }
+}
+
+/// Finish: answered once every request queued before it is done; then the actor stops.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Finish;
+
+impl Handler<Finish> for EvalService {
+    type Result = ();
+    fn handle(&mut self, _: Finish, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+/// A handle on a running evaluation service.
+#[derive(Clone)]
+pub struct EvalHandle {
+    /// The actor.
+    pub addr: Addr<EvalService>,
+    /// Its counters.
+    pub counters: Arc<EvalCounters>,
+    /// Its arbiter (thread), stopped after the actor.
+    arbiter: ArbiterHandle,
+}
+
+impl EvalHandle {
+    /// Starts the service on an arbiter of its own (call from inside an actix system).
+    pub fn start(evaluator: Evaluator) -> Result<Self> {
+        let arbiter = Arbiter::new().handle();
+        let counters = Arc::new(EvalCounters::default());
+        let watching = !evaluator.config.eval.watch_dir.as_os_str().is_empty();
+        let c = counters.clone();
+        let addr = EvalService::start_in_arbiter(&arbiter, move |_| EvalService { evaluator, counters: c, watching });
+        Ok(EvalHandle { addr, counters, arbiter })
+    }
+
+    /// Offers a periodic request; false (the request dropped) while the previous one is still
+    /// queued or running, so at most one copy of the weights waits.
+    pub fn offer(&self, req: EvalRequest) -> bool {
+        if self.counters.busy.swap(true, Ordering::SeqCst) {
+            return false;
         }
+        if self.addr.try_send(EvaluateWeights(req)).is_err() {
+            self.counters.busy.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Stops the service's thread (after the actor has stopped or been abandoned).
+    pub fn stop_thread(&self) {
+        self.arbiter.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_taken_once_it_holds_still_and_again_when_it_changes() {
+        let mut w = Watch::default();
+        let a = PathBuf::from("a.safetensors");
+        let s1 = Seen { modified: None, len: 10 };
+        let s2 = Seen { modified: None, len: 20 };
+        assert!(w.ready([(a.clone(), s1)]).is_empty(), "first sight: wait");
+        assert!(w.ready([(a.clone(), s2)]).is_empty(), "still growing: wait");
+        assert_eq!(w.ready([(a.clone(), s2)]), vec![a.clone()], "held still: take it");
+        assert!(w.ready([(a.clone(), s2)]).is_empty(), "done: not again");
+        let s3 = Seen { modified: None, len: 30 };
+        assert!(w.ready([(a.clone(), s3)]).is_empty());
+        assert_eq!(w.ready([(a.clone(), s3)]), vec![a], "replaced: take it again");
+    }
+
+    #[test]
+    fn temporary_and_foreign_files_are_ignored() {
+        assert!(Watch::wanted("ckpt-00000010.safetensors"));
+        assert!(!Watch::wanted(".ckpt-00000010.safetensors.tmp-42"));
+        assert!(!Watch::wanted("notes.txt"));
     }
 }

@@ -19,8 +19,10 @@
 //! [`http`] serves them.
 
 pub mod cmd;
+pub mod control;
 pub mod emit;
 pub mod evaluator;
+pub mod events;
 pub mod http;
 pub mod pipeline;
 pub mod progress;

@@ -125,3 +125,51 @@ impl Stage {
         emit::stage_item(self.name);
     }
 }
+
+/// An item from one of two queues.
+pub enum Either<A, B> {
+    /// From the first queue.
+    Left(A),
+    /// From the second queue.
+    Right(B),
+}
+
+/// Pops from whichever of `a` and `b` has an item first (blocking while both are empty); also
+/// returns the seconds blocked. A closed queue is no longer waited on; `Closed` once both are.
+pub fn recv_either<A, B>(a: &Rx<A>, b: &Rx<B>) -> Result<(Either<A, B>, f64), Closed> {
+    let t0 = Instant::now();
+    let mut sel = crossbeam_channel::Select::new();
+    let (mut ia, mut ib) = (Some(sel.recv(&a.rx)), Some(sel.recv(&b.rx)));
+    loop {
+        if ia.is_none() && ib.is_none() {
+            return Err(Closed);
+        }
+        let op = sel.select();
+        let i = op.index();
+        if Some(i) == ia {
+            match op.recv(&a.rx) {
+                Ok(v) => {
+                    let blocked = t0.elapsed().as_secs_f64();
+                    emit::queue_pop(a.name, a.rx.len(), blocked);
+                    return Ok((Either::Left(v), blocked));
+                }
+                Err(_) => {
+                    sel.remove(i);
+                    ia = None;
+                }
+            }
+        } else {
+            match op.recv(&b.rx) {
+                Ok(v) => {
+                    let blocked = t0.elapsed().as_secs_f64();
+                    emit::queue_pop(b.name, b.rx.len(), blocked);
+                    return Ok((Either::Right(v), blocked));
+                }
+                Err(_) => {
+                    sel.remove(i);
+                    ib = None;
+                }
+            }
+        }
+    }
+}

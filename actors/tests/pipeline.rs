@@ -3,14 +3,14 @@
 //! backpressure.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tch::Device;
 use uamt::checkpoint::{self, Snapshot};
 use uamt::config::Config;
 use uamt::train::{Method, StepReport, Trainer};
 use uamt_actors::cmd::train::{loader, open_dataset};
-use uamt_actors::pipeline::{self, Outcome, Run};
+use uamt_actors::pipeline::fault::Fault;
+use uamt_actors::pipeline::{self, Mode, Outcome, Run};
 
 /// A tiny config on a synthetic dataset made once per test binary.
 fn config(dir: &Path, method: Method, iterations: i64) -> Config {
@@ -50,19 +50,21 @@ fn sequential(c: &Config, mut tr: Trainer, to: i64) -> (Trainer, Vec<StepReport>
     (tr, reports)
 }
 
-fn pipelined(c: &Config, tr: Trainer, checkpoints: bool) -> Outcome {
+fn run_in(c: &Config, tr: Trainer, checkpoints: bool, mode: Mode) -> Outcome {
+    try_run(c, tr, checkpoints, mode, None).unwrap()
+}
+
+fn try_run(c: &Config, tr: Trainer, checkpoints: bool, mode: Mode, fault: Option<Fault>) -> anyhow::Result<Outcome> {
     let l = loader(c, open_dataset(c).unwrap()).unwrap();
-    let run = Run {
-        config: c.clone(),
-        device: Device::Cpu,
-        loader: l,
-        trainer: tr,
-        stop: Arc::new(AtomicBool::new(false)),
-        checkpoint_now: Arc::new(AtomicBool::new(false)),
-        max_steps: None,
-        checkpoints,
-    };
-    pipeline::run(run).unwrap()
+    let mut run = Run::new(c.clone(), Device::Cpu, l, tr);
+    run.mode = mode;
+    run.checkpoints = checkpoints;
+    run.fault = fault;
+    pipeline::run(run)
+}
+
+fn pipelined(c: &Config, tr: Trainer, checkpoints: bool) -> Outcome {
+    run_in(c, tr, checkpoints, Mode::Pipelined)
 }
 
 fn assert_same_weights(what: &str, a: &Trainer, b: &Trainer) {
@@ -120,20 +122,80 @@ fn reading_the_numbers_back_every_few_steps_reports_every_step_the_same() {
 }
 
 #[test]
-fn teacher_lag_1_trains_with_an_older_teacher() {
+fn the_daemons_sequential_mode_equals_the_sequential_step() {
+    let dir = tempdir("seqmode");
+    for (method, n) in [(Method::Uamt, 4), (Method::Supervised, 2)] {
+        let c = config(&dir, method, n);
+        let (seq, seq_reports) = sequential(&c, fresh_trainer(&c), n);
+        let out = run_in(&c, fresh_trainer(&c), false, Mode::Sequential);
+        assert_same_reports(&format!("{method:?}"), &seq_reports, &out.reports);
+        assert_same_weights(&format!("{method:?}"), &seq, &out.trainer);
+    }
+}
+
+#[test]
+fn teacher_lag_1_trains_with_an_older_teacher_the_same_in_both_modes() {
     let dir = tempdir("lag1");
     let mut c = config(&dir, Method::Uamt, 5);
     c.method.teacher_lag = 1;
     let out = pipelined(&c, fresh_trainer(&c), false);
     assert_eq!(out.reports.len(), 5);
-    assert!(out.reports.iter().all(|r| r.loss.is_finite()));
-    // The teacher handed back is the EMA after the last step, as with lag 0.
+    // The sequential mode with the same lag is the ground truth of the lagged pipeline too.
+    let seq_lag = run_in(&c, fresh_trainer(&c), false, Mode::Sequential);
+    assert_same_reports("lag 1", &seq_lag.reports, &out.reports);
+    assert_same_weights("lag 1", &seq_lag.trainer, &out.trainer);
+    // Against lag 0: iterations 0 and 1 see the initial teacher either way (the EMA after step
+    // -1 and step -2 are both the weights the run starts with); iteration 2 sees an older one.
     let c0 = config(&dir, Method::Uamt, 5);
-    let (seq, seq_reports) = sequential(&c0, fresh_trainer(&c0), 5);
-    // Iteration 0 and 1 see the initial teacher either way; later ones differ.
-    assert_eq!(seq_reports[0], out.reports[0]);
-    assert_ne!(seq_reports[4].consistency, out.reports[4].consistency);
-    assert!(seq.teacher.is_some() && out.trainer.teacher.is_some());
+    let (_, lag0) = sequential(&c0, fresh_trainer(&c0), 5);
+    assert_eq!(lag0[0], out.reports[0]);
+    assert_ne!(lag0[1].consistency, out.reports[1].consistency, "iteration 1: lag 0 uses the EMA after step 0");
+    assert_ne!(lag0[4].consistency, out.reports[4].consistency);
+}
+
+#[test]
+fn a_failing_stage_ends_the_run_with_an_error_naming_it() {
+    let dir = tempdir("fault");
+    let c = config(&dir, Method::Uamt, 50);
+    for (mode, stage) in [(Mode::Pipelined, "teacher"), (Mode::Pipelined, "dispatcher"), (Mode::Sequential, "teacher")]
+    {
+        let t0 = Instant::now();
+        let fault = Some(Fault { stage: stage.into(), iteration: 2 });
+        let err = match try_run(&c, fresh_trainer(&c), false, mode, fault) {
+            Ok(_) => panic!("{mode:?}/{stage}: the run should fail"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(&format!("the {stage} stage")) || err.contains(&format!("in the {stage} stage")), "{err}");
+        assert!(err.contains("injected fault"), "{mode:?}: the cause, not a consequence: {err}");
+        assert!(t0.elapsed() < Duration::from_secs(30), "{mode:?}/{stage} took {:?}", t0.elapsed());
+    }
+}
+
+#[test]
+fn a_stop_request_ends_with_a_final_checkpoint() {
+    let dir = tempdir("stop");
+    let mut c = config(&dir, Method::Uamt, 1000);
+    c.checkpoint.every = 0;
+    for mode in [Mode::Pipelined, Mode::Sequential] {
+        let _ = std::fs::remove_dir_all(&c.checkpoint.dir);
+        let l = loader(&c, open_dataset(&c).unwrap()).unwrap();
+        let mut run = Run::new(c.clone(), Device::Cpu, l, fresh_trainer(&c));
+        run.mode = mode;
+        let controls = run.controls.clone();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            controls.request_stop("test");
+        });
+        let out = pipeline::run(run).unwrap();
+        stopper.join().unwrap();
+        assert!(out.stopped, "{mode:?}");
+        let steps = out.trainer.iter;
+        assert!(steps > 0 && steps < 1000, "{mode:?}: {steps} steps");
+        let cks = checkpoint::list(&c.checkpoint.dir);
+        assert_eq!(cks.last().map(|c| c.0), Some(steps), "{mode:?}: the final checkpoint holds the last step");
+        let snap = Snapshot::read(&cks.last().unwrap().1).unwrap();
+        assert!(snap.teacher.is_some());
+    }
 }
 
 #[test]
@@ -153,6 +215,12 @@ fn resuming_from_a_checkpoint_continues_exactly() {
     let resumed = pipelined(&c, tr, false);
     assert_same_reports("resumed", &whole.reports[3..], &resumed.reports);
     assert_same_weights("resumed", &whole.trainer, &resumed.trainer);
+    // The sequential mode resumes from the pipeline's checkpoint to the same end.
+    let mut tr = fresh_trainer(&c);
+    snap.restore_into(&mut tr, &cks[0].1).unwrap();
+    let resumed_seq = run_in(&c, tr, false, Mode::Sequential);
+    assert_same_reports("resumed sequentially", &whole.reports[3..], &resumed_seq.reports);
+    assert_same_weights("resumed sequentially", &whole.trainer, &resumed_seq.trainer);
     // The checkpoint holds the config it ran with.
     assert_eq!(Config::from_toml(&snap.config, Path::new("ckpt")).unwrap(), c);
 }

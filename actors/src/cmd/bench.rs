@@ -8,14 +8,11 @@
 //! both runs are the same code path; the check means something on a GPU.
 
 use crate::cmd::train::{loader, open_dataset};
-use crate::pipeline::{self, Run};
+use crate::pipeline::{self, Mode, Run};
 use anyhow::Result;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::Instant;
 use uamt::config::Config;
-use uamt::train::{StepStats, Trainer};
+use uamt::train::Trainer;
 
 /// Arguments of `uamt bench`.
 #[derive(Debug, clap::Args)]
@@ -77,47 +74,26 @@ fn fresh(cfg: &Config) -> Result<Trainer> {
     Ok(tr)
 }
 
-/// Seconds per timed iteration of the sequential loop.
-fn sequential(cfg: &Config, warmup: i64, n: i64) -> Result<f64> {
-    let l = loader(cfg, open_dataset(cfg)?)?;
+/// `steps` steps from `tr` in `mode`, without checkpoints.
+fn steps(cfg: &Config, tr: Trainer, steps: i64, mode: Mode) -> Result<pipeline::Outcome> {
     let device = cfg.device.resolve()?;
-    let threads = cfg.device.stage_threads(false);
-    if threads > 0 {
-        tch::set_num_threads(threads as i32);
-    }
-    let mut tr = fresh(cfg)?;
-    let readback = cfg.telemetry.readback_interval(device);
-    let mut pending = Vec::new();
-    let mut t0 = Instant::now();
-    for i in 0..warmup + n {
-        if i == warmup {
-            t0 = Instant::now();
-        }
-        let (images, labels) = l.batch(i as u64)?;
-        let (images, labels) = (images.to_device(device), labels.to_device(device));
-        let rnd = tr.draw_random(cfg.optim.seed, &images.size());
-        pending.push(tr.step(&images, &labels, &rnd)?);
-        // Read the numbers back as the pipeline does (one copy every `readback` steps).
-        if pending.len() as i64 >= readback || i + 1 == warmup + n {
-            StepStats::read_back(&pending)?;
-            pending.clear();
-        }
-    }
-    Ok(t0.elapsed().as_secs_f64() / n as f64)
+    let mut run = Run::new(cfg.clone(), device, loader(cfg, open_dataset(cfg)?)?, tr);
+    run.mode = mode;
+    run.max_steps = Some(steps);
+    run.checkpoints = false;
+    pipeline::run(run)
 }
 
 /// `steps` pipeline steps from `tr`, without checkpoints.
-fn pipeline_steps(cfg: &Config, tr: Trainer, steps: i64) -> Result<pipeline::Outcome> {
-    pipeline::run(Run {
-        config: cfg.clone(),
-        device: cfg.device.resolve()?,
-        loader: loader(cfg, open_dataset(cfg)?)?,
-        trainer: tr,
-        stop: Arc::new(AtomicBool::new(false)),
-        checkpoint_now: Arc::new(AtomicBool::new(false)),
-        max_steps: Some(steps),
-        checkpoints: false,
-    })
+fn pipeline_steps(cfg: &Config, tr: Trainer, n: i64) -> Result<pipeline::Outcome> {
+    steps(cfg, tr, n, Mode::Pipelined)
+}
+
+/// Seconds per timed iteration of the daemon's sequential mode.
+fn sequential(cfg: &Config, warmup: i64, n: i64) -> Result<f64> {
+    let warm = steps(cfg, fresh(cfg)?, warmup, Mode::Sequential)?;
+    let out = steps(cfg, warm.trainer, n, Mode::Sequential)?;
+    Ok(out.seconds / n as f64)
 }
 
 /// Seconds per timed iteration of the pipeline.

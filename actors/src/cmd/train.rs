@@ -1,8 +1,10 @@
 //! `uamt train`: the daemon. Without `--config` it runs the built-in demo (synthetic data made on
 //! first use, 4 filters, 32x32x16 patches, CPU, a few minutes on 2 cores).
 
+use crate::control::Controls;
+use crate::evaluator::Evaluator;
 use crate::pipeline::{self, Run};
-use crate::supervisor::{Controls, Supervisor};
+use crate::supervisor::{StartEval, Supervisor, TrainingEnded};
 use actix::Actor;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -152,12 +154,45 @@ pub fn telemetry(cfg: &Config, addr_file: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Runs the daemon: the supervisor and its signal handlers first, then (on a thread of its own)
+/// the data, the model, the evaluation service and the training pipeline. Exits non-zero when
+/// training fails, naming the stage and the cause.
 pub fn run(args: Args) -> Result<()> {
     let cfg = resolve_config(&args)?;
     if args.config.is_none() {
         tracing::info!("no --config: running the built-in demo (synthetic data, CPU)");
     }
+    let device = cfg.device.resolve()?;
+    let controls = Controls::default();
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let watching = !cfg.eval.watch_dir.as_os_str().is_empty();
+    let system = actix::System::new();
+    let supervisor = system.block_on(async { Supervisor::new(controls.clone(), watching, failure.clone()).start() });
     telemetry(&cfg, args.addr_file.as_deref())?;
+    let addr = supervisor.clone();
+    std::thread::Builder::new().name("training".into()).spawn(move || {
+        let ended = crate::pipeline::spawn::run_caught("training", || train(cfg, device, &args, controls, &addr))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"));
+        addr.do_send(TrainingEnded(ended));
+    })?;
+    let code = system.run_with_code()?;
+    let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match failed {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None if code != 0 => Err(anyhow::anyhow!("the daemon ended with code {code}")),
+        None => Ok(()),
+    }
+}
+
+/// The training thread's work: data, model, evaluation service, pipeline.
+fn train(
+    cfg: Config,
+    device: tch::Device,
+    args: &Args,
+    controls: Controls,
+    supervisor: &actix::Addr<Supervisor>,
+) -> Result<pipeline::Outcome> {
     let dataset = open_dataset(&cfg)?;
     tracing::info!(
         labelled = dataset.labelled().len(),
@@ -167,32 +202,28 @@ pub fn run(args: Args) -> Result<()> {
     );
     let loader = loader(&cfg, dataset)?;
     let trainer = trainer(&cfg, args.resume)?;
-    let device = cfg.device.resolve()?;
-    tracing::info!(method = ?cfg.method.kind, ?device, from = trainer.iter, to = cfg.optim.iterations, teacher_lag = cfg.method.teacher_lag, "training");
-    let controls = Controls::default();
-    let run = Run {
-        config: cfg,
-        device,
-        loader,
-        trainer,
-        stop: controls.stop.clone(),
-        checkpoint_now: controls.checkpoint_now.clone(),
-        max_steps: args.stop_after,
-        checkpoints: true,
-    };
-    let system = actix::System::new();
-    let outcome = system.block_on(async move {
-        let _supervisor = Supervisor { controls }.start();
-        actix_rt::task::spawn_blocking(move || pipeline::run(run)).await
-    })??;
+    let mut run = Run::new(cfg.clone(), device, loader, trainer);
+    run.controls = controls;
+    run.max_steps = args.stop_after;
+    run.sinks = crate::events::standard();
+    run.fault = crate::pipeline::fault::Fault::from_env();
+    if cfg.eval.every > 0 || !cfg.eval.watch_dir.as_os_str().is_empty() {
+        let evaluator = Evaluator::new(&cfg, run.loader.dataset().clone(), device)?;
+        let (reply, handle) = crossbeam_channel::bounded(1);
+        supervisor.do_send(StartEval { evaluator, reply });
+        let eval = handle.recv().map_err(|_| anyhow::anyhow!("the supervisor is gone"))??;
+        run.eval = Some(Box::new(move |req| eval.offer(req)));
+    }
+    tracing::info!(method = ?cfg.method.kind, ?device, mode = ?run.mode, from = run.trainer.iter, to = cfg.optim.iterations, teacher_lag = cfg.method.teacher_lag, "training");
+    let outcome = pipeline::run(run)?;
     let last = outcome.reports.last();
     tracing::info!(
         steps = outcome.reports.len(),
-        seconds = format!("{:.1}", outcome.seconds),
+        seconds = outcome.seconds,
         stopped = outcome.stopped,
         final_loss = last.map(|r| r.loss),
         checkpoint = ?outcome.last_checkpoint,
         "done"
     );
-    Ok(())
+    Ok(outcome)
 }

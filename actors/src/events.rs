@@ -1,0 +1,112 @@
+//! What the training loop reports, as events that sinks consume: the loop never logs or touches
+//! metrics itself. [`LogSink`] writes the progress lines (numbers as numbers), [`MetricsSink`]
+//! feeds Prometheus; the status board is a third sink.
+
+use crate::emit;
+use std::path::Path;
+use uamt::train::StepReport;
+
+/// Something the training loop did.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// A step's numbers, read back from the device.
+    Step {
+        /// Losses, weight, mask fraction, learning rate.
+        report: &'a StepReport,
+        /// Wall time of the step, seconds.
+        seconds: f64,
+    },
+    /// Progress every `telemetry.log_every` steps (and after the last).
+    Progress {
+        /// The last step's numbers.
+        report: &'a StepReport,
+        /// Steps done.
+        done: i64,
+        /// Steps the run is to reach.
+        end: i64,
+        /// Steps per second since the previous progress event.
+        it_per_s: f64,
+        /// Seconds to `end` at that rate.
+        eta_s: f64,
+    },
+    /// A checkpoint written.
+    Checkpoint {
+        /// Where.
+        path: &'a Path,
+        /// Steps it holds.
+        iteration: i64,
+        /// Time to snapshot and write it.
+        seconds: f64,
+    },
+    /// A checkpoint that could not be written (the previous ones are intact).
+    CheckpointFailed {
+        /// Steps it would have held.
+        iteration: i64,
+        /// Why.
+        error: &'a str,
+    },
+    /// A periodic evaluation skipped because the evaluator was still busy.
+    EvalSkipped {
+        /// Steps done.
+        iteration: i64,
+    },
+}
+
+/// A consumer of the loop's events.
+pub trait Sink: Send {
+    /// Takes one event.
+    fn on(&mut self, event: &Event<'_>);
+}
+
+/// Progress and checkpoint lines through `tracing`.
+pub struct LogSink;
+
+impl Sink for LogSink {
+    fn on(&mut self, event: &Event<'_>) {
+        match *event {
+            Event::Progress { report: r, done, end, it_per_s, eta_s } => tracing::info!(
+                iteration = done,
+                of = end,
+                loss = r.loss,
+                supervised = r.supervised,
+                consistency = r.consistency,
+                weight = r.weight,
+                mask = r.mask_fraction,
+                lr = r.lr,
+                it_per_s,
+                eta_s = eta_s.round(),
+                "training"
+            ),
+            Event::Checkpoint { path, iteration, seconds } => {
+                tracing::info!(path = %path.display(), iteration, seconds, "checkpoint written")
+            }
+            Event::CheckpointFailed { iteration, error } => {
+                tracing::error!(iteration, error, "checkpoint failed; the previous ones are intact")
+            }
+            Event::EvalSkipped { iteration } => {
+                tracing::info!(iteration, "the evaluator is still busy; skipping this periodic evaluation")
+            }
+            Event::Step { .. } => {}
+        }
+    }
+}
+
+/// The Prometheus side.
+pub struct MetricsSink;
+
+impl Sink for MetricsSink {
+    fn on(&mut self, event: &Event<'_>) {
+        match *event {
+            Event::Step { report, seconds } => emit::iteration(report, seconds),
+            Event::Progress { it_per_s, .. } => emit::it_per_second(it_per_s),
+            Event::Checkpoint { seconds, .. } => emit::checkpoint(true, seconds),
+            Event::CheckpointFailed { .. } => emit::checkpoint(false, 0.0),
+            Event::EvalSkipped { .. } => {}
+        }
+    }
+}
+
+/// The sinks every daemon run has: log lines and metrics.
+pub fn standard() -> Vec<Box<dyn Sink>> {
+    vec![Box::new(LogSink), Box::new(MetricsSink)]
+}
