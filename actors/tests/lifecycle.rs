@@ -75,8 +75,19 @@ fn start(config: &Path, dir: &Path, env: &[(&str, &str)]) -> Daemon {
     Daemon(cmd.spawn().unwrap())
 }
 
+/// The daemon's log without colour escapes (were there any).
 fn log(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+    let raw = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
