@@ -23,6 +23,7 @@ pub mod h5;
 pub mod import;
 pub mod nifti;
 pub mod nrrd;
+pub mod resample;
 pub mod rng;
 pub mod sampler;
 pub mod stats;
