@@ -4,17 +4,9 @@
 //! Tensors never travel through it; the data plane is [`crate::pipeline`].
 
 use actix::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-/// Lifecycle switches shared with the pipeline.
-#[derive(Clone, Default)]
-pub struct Controls {
-    /// Finish the current step, write a checkpoint, stop.
-    pub stop: Arc<AtomicBool>,
-    /// Write a checkpoint after the current step.
-    pub checkpoint_now: Arc<AtomicBool>,
-}
+/// Lifecycle switches shared with the pipeline (moved to [`crate::control`]).
+pub use crate::control::Controls;
 
 /// The supervisor actor.
 pub struct Supervisor {
@@ -91,7 +83,7 @@ impl Handler<Stop> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: Stop, _: &mut Self::Context) {
         tracing::info!(reason = msg.0, "stopping after the current step (a checkpoint follows)");
-        self.controls.stop.store(true, Ordering::SeqCst);
+        self.controls.request_stop(msg.0);
     }
 }
 
@@ -99,6 +91,6 @@ impl Handler<CheckpointNow> for Supervisor {
     type Result = ();
     fn handle(&mut self, _: CheckpointNow, _: &mut Self::Context) {
         tracing::info!("checkpoint requested; writing one after the current step");
-        self.controls.checkpoint_now.store(true, Ordering::SeqCst);
+        self.controls.request_checkpoint();
     }
 }

@@ -1,12 +1,15 @@
 //! `uamt train`: the daemon. Without `--config` it runs the built-in demo (synthetic data made on
 //! first use, 4 filters, 32x32x16 patches, CPU, a few minutes on 2 cores).
 
+use crate::control::{Controls, StatusBoard};
+use crate::http::{HttpServerHandle, HttpState};
 use crate::pipeline::{self, Run};
-use crate::supervisor::{Controls, Supervisor};
+use crate::supervisor::Supervisor;
 use actix::Actor;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use uamt::checkpoint::{self, Snapshot};
 use uamt::config::Config;
 use uamt::data::{Dataset, DatasetOptions, LoaderConfig, PatchLoader, SamplerConfig, SynthConfig};
@@ -135,21 +138,35 @@ pub fn trainer(cfg: &Config, resume: bool) -> Result<Trainer> {
     Ok(tr)
 }
 
-/// Starts the metrics endpoint if configured; writes its address to `addr_file`.
-pub fn telemetry(cfg: &Config, addr_file: Option<&Path>) -> Result<()> {
+/// Training without a recorded step for this long makes `/healthz` answer 503.
+const STALL_AFTER: Duration = Duration::from_secs(600);
+
+/// Starts the HTTP control plane if configured; writes its address to `addr_file`. The server
+/// stops when the returned handle is dropped.
+pub fn telemetry(
+    cfg: &Config,
+    addr_file: Option<&Path>,
+    board: &StatusBoard,
+    controls: &Controls,
+) -> Result<Option<HttpServerHandle>> {
     if cfg.telemetry.listen.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let handle = crate::http::install_recorder()?;
-    let addr = crate::http::serve(&cfg.telemetry.listen, handle)?;
-    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    let state = HttpState {
+        prometheus: Some(crate::http::install_recorder()?),
+        board: board.clone(),
+        controls: controls.clone(),
+    };
+    let server = crate::http::spawn_server(&cfg.telemetry.listen, state)?;
+    let addr = server.addr();
+    tracing::info!(%addr, "metrics at http://{addr}/metrics, status at http://{addr}/status");
     if let Some(f) = addr_file {
         let tmp = f.with_extension("tmp");
         std::fs::write(&tmp, addr.to_string())
             .and_then(|_| std::fs::rename(&tmp, f))
             .with_context(|| format!("writing {}", f.display()))?;
     }
-    Ok(())
+    Ok(Some(server))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -157,7 +174,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.config.is_none() {
         tracing::info!("no --config: running the built-in demo (synthetic data, CPU)");
     }
-    telemetry(&cfg, args.addr_file.as_deref())?;
+    let controls = Controls::new();
+    let board = StatusBoard::new(cfg.optim.iterations, STALL_AFTER);
+    let _http = telemetry(&cfg, args.addr_file.as_deref(), &board, &controls)?;
     let dataset = open_dataset(&cfg)?;
     tracing::info!(
         labelled = dataset.labelled().len(),
@@ -169,14 +188,13 @@ pub fn run(args: Args) -> Result<()> {
     let trainer = trainer(&cfg, args.resume)?;
     let device = cfg.device.resolve()?;
     tracing::info!(method = ?cfg.method.kind, ?device, from = trainer.iter, to = cfg.optim.iterations, teacher_lag = cfg.method.teacher_lag, "training");
-    let controls = Controls::default();
     let run = Run {
         config: cfg,
         device,
         loader,
         trainer,
-        stop: controls.stop.clone(),
-        checkpoint_now: controls.checkpoint_now.clone(),
+        stop: controls.stop_flag(),
+        checkpoint_now: controls.checkpoint_flag(),
         max_steps: args.stop_after,
         checkpoints: true,
     };
