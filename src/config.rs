@@ -255,6 +255,18 @@ pub enum Precision {
     Bf16,
 }
 
+/// How the training stages are scheduled (`device.schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// The pipeline where its overlap pays (a GPU, or a teacher lag), else the sequential loop.
+    Auto,
+    /// Every stage in line on one thread.
+    Sequential,
+    /// A thread per stage, bounded queues between them.
+    Pipelined,
+}
+
 /// `[device]`
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -267,6 +279,10 @@ pub struct DeviceConfig {
     /// student's step on the device (hand-offs wait on events). Off: every stage on libtorch's
     /// default stream.
     pub streams: bool,
+    /// How the training stages run: `sequential` (one thread, in line), `pipelined` (a thread
+    /// per stage, bounded queues between them) or `auto` (the pipeline on a GPU or with
+    /// `method.teacher_lag >= 1`, the sequential loop on a CPU with `teacher_lag = 0`).
+    pub schedule: Schedule,
     /// libtorch intra-op threads per pipeline stage; 0: automatic (on CPU every core when the
     /// stages take turns, as with `teacher_lag = 0`, half of them with a lag, when student and
     /// teacher compute at the same time; on a GPU libtorch's default). Oversubscribed OpenMP
@@ -276,7 +292,13 @@ pub struct DeviceConfig {
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        DeviceConfig { device: "auto".into(), precision: Precision::Fp32, threads: 0, streams: true }
+        DeviceConfig {
+            device: "auto".into(),
+            precision: Precision::Fp32,
+            schedule: Schedule::Auto,
+            threads: 0,
+            streams: true,
+        }
     }
 }
 

@@ -51,8 +51,11 @@ pub fn stage_idle(stage: &'static str, secs: f64) {
 
 /// Counters of seconds. The `metrics` facade counts in integers, so fractional-second counters
 /// live here and [`render_seconds_totals`] appends them to the exporter's text.
-static SECONDS: std::sync::Mutex<std::collections::BTreeMap<(&'static str, [(&'static str, &'static str); 2]), f64>> =
+static SECONDS: std::sync::Mutex<std::collections::BTreeMap<SecondsKey, f64>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// A seconds counter's metric name and its two label pairs (`("", "")` when there is one label).
+type SecondsKey = (&'static str, [(&'static str, &'static str); 2]);
 
 fn seconds_total(metric: Metric, labels: [(&'static str, &'static str); 2], secs: f64) {
     let mut map = SECONDS.lock().unwrap_or_else(|e| e.into_inner());

@@ -107,6 +107,8 @@ pub struct Evaluator {
     opts: EvalOptions,
     /// The watched folder's bookkeeping.
     watch: Watch,
+    /// Where results are shown (`/status`).
+    board: Option<crate::control::StatusBoard>,
 }
 
 impl Evaluator {
@@ -122,6 +124,7 @@ impl Evaluator {
             dataset,
             opts: EvalOptions { infer, ..EvalOptions::default() },
             watch: Watch::default(),
+            board: None,
         })
     }
 
@@ -155,6 +158,9 @@ impl Evaluator {
             }
         }
         tracing::info!(name, source, cases = report.cases.len(), dice = s.dice.mean, hd95 = s.hd95.mean, report = %dir.display(), "evaluated");
+        if let Some(b) = &self.board {
+            b.on_eval(crate::control::EvalStatus::of(name, source, &report));
+        }
         Ok(report)
     }
 
@@ -185,6 +191,9 @@ impl Evaluator {
                 Err(e) => {
                     failed += 1;
                     emit::eval_failure();
+                    if let Some(b) = &self.board {
+                        b.on_eval_failure();
+                    }
                     tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "cannot evaluate this file; waiting for it to change");
                 }
             }
@@ -212,6 +221,8 @@ pub struct EvalService {
     counters: Arc<EvalCounters>,
     /// Whether a folder is watched.
     watching: bool,
+    /// Where results are shown (`/status`).
+    board: Option<crate::control::StatusBoard>,
 }
 
 impl Actor for EvalService {
@@ -248,6 +259,9 @@ impl Handler<EvaluateWeights> for EvalService {
             Err(e) => {
                 self.counters.failed.fetch_add(1, Ordering::SeqCst);
                 emit::eval_failure();
+                if let Some(b) = &self.board {
+                    b.on_eval_failure();
+                }
                 tracing::warn!(error = %format!("{e:#}"), iteration = req.iteration, "periodic evaluation failed");
             }
         }
@@ -301,12 +315,14 @@ pub struct EvalHandle {
 
 impl EvalHandle {
     /// Starts the service on an arbiter of its own (call from inside an actix system).
-    pub fn start(evaluator: Evaluator) -> Result<Self> {
+    pub fn start(mut evaluator: Evaluator, board: Option<crate::control::StatusBoard>) -> Result<Self> {
+        evaluator.board = board.clone();
         let arbiter = Arbiter::new().handle();
         let counters = Arc::new(EvalCounters::default());
         let watching = !evaluator.config.eval.watch_dir.as_os_str().is_empty();
         let c = counters.clone();
-        let addr = EvalService::start_in_arbiter(&arbiter, move |_| EvalService { evaluator, counters: c, watching });
+        let addr =
+            EvalService::start_in_arbiter(&arbiter, move |_| EvalService { evaluator, counters: c, watching, board });
         Ok(EvalHandle { addr, counters, arbiter })
     }
 

@@ -110,3 +110,31 @@ impl Sink for MetricsSink {
 pub fn standard() -> Vec<Box<dyn Sink>> {
     vec![Box::new(LogSink), Box::new(MetricsSink)]
 }
+
+/// The status board's side (`/status`, `/healthz`): every step, with the latest rate.
+pub struct StatusSink {
+    /// The board.
+    board: crate::control::StatusBoard,
+    /// Steps per second and ETA from the latest progress event.
+    rate: (f64, f64),
+}
+
+impl StatusSink {
+    /// A sink feeding `board`.
+    pub fn new(board: crate::control::StatusBoard) -> Self {
+        StatusSink { board, rate: (0.0, f64::NAN) }
+    }
+}
+
+impl Sink for StatusSink {
+    fn on(&mut self, event: &Event<'_>) {
+        match *event {
+            Event::Step { report, .. } => self.board.on_step(report, self.rate.0, self.rate.1),
+            Event::Progress { report, it_per_s, eta_s, .. } => {
+                self.rate = (it_per_s, eta_s);
+                self.board.on_step(report, it_per_s, eta_s);
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,9 +1,75 @@
-//! The Prometheus endpoint: a small HTTP/1.1 server on the configured address answering
-//! `GET /metrics` with the text exposition format (and `GET /healthz` with `ok`).
+//! The daemon's HTTP control plane on `telemetry.listen`: an actix-web server on a thread of its
+//! own (its own actix `System`, two workers), independent of the caller's runtime.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text exposition: the recorder's metrics and the seconds counters |
+//! | `GET /healthz` | 200 `ok`, or 503 and the reason (a stage failed; no step for a while in training) |
+//! | `GET /status` | JSON: phase, iteration, last step, rate and ETA, queues, last evaluation, failure |
+//! | `POST /checkpoint` | 202: a checkpoint is written after the current step |
+//! | `POST /stop` | 202: the run finishes its step, writes a checkpoint and exits 0 (as SIGTERM) |
+//!
+//! Other methods on these paths get 405, other paths 404.
+//!
+//! # Who may call what
+//! The server has no authentication. Anyone who can open a TCP connection to the port can read
+//! the metrics and the status, **ask for checkpoints (disk use) and stop the run**. So it listens on
+//! loopback by default (`telemetry.listen = "127.0.0.1:9184"`): the port is for the operator on
+//! the host and a local Prometheus. Bind it to another interface only behind a firewall or a
+//! proxy that restricts who reaches `/stop` and `/checkpoint`. Every accepted control request is
+//! logged with the peer address.
+//!
+//! # Limits
+//! A slow or idle client must not block a scrape: requests are served asynchronously, a request
+//! head must arrive within [`REQUEST_TIMEOUT`], idle keep-alive connections close after
+//! [`KEEP_ALIVE`], each worker holds at most [`MAX_CONNECTIONS`], and a request body may be at most
+//! [`MAX_BODY`] bytes (the control requests take none).
 
+use crate::control::{Controls, StatusBoard};
+use actix_web::http::header::ContentType;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Time a client has to send a whole request head (then 408 and the connection is closed).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time a connection may sit idle between requests.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Time a closing connection gets to shut down.
+pub const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Concurrent connections per worker.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Worker threads.
+pub const WORKERS: usize = 2;
+/// Largest request body accepted, in bytes (larger ones get 413).
+pub const MAX_BODY: usize = 1024;
+/// Seconds a graceful stop waits for requests in flight.
+const SHUTDOWN_SECS: u64 = 2;
+/// How long [`HttpServerHandle::stop`] waits for the server thread.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The address could not be bound (in use, not local, not an address).
+    #[error("telemetry.listen: cannot bind {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// The server or its thread could not be started.
+    #[error("telemetry.listen: cannot start the HTTP server on {addr}: {source}")]
+    Start {
+        /// The bound address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
 
 /// Installs the global Prometheus recorder (once per process) and returns its handle.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -14,48 +80,188 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Binds `addr` (port 0 picks a free port) and serves in a background thread; returns the
-/// bound address.
-pub fn serve(addr: &str, handle: PrometheusHandle) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("telemetry.listen: cannot bind {addr}: {e}"))?;
-    let local = listener.local_addr()?;
-    std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if let Err(e) = answer(stream, &handle) {
-                tracing::debug!(error = %e, "metrics request failed");
-            }
-        }
-    })?;
-    Ok(local)
-}
-
-fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Skip the headers.
-    let mut line = String::new();
-    while reader.read_line(&mut line)? > 2 {
-        line.clear();
-    }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = match (request_line.split_whitespace().next(), path) {
-        (Some("GET"), "/metrics") => ("200 OK", render(handle)),
-        (Some("GET"), "/healthz") => ("200 OK", "ok\n".to_string()),
-        _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
-    };
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    stream.flush()
-}
-
 /// Everything the recorder holds plus the fractional-seconds counters.
 pub fn render(handle: &PrometheusHandle) -> String {
     let mut s = handle.render();
     s.push_str(&crate::emit::render_seconds_totals());
     s
+}
+
+/// What the handlers read and write.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The Prometheus recorder's handle; without one `/metrics` serves only the seconds counters.
+    pub prometheus: Option<PrometheusHandle>,
+    /// What `/status` and `/healthz` report.
+    pub board: StatusBoard,
+    /// Where `/stop` and `/checkpoint` put their requests.
+    pub controls: Controls,
+}
+
+/// The running server: its address and a way to stop it.
+pub struct HttpServerHandle {
+    /// The bound address (with the real port when 0 was asked).
+    addr: SocketAddr,
+    /// actix's handle, to stop the server from outside its thread.
+    server: actix_web::dev::ServerHandle,
+    /// Told when the server thread ends.
+    done: mpsc::Receiver<()>,
+    /// The server thread; `None` once joined or given up on.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpServerHandle {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to two seconds) and waits (up to five
+    /// seconds) for the server thread; returns whether it ended in time. A thread that did not is
+    /// left to end on its own.
+    pub fn stop(mut self) -> bool {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> bool {
+        let Some(thread) = self.thread.take() else { return true };
+        // The command is sent when `stop` is called; the returned future only awaits completion.
+        drop(self.server.stop(true));
+        match self.done.recv_timeout(STOP_WAIT) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = thread.join();
+                true
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(addr = %self.addr, "the HTTP server did not stop in time; leaving it");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for HttpServerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Binds `addr` (port 0 picks a free port) and serves the control plane on a new thread with its
+/// own actix system; returns once the socket is bound (connections made from then on are served).
+pub fn spawn_server(addr: &str, state: HttpState) -> Result<HttpServerHandle, HttpError> {
+    let listener = TcpListener::bind(addr).map_err(|source| HttpError::Bind { addr: addr.to_string(), source })?;
+    let local = listener.local_addr().map_err(|source| HttpError::Bind { addr: addr.to_string(), source })?;
+    let start = |source| HttpError::Start { addr: local, source };
+    let (handle_tx, handle_rx) = mpsc::sync_channel(1);
+    let (done_tx, done_rx) = mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            let system = actix_rt::System::new();
+            let served = system.block_on(async move {
+                let server = match build(listener, state) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                let _ = handle_tx.send(Ok(server.handle()));
+                server.await
+            });
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "the HTTP server ended with an error");
+            }
+            let _ = done_tx.send(());
+        })
+        .map_err(start)?;
+    match handle_rx.recv() {
+        Ok(Ok(server)) => Ok(HttpServerHandle { addr: local, server, done: done_rx, thread: Some(thread) }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(start(e))
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(start(std::io::Error::other("the server thread ended before starting")))
+        }
+    }
+}
+
+/// The configured server on `listener`, running once awaited.
+fn build(listener: TcpListener, state: HttpState) -> std::io::Result<actix_web::dev::Server> {
+    let state = web::Data::new(state);
+    let server = HttpServer::new(move || {
+        App::new().app_data(state.clone()).app_data(web::PayloadConfig::new(MAX_BODY)).configure(routes)
+    })
+    .workers(WORKERS)
+    .max_connections(MAX_CONNECTIONS)
+    .keep_alive(KEEP_ALIVE)
+    .client_request_timeout(REQUEST_TIMEOUT)
+    .client_disconnect_timeout(DISCONNECT_TIMEOUT)
+    .shutdown_timeout(SHUTDOWN_SECS)
+    // SIGTERM and SIGINT belong to the supervisor: they stop the run, not just this server.
+    .disable_signals()
+    .listen(listener)?;
+    Ok(server.run())
+}
+
+/// The routes. A resource answers 405 (with `Allow`) to a method it has no route for.
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/metrics").route(web::get().to(metrics)))
+        .service(web::resource("/healthz").route(web::get().to(healthz)))
+        .service(web::resource("/status").route(web::get().to(status)))
+        .service(web::resource("/checkpoint").route(web::post().to(checkpoint)))
+        .service(web::resource("/stop").route(web::post().to(stop)))
+        .default_service(web::to(not_found));
+}
+
+async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
+    let body = match &state.prometheus {
+        Some(h) => render(h),
+        None => crate::emit::render_seconds_totals(),
+    };
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(body)
+}
+
+async fn healthz(state: web::Data<HttpState>) -> HttpResponse {
+    match state.board.health() {
+        Ok(()) => HttpResponse::Ok().content_type(ContentType::plaintext()).body("ok\n"),
+        Err(why) => HttpResponse::ServiceUnavailable().content_type(ContentType::plaintext()).body(format!("{why}\n")),
+    }
+}
+
+async fn status(state: web::Data<HttpState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.board.snapshot())
+}
+
+/// `POST /checkpoint`: the body is read (and so limited to [`MAX_BODY`]) and ignored.
+async fn checkpoint(req: HttpRequest, _body: web::Bytes, state: web::Data<HttpState>) -> HttpResponse {
+    let again = state.controls.checkpoint_requested();
+    state.controls.request_checkpoint();
+    tracing::info!(peer = ?req.peer_addr(), "checkpoint requested over HTTP; writing one after the current step");
+    HttpResponse::Accepted().json(serde_json::json!({
+        "accepted": "checkpoint",
+        "already_requested": again,
+        "detail": "a checkpoint is written after the current step",
+    }))
+}
+
+/// `POST /stop`: the body is read (and so limited to [`MAX_BODY`]) and ignored.
+async fn stop(req: HttpRequest, _body: web::Bytes, state: web::Data<HttpState>) -> HttpResponse {
+    let again = state.controls.stop_requested();
+    state.controls.request_stop("http");
+    state.board.on_stop_requested();
+    tracing::info!(peer = ?req.peer_addr(), "stop requested over HTTP; stopping after the current step (a checkpoint follows)");
+    HttpResponse::Accepted().json(serde_json::json!({
+        "accepted": "stop",
+        "already_requested": again,
+        "detail": "the run finishes its current step, writes a checkpoint and exits",
+    }))
+}
+
+async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound()
+        .content_type(ContentType::plaintext())
+        .body("not found: try /metrics, /healthz, /status, POST /checkpoint or POST /stop\n")
 }

@@ -13,10 +13,12 @@
 //! | EMA updater | `ema` | teacher = EMA of the student's parameters; publishes each version |
 //! | evaluator | `evaluator` | sliding-window evaluation of the student every N steps and of checkpoints dropped into a watched folder |
 //! | supervisor (actix) | actix system | lifecycle: signals, stop, checkpoint requests |
+//! | HTTP control plane (actix-web) | `http` + 2 workers, its own actix system | `/metrics`, `/healthz`, `/status`; `POST /stop`, `POST /checkpoint` into [`control::Controls`] |
 //!
 //! Tensors travel only through bounded crossbeam queues ([`queue`]); actix carries control
-//! messages ([`supervisor`]). Metric names live in [`uamt::telemetry`]; [`emit`] emits them and
-//! [`http`] serves them.
+//! messages ([`supervisor`]). Requests in (stop, checkpoint) and the run's state out (the
+//! [`control::StatusBoard`], queue depths) live in [`control`]. Metric names live in
+//! [`uamt::telemetry`]; [`emit`] emits them and [`http`] serves them with the status.
 
 pub mod cmd;
 pub mod control;

@@ -2,14 +2,29 @@
 
 use uamt_actors::cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
 
 /// Semi-supervised 3D segmentation with the uncertainty-aware mean teacher (UA-MT).
 #[derive(Debug, Parser)]
 #[command(name = "uamt", version, about)]
 struct Cli {
+    /// How log lines on stderr look: `text` for people, `json` (one object per line) for log
+    /// collectors. Colours only when stderr is a terminal (and NO_COLOR is unset).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// What to do.
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,12 +44,21 @@ enum Command {
     Eval(cmd::eval::Args),
 }
 
+/// Installs the global subscriber: level from RUST_LOG (default info), lines on stderr.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let no_colour = matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty());
+    let colour = std::io::stderr().is_terminal() && !no_colour;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(colour).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match cli.command {
         Command::Train(a) => cmd::train::run(a),
         Command::Bench(a) => cmd::bench::run(a),

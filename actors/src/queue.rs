@@ -1,9 +1,12 @@
 //! Bounded, instrumented queues: crossbeam channels whose capacity comes from the config. A full
 //! queue blocks its producer (backpressure); every queue exports its depth, capacity, items
-//! pushed and popped and the seconds its producers and consumers spent blocked.
+//! pushed and popped and the seconds its producers and consumers spent blocked, and reports its
+//! depth to the process-wide registry that `GET /status` reads ([`crate::control::queue_depths`]).
 
+use crate::control::{self, QueueGauge};
 use crate::emit;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The other end is gone (the pipeline is shutting down).
@@ -16,6 +19,8 @@ pub struct Tx<T> {
     name: &'static str,
     /// The channel.
     tx: Sender<T>,
+    /// Depth in the status registry, shared with the other end.
+    gauge: Arc<QueueGauge>,
 }
 
 /// Consumer half.
@@ -24,16 +29,26 @@ pub struct Rx<T> {
     name: &'static str,
     /// The channel.
     rx: Receiver<T>,
+    /// Depth in the status registry, shared with the other end.
+    gauge: Arc<QueueGauge>,
 }
 
 /// A bounded queue named `name` holding at most `capacity` items.
 pub fn bounded<T>(name: &'static str, capacity: usize) -> (Tx<T>, Rx<T>) {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
     emit::queue_capacity(name, capacity);
-    (Tx { name, tx }, Rx { name, rx })
+    let gauge = control::register_queue(name, capacity);
+    (Tx { name, tx, gauge: gauge.clone() }, Rx { name, rx, gauge })
 }
 
 impl<T> Tx<T> {
+    /// Counts one push that waited `blocked` seconds and records the depth.
+    fn pushed(&self, blocked: f64) {
+        let depth = self.tx.len();
+        self.gauge.set_depth(depth);
+        emit::queue_push(self.name, depth, blocked);
+    }
+
     /// Pushes `v`, blocking while the queue is full; returns the seconds spent blocked.
     pub fn send(&self, v: T) -> Result<f64, Closed> {
         let blocked = match self.tx.try_send(v) {
@@ -45,7 +60,7 @@ impl<T> Tx<T> {
                 t0.elapsed().as_secs_f64()
             }
         };
-        emit::queue_push(self.name, self.tx.len(), blocked);
+        self.pushed(blocked);
         Ok(blocked)
     }
 }
@@ -56,7 +71,7 @@ impl<T> Tx<T> {
     pub fn try_send(&self, v: T) -> Result<bool, Closed> {
         match self.tx.try_send(v) {
             Ok(()) => {
-                emit::queue_push(self.name, self.tx.len(), 0.0);
+                self.pushed(0.0);
                 Ok(true)
             }
             Err(TrySendError::Full(_)) => Ok(false),
@@ -66,6 +81,13 @@ impl<T> Tx<T> {
 }
 
 impl<T> Rx<T> {
+    /// Counts one pop that waited `blocked` seconds and records the depth.
+    fn popped(&self, blocked: f64) {
+        let depth = self.rx.len();
+        self.gauge.set_depth(depth);
+        emit::queue_pop(self.name, depth, blocked);
+    }
+
     /// Pops the next item, blocking while the queue is empty; also returns the seconds blocked.
     pub fn recv(&self) -> Result<(T, f64), Closed> {
         let (v, blocked) = match self.rx.try_recv() {
@@ -77,7 +99,7 @@ impl<T> Rx<T> {
                 (v, t0.elapsed().as_secs_f64())
             }
         };
-        emit::queue_pop(self.name, self.rx.len(), blocked);
+        self.popped(blocked);
         Ok((v, blocked))
     }
 
@@ -88,7 +110,7 @@ impl<T> Rx<T> {
         match self.rx.recv_timeout(timeout) {
             Ok(v) => {
                 let blocked = t0.elapsed().as_secs_f64();
-                emit::queue_pop(self.name, self.rx.len(), blocked);
+                self.popped(blocked);
                 Ok(Some((v, blocked)))
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {

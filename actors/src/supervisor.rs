@@ -9,7 +9,7 @@
 //! watched folder, the daemon keeps evaluating until a signal or `POST /stop`. Shutdown waits for
 //! a running evaluation at most [`EVAL_GRACE`] (after a signal or a failure).
 
-use crate::control::Controls;
+use crate::control::{Controls, StatusBoard};
 use crate::evaluator::{EvalHandle, Evaluator, Finish};
 use actix::prelude::*;
 use std::time::Duration;
@@ -25,6 +25,8 @@ pub const EVAL_DRAIN: Duration = Duration::from_secs(3600);
 pub struct Supervisor {
     /// The switches the training loop reads.
     controls: Controls,
+    /// What `/status` and `/healthz` show.
+    board: StatusBoard,
     /// The evaluation service, once started.
     eval: Option<EvalHandle>,
     /// Keep evaluating a watched folder after training ends.
@@ -41,8 +43,22 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// A supervisor flipping `controls`; `failure` receives the reason when the run fails.
-    pub fn new(controls: Controls, watching: bool, failure: std::sync::Arc<std::sync::Mutex<Option<String>>>) -> Self {
-        Supervisor { controls, eval: None, watching, training_over: false, signals: 0, finishing: false, failure }
+    pub fn new(
+        controls: Controls,
+        board: StatusBoard,
+        watching: bool,
+        failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    ) -> Self {
+        Supervisor {
+            controls,
+            board,
+            eval: None,
+            watching,
+            training_over: false,
+            signals: 0,
+            finishing: false,
+            failure,
+        }
     }
 
     /// Stops the evaluation service (waiting at most `grace` for the evaluation in progress)
@@ -114,6 +130,7 @@ impl Handler<Signal> for Supervisor {
         self.signals += 1;
         if self.signals == 1 {
             self.controls.request_stop(name);
+            self.board.on_stop_requested();
             if self.training_over {
                 self.finish(0, EVAL_GRACE, ctx);
             }
@@ -137,6 +154,8 @@ impl Handler<Signal> for Supervisor {
 pub struct StartEval {
     /// The evaluator it runs.
     pub evaluator: Evaluator,
+    /// Where its results are shown.
+    pub board: Option<StatusBoard>,
     /// Where its handle goes.
     pub reply: crossbeam_channel::Sender<anyhow::Result<EvalHandle>>,
 }
@@ -144,7 +163,7 @@ pub struct StartEval {
 impl Handler<StartEval> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: StartEval, _: &mut Self::Context) {
-        let h = EvalHandle::start(msg.evaluator);
+        let h = EvalHandle::start(msg.evaluator, msg.board);
         if let Ok(h) = &h {
             self.eval = Some(h.clone());
         }
@@ -164,6 +183,8 @@ impl Handler<TrainingEnded> for Supervisor {
         match msg.0 {
             Err(why) => {
                 tracing::error!(error = %why, "training failed; ending the run");
+                let stage = why.split('`').nth(1).unwrap_or("training").to_string();
+                self.board.stage_failed(&stage, &why);
                 *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
                 self.finish(1, EVAL_GRACE, ctx);
             }

@@ -49,6 +49,7 @@ iterations = {iterations}
 [device]
 device = "cpu"
 threads = 1
+schedule = "pipelined"
 [checkpoint]
 dir = "{ckpt}"
 every = {every}

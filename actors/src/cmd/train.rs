@@ -1,14 +1,16 @@
 //! `uamt train`: the daemon. Without `--config` it runs the built-in demo (synthetic data made on
 //! first use, 4 filters, 32x32x16 patches, CPU, a few minutes on 2 cores).
 
-use crate::control::Controls;
+use crate::control::{Controls, Phase, StatusBoard};
 use crate::evaluator::Evaluator;
+use crate::http::{HttpServerHandle, HttpState};
 use crate::pipeline::{self, Run};
 use crate::supervisor::{StartEval, Supervisor, TrainingEnded};
 use actix::Actor;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use uamt::checkpoint::{self, Snapshot};
 use uamt::config::Config;
 use uamt::data::{Dataset, DatasetOptions, LoaderConfig, PatchLoader, SamplerConfig, SynthConfig};
@@ -137,21 +139,35 @@ pub fn trainer(cfg: &Config, resume: bool) -> Result<Trainer> {
     Ok(tr)
 }
 
-/// Starts the metrics endpoint if configured; writes its address to `addr_file`.
-pub fn telemetry(cfg: &Config, addr_file: Option<&Path>) -> Result<()> {
+/// Training without a recorded step for this long makes `/healthz` answer 503.
+const STALL_AFTER: Duration = Duration::from_secs(600);
+
+/// Starts the HTTP control plane if configured; writes its address to `addr_file`. The server
+/// stops when the returned handle is dropped.
+pub fn telemetry(
+    cfg: &Config,
+    addr_file: Option<&Path>,
+    board: &StatusBoard,
+    controls: &Controls,
+) -> Result<Option<HttpServerHandle>> {
     if cfg.telemetry.listen.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let handle = crate::http::install_recorder()?;
-    let addr = crate::http::serve(&cfg.telemetry.listen, handle)?;
-    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    let state = HttpState {
+        prometheus: Some(crate::http::install_recorder()?),
+        board: board.clone(),
+        controls: controls.clone(),
+    };
+    let server = crate::http::spawn_server(&cfg.telemetry.listen, state)?;
+    let addr = server.addr();
+    tracing::info!(%addr, "metrics at http://{addr}/metrics, status at http://{addr}/status");
     if let Some(f) = addr_file {
         let tmp = f.with_extension("tmp");
         std::fs::write(&tmp, addr.to_string())
             .and_then(|_| std::fs::rename(&tmp, f))
             .with_context(|| format!("writing {}", f.display()))?;
     }
-    Ok(())
+    Ok(Some(server))
 }
 
 /// Runs the daemon: the supervisor and its signal handlers first, then (on a thread of its own)
@@ -163,17 +179,20 @@ pub fn run(args: Args) -> Result<()> {
         tracing::info!("no --config: running the built-in demo (synthetic data, CPU)");
     }
     let device = cfg.device.resolve()?;
-    let controls = Controls::default();
+    let controls = Controls::new();
+    let board = StatusBoard::new(cfg.optim.iterations, STALL_AFTER);
     let failure = Arc::new(std::sync::Mutex::new(None));
     let watching = !cfg.eval.watch_dir.as_os_str().is_empty();
     let system = actix::System::new();
-    let supervisor = system.block_on(async { Supervisor::new(controls.clone(), watching, failure.clone()).start() });
-    telemetry(&cfg, args.addr_file.as_deref())?;
+    let supervisor =
+        system.block_on(async { Supervisor::new(controls.clone(), board.clone(), watching, failure.clone()).start() });
+    let _http = telemetry(&cfg, args.addr_file.as_deref(), &board, &controls)?;
     let addr = supervisor.clone();
     std::thread::Builder::new().name("training".into()).spawn(move || {
-        let ended = crate::pipeline::spawn::run_caught("training", || train(cfg, device, &args, controls, &addr))
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"));
+        let ended =
+            crate::pipeline::spawn::run_caught("training", || train(cfg, device, &args, controls, board, &addr))
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"));
         addr.do_send(TrainingEnded(ended));
     })?;
     let code = system.run_with_code()?;
@@ -191,6 +210,7 @@ fn train(
     device: tch::Device,
     args: &Args,
     controls: Controls,
+    board: StatusBoard,
     supervisor: &actix::Addr<Supervisor>,
 ) -> Result<pipeline::Outcome> {
     let dataset = open_dataset(&cfg)?;
@@ -206,16 +226,21 @@ fn train(
     run.controls = controls;
     run.max_steps = args.stop_after;
     run.sinks = crate::events::standard();
+    run.sinks.push(Box::new(crate::events::StatusSink::new(board.clone())));
     run.fault = crate::pipeline::fault::Fault::from_env();
     if cfg.eval.every > 0 || !cfg.eval.watch_dir.as_os_str().is_empty() {
         let evaluator = Evaluator::new(&cfg, run.loader.dataset().clone(), device)?;
         let (reply, handle) = crossbeam_channel::bounded(1);
-        supervisor.do_send(StartEval { evaluator, reply });
+        supervisor.do_send(StartEval { evaluator, board: Some(board.clone()), reply });
         let eval = handle.recv().map_err(|_| anyhow::anyhow!("the supervisor is gone"))??;
         run.eval = Some(Box::new(move |req| eval.offer(req)));
     }
     tracing::info!(method = ?cfg.method.kind, ?device, mode = ?run.mode, from = run.trainer.iter, to = cfg.optim.iterations, teacher_lag = cfg.method.teacher_lag, "training");
+    board.set_iteration(run.trainer.iter);
+    board.set_end(run.max_steps.map_or(cfg.optim.iterations, |n| (run.trainer.iter + n).min(cfg.optim.iterations)));
+    board.set_phase(Phase::Training);
     let outcome = pipeline::run(run)?;
+    board.set_phase(Phase::Finished);
     let last = outcome.reports.last();
     tracing::info!(
         steps = outcome.reports.len(),

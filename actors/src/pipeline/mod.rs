@@ -62,15 +62,18 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The mode for `cfg` on `device`: the pipeline where its overlap pays (a GPU, where the
+    /// The mode for `cfg` on `device`: `device.schedule`, and for `auto` the pipeline where its
+    /// overlap pays (a GPU, where the
     /// teacher's kernels fill the gaps of the student's, or a teacher lag, which only the
     /// pipeline's overlap makes worth having), else the sequential loop. On a CPU with
     /// `teacher_lag = 0` the stages take turns anyway, and the hand-offs only cost.
     pub fn auto(cfg: &Config, device: Device) -> Mode {
-        if device.is_cuda() || cfg.method.teacher_lag > 0 {
-            Mode::Pipelined
-        } else {
-            Mode::Sequential
+        use uamt::config::Schedule;
+        match cfg.device.schedule {
+            Schedule::Sequential => Mode::Sequential,
+            Schedule::Pipelined => Mode::Pipelined,
+            Schedule::Auto if device.is_cuda() || cfg.method.teacher_lag > 0 => Mode::Pipelined,
+            Schedule::Auto => Mode::Sequential,
         }
     }
 }
