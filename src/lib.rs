@@ -23,6 +23,7 @@ pub mod error;
 pub mod eval;
 pub mod gpu;
 pub mod model;
+pub mod rng;
 pub mod telemetry;
 pub mod train;
 pub mod uamt;

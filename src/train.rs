@@ -9,7 +9,8 @@
 
 use crate::config::Precision;
 use crate::model::{Dropout, DropoutMasks, Init, VNet, VNetConfig};
-use crate::uamt::{self, losses, rng, Sgd};
+use crate::rng;
+use crate::uamt::{self, losses, Sgd};
 use crate::{Error, Result};
 use tch::{Device, Kind, Tensor};
 

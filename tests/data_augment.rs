@@ -6,8 +6,8 @@ mod data_support;
 use data_support::*;
 use std::path::{Path, PathBuf};
 use uamt::data::augment::{augment_reference, crop_padding, extract, flip, rot90, rotated_dims, Augment};
-use uamt::data::rng::Rng;
 use uamt::data::{write_nifti, Geometry, GzCache, NiftiVolume, Volume};
+use uamt::rng::Rng;
 
 fn distinct_volume(dims: [usize; 3]) -> Volume<f32> {
     let n = dims.iter().product::<usize>();

@@ -12,8 +12,8 @@
 
 use super::error::{DataError, Result};
 use super::nifti::{FromVoxel, NiftiVolume};
-use super::rng::Rng;
 use super::volume::Volume;
+use crate::rng::Rng;
 
 /// Anything a patch can be read from: a mapped NIfTI file or an in-memory volume.
 pub trait VoxelSource {

@@ -14,7 +14,7 @@
 //! - [`import`]: UA-MT HDF5 and 2018 challenge NRRD importers; [`synth`]: synthetic cases.
 //! - [`augment`]: rot90 + flip + padded random crop, cut straight from the mapped file.
 //! - [`sampler`]: labelled-first batches, seeded per iteration, as tensors for the trainer.
-//! - [`stats`]: what `uamt info` prints. [`rng`]: the seeded generator. [`error`]: [`DataError`].
+//! - [`stats`]: what `uamt info` prints. [`error`]: [`DataError`].
 
 pub mod augment;
 pub mod dataset;
@@ -23,7 +23,6 @@ pub mod h5;
 pub mod import;
 pub mod nifti;
 pub mod nrrd;
-pub mod rng;
 pub mod sampler;
 pub mod stats;
 pub mod synth;
@@ -36,7 +35,6 @@ pub use import::{
     import_h5, import_h5_with, import_nrrd, import_nrrd_with, H5Import, ImportReport, Margin, NrrdImport, Progress,
 };
 pub use nifti::{write_nifti, DType, GzCache, NiftiVolume};
-pub use rng::Rng;
 pub use sampler::{BatchIndices, BatchSampler, HostBatch, LoaderConfig, PatchLoader, SamplerConfig};
 pub use synth::{synth_case, write_synth, write_synth_with, SynthConfig};
 pub use volume::{Geometry, Volume};

@@ -15,7 +15,7 @@
 
 use crate::data::Volume;
 use crate::model::{Dropout, DropoutMasks, VNet};
-use crate::uamt::rng;
+use crate::rng;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
