@@ -6,8 +6,10 @@
 //! # Layout
 //! - [`model`]: the V-Net as UA-MT uses it, with parameter names equal to the reference
 //!   PyTorch module's `state_dict` keys, and the named parameter store it lives in.
-//! - [`uamt`]: the method's math: losses, uncertainty, ramps, EMA, SGD, learning-rate schedule
-//!   and the counter-based random numbers that make every pass reproducible by construction.
+//! - [`rng`]: the ground floor's seeded random numbers: one SplitMix64, stream keys, the
+//!   counter-based tensor generator that makes every pass reproducible by construction and the
+//!   host generator for sampling, augmentation and synthetic data.
+//! - [`method`]: the method's math: losses, uncertainty, ramps, EMA, SGD, learning-rate schedule.
 //! - [`train`]: one full sequential UA-MT iteration ([`train::Trainer::step`]), the ground truth
 //!   that the actor pipeline must reproduce.
 //! - [`config`]: the daemon's TOML configuration; [`checkpoint`]: atomic checkpoints and resume;
@@ -22,10 +24,10 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod gpu;
+pub mod method;
 pub mod model;
 pub mod rng;
 pub mod telemetry;
 pub mod train;
-pub mod uamt;
 
 pub use error::{Error, Result};

@@ -5,9 +5,9 @@ mod common;
 
 use common::{assert_close, assert_scalar, oracle_output, Fixture};
 use tch::{Device, Kind, Tensor};
+use uamt::method as m;
 use uamt::model::{Dropout, DropoutMasks, ParamStore, VNet, VNetConfig};
 use uamt::train::{Method, PassRandom, StepConfig, StepRandom, Trainer};
-use uamt::uamt as m;
 
 const TOL: f64 = 1e-5;
 

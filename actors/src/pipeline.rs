@@ -254,7 +254,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
                 stage.idle(b);
                 msg.ready.wait(device, &msg.params)?;
                 let version = stage.busy(|| -> Result<Vec<Tensor>> {
-                    uamt::uamt::ema_update_tensors(&ema, &msg.params, msg.step, decay)?;
+                    uamt::method::ema_update_tensors(&ema, &msg.params, msg.step, decay)?;
                     Ok(device_copies(ema.iter()))
                 })?;
                 if let Some(reply) = msg.reply {
