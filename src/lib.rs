@@ -14,6 +14,7 @@
 //!   that the actor pipeline must reproduce.
 //! - [`config`]: the daemon's TOML configuration; [`checkpoint`]: atomic checkpoints and resume;
 //!   [`telemetry`]: the names of every exported metric.
+//! - [`fsutil`]: atomic file writing (temporary name, sync, rename, folder sync) for every writer.
 //! - [`data`]: volumes, datasets, importers, synthetic data, augmentation and batches.
 //! - [`error`]: the library's typed errors.
 //! - [`gpu`]: bf16 autocast, TF32 and CUDA streams through a small C++ shim over libtorch.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod fsutil;
 pub mod gpu;
 pub mod method;
 pub mod model;

@@ -1,6 +1,6 @@
 //! NIfTI-1 volumes: `.nii` files memory-mapped and read in place, `.nii.gz` decompressed once
 //! into a cache of `.nii` files (or into memory) and then read the same way; writing float32 and
-//! integer volumes with a given affine, atomically (temporary file, then rename).
+//! integer volumes with a given affine, atomically ([`crate::fsutil`]).
 //!
 //! The header is parsed by the `nifti` crate; the voxels are decoded here, straight from the
 //! mapped bytes, with `scl_slope`/`scl_inter` applied the way nibabel applies them (in f64).
@@ -11,7 +11,6 @@ use memmap2::Mmap;
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Size of a NIfTI-1 header.
 const HEADER_LEN: usize = 348;
@@ -425,12 +424,6 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// A process-unique suffix for temporary files.
-pub(crate) fn temp_suffix() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    format!("tmp-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
 /// Whether `path` names a gzip-compressed NIfTI file.
 pub fn is_gz(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"))
@@ -477,17 +470,12 @@ fn cached_copy(gz: &Path, dir: &Path) -> Result<PathBuf> {
         return Ok(target);
     }
     fs::create_dir_all(dir).at(dir)?;
-    let tmp = dir.join(format!(".{name}.{}", temp_suffix()));
-    let written = (|| {
-        let mut w = BufWriter::new(File::create(&tmp).at(&tmp)?);
+    crate::fsutil::replace_atomic(&target, |tmp| {
+        let mut w = BufWriter::new(File::create(tmp).at(tmp)?);
         gunzip(gz, &mut w)?;
-        w.flush().at(&tmp)?;
-        fs::rename(&tmp, &target).at(&target)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written.map(|()| target)
+        w.flush().at(tmp)
+    })?;
+    Ok(target)
 }
 
 impl NiftiVolume {
@@ -663,24 +651,6 @@ fn header_bytes(dims: [usize; 3], dtype: DType, geometry: &Geometry) -> Result<V
     Ok(b)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file next to it, then a rename.
-pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}", temp_suffix()));
-    let result = (|| {
-        let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        write(&mut w)?;
-        w.flush()?;
-        drop(w);
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.at(path)
-}
-
 /// Writes `vol` to `path` as NIfTI-1 (gzip-compressed if the name ends in `.gz`) with the
 /// affine of `geometry` (as sform, and as qform when it is a rotation times a scaling),
 /// `pixdim` set to the affine's column lengths, no intensity scaling. Atomic.
@@ -691,7 +661,7 @@ pub fn write_nifti<T: NiftiElement>(path: impl AsRef<Path>, vol: &Volume<T>, geo
     for &v in &vol.data {
         v.put(&mut bytes);
     }
-    write_atomic(path, |w| {
+    crate::fsutil::write_atomic(path, |w| {
         if is_gz(path) {
             let mut enc = flate2::write::GzEncoder::new(w, flate2::Compression::default());
             enc.write_all(&bytes)?;
@@ -700,7 +670,8 @@ pub fn write_nifti<T: NiftiElement>(path: impl AsRef<Path>, vol: &Volume<T>, geo
         } else {
             w.write_all(&bytes)
         }
-    })
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]
