@@ -8,7 +8,9 @@
 //! (z fastest), the layout of tch tensors `[b, 1, X, Y, Z]`; [`Volume::to_tensor`] permutes.
 //!
 //! # Layout
-//! - [`nifti`]: NIfTI-1 reading (memory-mapped; `.nii.gz` through a cache) and atomic writing.
+//! - [`nifti`]: NIfTI-1 reading (memory-mapped; `.nii.gz` through a cache) and atomic writing, one
+//!   file per concern (header, decoding, the `.gz` cache, writing).
+//! - [`volume`]: [`Volume`] and its [`Geometry`] (affines, qform quaternions, orientation codes).
 //! - [`nrrd`], [`h5`]: the readers the importers need.
 //! - [`dataset`]: the dataset folder (`dataset.json`, `imagesTr/`, `labelsTr/`, ...).
 //! - [`import`]: UA-MT HDF5 and 2018 challenge NRRD importers; [`synth`]: synthetic cases.
