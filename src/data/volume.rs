@@ -315,6 +315,22 @@ mod tests {
     }
 
     #[test]
+    fn should_round_trip_rotations_through_quaternions() {
+        let (s, c) = (0.6f64, 0.8f64);
+        let r = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, -1.0]];
+        let ([b, cq, d], qfac) = mat_to_quat(r).unwrap();
+        let a = (1.0 - (b * b + cq * cq + d * d)).max(0.0).sqrt();
+        let m = quat_to_mat(a, b, cq, d);
+        for i in 0..3 {
+            for j in 0..3 {
+                let want = if j == 2 { r[i][j] * qfac } else { r[i][j] };
+                assert!((m[i][j] - want).abs() < 1e-9, "{m:?} vs {r:?}");
+            }
+        }
+        assert!(mat_to_quat([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).is_none());
+    }
+
+    #[test]
     fn should_rebuild_an_affine_from_its_qform() {
         let (s, c) = (0.6f64, 0.8f64);
         let mut g = Geometry::from_spacing([0.5, 1.0, 2.0]);

@@ -73,4 +73,13 @@ pub(crate) fn decode_line<T: FromVoxel>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn should_decode_strided_big_endian_scaled() {
+        let raw: Vec<u8> = [1i16, -2, 3, -4].iter().flat_map(|v| v.to_be_bytes()).collect();
+        let mut out = [0f32; 2];
+        decode_line(&raw, DType::Int16, true, Scale { slope: 2.0, inter: 1.0 }, 3, -2, &mut out).unwrap();
+        assert_eq!(out, [-7.0, -3.0]);
+        assert!(decode_line(&raw, DType::Int16, true, Scale::IDENTITY, 3, 1, &mut out).is_none());
+    }
 }
