@@ -16,6 +16,7 @@
 //!   [`telemetry`]: the names of every exported metric.
 //! - [`fsutil`]: atomic file writing (temporary name, sync, rename, folder sync) for every writer.
 //! - [`data`]: volumes, datasets, importers, synthetic data, augmentation and batches.
+//! - [`eval`]: sliding-window inference, Monte-Carlo uncertainty maps, metrics and reports.
 //! - [`error`]: the library's typed errors.
 //! - [`gpu`]: bf16 autocast, TF32 and CUDA streams through a small C++ shim over libtorch.
 
