@@ -5,7 +5,6 @@
 mod support;
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use support::TempDir;
 use tch::{Device, Tensor};

@@ -35,10 +35,9 @@ pub fn supervised_loss(logits: &Tensor, labels: &Tensor) -> Supervised {
     let ce = cross_entropy(logits, labels);
     let soft = logits.softmax(1, Kind::Float);
     let n_classes = logits.size()[1];
-    let mut dice = dice_loss(&soft.select(1, 1), &labels.eq(1));
-    for c in 2..n_classes {
-        dice = dice + dice_loss(&soft.select(1, c), &labels.eq(c));
-    }
+    // Foreground classes summed left to right, out of place (autograd keeps every term).
+    let dice = (2..n_classes)
+        .fold(dice_loss(&soft.select(1, 1), &labels.eq(1)), |d, c| d + dice_loss(&soft.select(1, c), &labels.eq(c)));
     let dice = if n_classes > 2 { dice / (n_classes - 1) as f64 } else { dice };
     let loss = (&ce + &dice) * 0.5;
     Supervised { ce, dice, loss }
