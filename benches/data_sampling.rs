@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use uamt::data::augment::{extract, Augment};
 use uamt::data::h5::{write_h5_case, H5Case};
 use uamt::data::import::{find_h5, import_h5, H5Import};
-use uamt::data::rng::Rng;
 use uamt::data::{synth_case, Dataset, DatasetOptions, Volume};
+use uamt::rng::Rng;
 
 const PATCH: [usize; 3] = [112, 112, 80];
 const CASES: usize = 4;

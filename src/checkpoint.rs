@@ -1,7 +1,8 @@
 //! Checkpoints: one `.safetensors` file per checkpoint holding the student and teacher (weights
 //! and BatchNorm buffers, named like the reference PyTorch `state_dict`), the momentum buffers,
-//! the iteration, the seed and the config. Written to a temporary name, flushed and renamed into
-//! place, so a reader never sees a partial file and a failed write leaves the older ones intact.
+//! the iteration, the seed and the config. Written to a temporary name, synced and renamed into
+//! place ([`crate::fsutil`]), so a reader never sees a partial file and a failed write leaves the
+//! older ones intact.
 //!
 //! Randomness needs no saved generator state: every draw (sampling, augmentation, noise,
 //! dropout) is a function of (seed, iteration), so (seed, iteration) is the RNG state.
@@ -93,7 +94,6 @@ impl Snapshot {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(Self::file_name(self.iteration));
-        let tmp = dir.join(format!(".{}.tmp-{}", Self::file_name(self.iteration), std::process::id()));
         let mut named: Vec<(String, Tensor)> = Vec::new();
         let scalar = |v: i64| Tensor::from_slice(&[v]);
         named.push(("meta.format_version".into(), scalar(FORMAT_VERSION)));
@@ -108,17 +108,10 @@ impl Snapshot {
             named.extend(prefixed("teacher", t));
         }
         named.extend(prefixed("optimizer.momentum", &self.momentum));
-        let written = Tensor::write_safetensors(&named, &tmp)
-            .map_err(|e| Error::File { path: tmp.clone(), why: e.to_string() })
-            .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp)))
-            .and_then(|_| std::fs::rename(&tmp, &path).map_err(io(&path)));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        crate::fsutil::replace_atomic(&path, |tmp| {
+            Tensor::write_safetensors(&named, tmp)
+                .map_err(|e| Error::File { path: tmp.to_path_buf(), why: e.to_string() })
+        })?;
         Ok(path)
     }
 

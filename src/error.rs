@@ -22,6 +22,12 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
 }
 
+impl From<crate::fsutil::IoError> for Error {
+    fn from(e: crate::fsutil::IoError) -> Self {
+        Error::Io { path: e.path, source: e.source }
+    }
+}
+
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

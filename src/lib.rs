@@ -6,13 +6,17 @@
 //! # Layout
 //! - [`model`]: the V-Net as UA-MT uses it, with parameter names equal to the reference
 //!   PyTorch module's `state_dict` keys, and the named parameter store it lives in.
-//! - [`uamt`]: the method's math: losses, uncertainty, ramps, EMA, SGD, learning-rate schedule
-//!   and the counter-based random numbers that make every pass reproducible by construction.
+//! - [`rng`]: the ground floor's seeded random numbers: one SplitMix64, stream keys, the
+//!   counter-based tensor generator that makes every pass reproducible by construction and the
+//!   host generator for sampling, augmentation and synthetic data.
+//! - [`method`]: the method's math: losses, uncertainty, ramps, EMA, SGD, learning-rate schedule.
 //! - [`train`]: one full sequential UA-MT iteration ([`train::Trainer::step`]), the ground truth
 //!   that the actor pipeline must reproduce.
 //! - [`config`]: the daemon's TOML configuration; [`checkpoint`]: atomic checkpoints and resume;
 //!   [`telemetry`]: the names of every exported metric.
+//! - [`fsutil`]: atomic file writing (temporary name, sync, rename, folder sync) for every writer.
 //! - [`data`]: volumes, datasets, importers, synthetic data, augmentation and batches.
+//! - [`eval`]: sliding-window inference, Monte-Carlo uncertainty maps, metrics and reports.
 //! - [`error`]: the library's typed errors.
 //! - [`gpu`]: bf16 autocast, TF32 and CUDA streams through a small C++ shim over libtorch.
 
@@ -21,10 +25,12 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod fsutil;
 pub mod gpu;
+pub mod method;
 pub mod model;
+pub mod rng;
 pub mod telemetry;
 pub mod train;
-pub mod uamt;
 
 pub use error::{Error, Result};

@@ -8,8 +8,9 @@
 //! [`StepRandom`], drawn from a seed and the iteration, so any thread can draw any part of it.
 
 use crate::config::Precision;
+use crate::method::{self, losses, Sgd};
 use crate::model::{Dropout, DropoutMasks, Init, VNet, VNetConfig};
-use crate::uamt::{self, losses, rng, Sgd};
+use crate::rng;
 use crate::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -298,7 +299,7 @@ pub fn guidance(out: TeacherOutput, cfg: &StepConfig, n_classes: i64) -> Guidanc
     tch::no_grad(|| match out.mc {
         Some(mc) => {
             let u = losses::uncertainty(&mc, cfg.mc_passes);
-            let threshold = uamt::threshold(out.iter, cfg.max_iter, n_classes);
+            let threshold = method::threshold(out.iter, cfg.max_iter, n_classes);
             let mask = u.lt(threshold).to_kind(Kind::Float);
             Guidance { target: out.target, mask, uncertainty: Some(u), threshold }
         }
@@ -505,7 +506,7 @@ impl Trainer {
         };
         let stats = self.student_finish(&logits, labels, guidance.as_ref())?;
         if let Some(teacher) = &self.teacher {
-            uamt::ema_update(teacher.store(), self.student.store(), stats.iter, self.cfg.ema_decay)?;
+            method::ema_update(teacher.store(), self.student.store(), stats.iter, self.cfg.ema_decay)?;
         }
         Ok(stats)
     }
@@ -537,7 +538,8 @@ impl Trainer {
         let cfg = &self.cfg;
         let (iter, l) = (self.iter, cfg.labelled_bs);
         let sup = losses::supervised_loss(&logits.narrow(0, 0, l), labels);
-        let weight = uamt::consistency_weight(iter, cfg.consistency, cfg.consistency_interval, cfg.consistency_rampup);
+        let weight =
+            method::consistency_weight(iter, cfg.consistency, cfg.consistency_interval, cfg.consistency_rampup);
         let (loss, consistency, mask_fraction, threshold) = match guidance {
             Some(g) => {
                 let b = logits.size()[0];
@@ -550,7 +552,7 @@ impl Trainer {
                 (sup.loss.shallow_clone(), zero.shallow_clone(), zero, f64::INFINITY)
             }
         };
-        let lr = uamt::learning_rate(iter, cfg.base_lr, cfg.lr_step, cfg.lr_gamma);
+        let lr = method::learning_rate(iter, cfg.base_lr, cfg.lr_step, cfg.lr_gamma);
         Sgd::zero_grad(self.student.store());
         loss.f_backward()?;
         self.opt.step(self.student.store(), lr)?;

@@ -3,18 +3,10 @@
 //! finite, plausible losses; and the packing that carries LA cases to a GPU machine
 //! (benches/reference/la_pack.py) gives back the very arrays, gzip level and chunks.
 
-mod common;
+mod support;
 
-use common::{python, repo};
-use std::path::PathBuf;
 use std::process::Command;
-
-fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-reference-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use support::{la_dir, python, repo, TempDir};
 
 fn run_py(args: &[&str]) -> String {
     let out = Command::new(python()).args(args).env("PYTHONWARNINGS", "ignore").output().expect("run python");
@@ -28,7 +20,7 @@ fn field(line: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn should_run_the_reference_loop_two_iterations_with_finite_plausible_losses() {
-    let dir = tmp("run");
+    let dir = TempDir::new("bench-reference-run");
     let data = dir.join("h5");
     let pack = repo().join("benches/reference/la_pack.py");
     let reference = repo().join("benches/reference/uamt_reference.py");
@@ -83,9 +75,9 @@ fn should_run_the_reference_loop_two_iterations_with_finite_plausible_losses() {
 
 #[test]
 fn should_pack_and_unpack_an_la_case_exactly() {
-    let la = repo().join("../shared/data/la2018");
+    let la = la_dir();
     assert!(la.join("train.list").exists(), "the LA data in ../shared/data/la2018");
-    let dir = tmp("pack");
+    let dir = TempDir::new("bench-reference-pack");
     let pack = repo().join("benches/reference/la_pack.py");
     let (packed, unpacked) = (dir.join("packed"), dir.join("unpacked"));
     run_py(&[

@@ -1,13 +1,12 @@
 //! Every config under config/ parses and validates; unknown keys and impossible values are
 //! refused with the key named; the demo file equals the built-in demo.
 
+mod support;
+
 use std::path::Path;
+use support::repo;
 use uamt::config::Config;
 use uamt::train::Method;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 #[test]
 fn every_file_in_config_parses_and_validates() {

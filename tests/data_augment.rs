@@ -1,13 +1,14 @@
 //! Augmentation: the fused patch cutter against numpy's rot90/flip/pad/crop (the Python oracle)
 //! and against the step-by-step reference, the padding rule, value preservation and seeding.
 
-mod data_support;
+mod support;
 
-use data_support::*;
 use std::path::{Path, PathBuf};
-use uamt::data::augment::{augment_reference, crop_padding, extract, flip, rot90, rotated_dims, Augment};
-use uamt::data::rng::Rng;
+use support::augment_ref::{augment_reference, flip, rot90};
+use support::*;
+use uamt::data::augment::{crop_padding, extract, rotated_dims, Augment};
 use uamt::data::{write_nifti, Geometry, GzCache, NiftiVolume, Volume};
+use uamt::rng::Rng;
 
 fn distinct_volume(dims: [usize; 3]) -> Volume<f32> {
     let n = dims.iter().product::<usize>();

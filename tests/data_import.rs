@@ -2,11 +2,11 @@
 //! preprocessing, and bad input (truncated, corrupt, mismatched, NaN, missing cases) that must
 //! fail with the file named and leave no output behind.
 
-mod data_support;
+mod support;
 
-use data_support::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use support::*;
 use uamt::data::h5::{read_h5_case, write_h5_case, H5Case};
 use uamt::data::import::{import_h5, import_nrrd, H5Import, Margin, NrrdImport};
 use uamt::data::nrrd::read_nrrd;

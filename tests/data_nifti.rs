@@ -1,9 +1,9 @@
 //! NIfTI interop against nibabel (the Python oracle), the gzip cache, atomic writes and the
 //! errors for corrupt files.
 
-mod data_support;
+mod support;
 
-use data_support::*;
+use support::*;
 use uamt::data::nifti::{write_nifti, GzCache, NiftiVolume};
 use uamt::data::{DataError, Geometry, Volume};
 

@@ -1,13 +1,13 @@
 //! Batch sampling: labelled cases permuted per epoch, unlabelled ones from endless reshuffles,
 //! seeded per iteration; batches cut from a mapped dataset as the trainer's tensors.
 
-mod data_support;
+mod support;
 
-use data_support::*;
 use std::collections::HashSet;
 use std::sync::Arc;
+use support::augment_ref::augment_reference;
+use support::*;
 use tch::Kind;
-use uamt::data::augment::augment_reference;
 use uamt::data::sampler::{BatchSampler, HostBatch, LoaderConfig, PatchLoader, SamplerConfig};
 use uamt::data::{write_synth, Dataset, DatasetOptions, SynthConfig};
 

@@ -1,8 +1,8 @@
 //! Synthetic data: deterministic by seed, any size, LA-like statistics, a valid dataset folder.
 
-mod data_support;
+mod support;
 
-use data_support::*;
+use support::*;
 use uamt::data::{synth_case, write_synth, Dataset, DatasetOptions, SynthConfig};
 
 fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {

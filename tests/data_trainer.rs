@@ -1,9 +1,9 @@
 //! The loader's batches go straight into one UA-MT step of the trainer.
 
-mod data_support;
+mod support;
 
-use data_support::*;
 use std::sync::Arc;
+use support::*;
 use tch::Device;
 use uamt::data::sampler::{LoaderConfig, PatchLoader};
 use uamt::data::{write_synth, Dataset, DatasetOptions, SynthConfig};

@@ -2,9 +2,9 @@
 //! (tests/oracle/eval_sliding.py), window placement, a one-patch volume against a direct forward,
 //! determinism, and the largest-connected-component step.
 
-mod common;
+mod support;
 
-use common::{assert_close, oracle_output, Fixture};
+use support::{assert_close, oracle_output, Fixture};
 use tch::{Device, Kind, Tensor};
 use uamt::data::Volume;
 use uamt::eval::infer::{padding, window_starts};

@@ -3,9 +3,9 @@
 //! border, single voxels, thin sheets, salt noise, multi-label predictions, a one-slice volume
 //! and empty masks.
 
-mod common;
+mod support;
 
-use common::{oracle_output, Fixture};
+use support::{oracle_output, Fixture};
 use tch::{Kind, Tensor};
 use uamt::data::Volume;
 use uamt::eval::edt::edt;

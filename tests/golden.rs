@@ -1,13 +1,13 @@
 //! Golden tests: uamt's V-Net, losses, ramps, SGD, EMA and whole training steps agree with
 //! PyTorch 2.11 run from Python (tests/oracle/uamt_oracle.py) to 1e-5 relative in fp32.
 
-mod common;
+mod support;
 
-use common::{assert_close, assert_scalar, oracle_output, Fixture};
+use support::{assert_close, assert_scalar, oracle_output, Fixture};
 use tch::{Device, Kind, Tensor};
+use uamt::method as m;
 use uamt::model::{Dropout, DropoutMasks, ParamStore, VNet, VNetConfig};
 use uamt::train::{Method, PassRandom, StepConfig, StepRandom, Trainer};
-use uamt::uamt as m;
 
 const TOL: f64 = 1e-5;
 

@@ -7,8 +7,8 @@ use tch::{Device, Kind, Tensor};
 use uamt::config::Precision;
 use uamt::gpu::{self, Autocast, OwnStream, Ready};
 use uamt::model::{Dropout, Init, VNet, VNetConfig};
+use uamt::rng;
 use uamt::train::{StepConfig, Trainer};
-use uamt::uamt::rng;
 
 fn tiny() -> VNetConfig {
     VNetConfig { n_filters: 4, ..VNetConfig::default() }

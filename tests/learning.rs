@@ -3,8 +3,8 @@
 
 use tch::{Device, Kind, Tensor};
 use uamt::model::{ParamStore, VNetConfig};
+use uamt::rng;
 use uamt::train::{self, Method, StepConfig, StepRandom, Trainer};
-use uamt::uamt::rng;
 
 fn net() -> VNetConfig {
     VNetConfig { n_filters: 4, ..Default::default() }

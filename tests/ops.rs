@@ -1,11 +1,13 @@
 //! The operator-facing files agree with the code: every metric the Grafana dashboard, the alert
 //! rules and the README mention exists, and the README documents every metric.
 
-use std::path::Path;
+mod support;
+
+use support::repo;
 use uamt::telemetry::{Metric, MetricKind};
 
 fn read(p: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).unwrap_or_else(|e| panic!("{p}: {e}"))
+    std::fs::read_to_string(repo().join(p)).unwrap_or_else(|e| panic!("{p}: {e}"))
 }
 
 /// Every `uamt_...` token in `text`.

@@ -3,8 +3,8 @@
 
 use tch::{Device, Kind, Tensor};
 use uamt::model::VNetConfig;
+use uamt::rng;
 use uamt::train::{Method, StepConfig, StepRandom, Trainer};
-use uamt::uamt::rng;
 
 fn net() -> VNetConfig {
     VNetConfig { n_filters: 4, ..Default::default() }

@@ -2,30 +2,17 @@
 //! Prometheus client, writes checkpoints, stops cleanly on SIGTERM with a loadable checkpoint,
 //! resumes to the same result as an uninterrupted run, and refuses a bad config by key.
 
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{la_dir, python, repo, Daemon, TempDir};
 use uamt::checkpoint::{self, Snapshot};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_uamt")
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("UAMT_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv/bin/python3"));
-    assert!(p.exists(), "python {} not found; run ops/setup", p.display());
-    p
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("daemon-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// A tiny UA-MT config writing everything under `dir`.
@@ -67,8 +54,9 @@ log_every = 5
     p
 }
 
-fn start(config: &Path, dir: &Path, args: &[&str]) -> Child {
-    Command::new(bin())
+/// Starts `uamt train` on `config` in `dir`; the guard kills it if the test ends first.
+fn start(config: &Path, dir: &Path, args: &[&str]) -> Daemon {
+    let child = Command::new(bin())
         .args(["train", "--config"])
         .arg(config)
         .arg("--addr-file")
@@ -78,7 +66,8 @@ fn start(config: &Path, dir: &Path, args: &[&str]) -> Child {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("log-{}", Instant::now().elapsed().as_nanos()))).unwrap())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Daemon::new(child)
 }
 
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -126,7 +115,7 @@ fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
 
 #[test]
 fn daemon_trains_serves_metrics_and_writes_checkpoints() {
-    let dir = tempdir("metrics");
+    let dir = TempDir::new("daemon-metrics");
     let cfg = write_config(&dir, 400, 10, "");
     let mut child = start(&cfg, &dir, &[]);
     wait_for("the metrics address", 120, || dir.join("addr").exists());
@@ -168,7 +157,7 @@ fn daemon_trains_serves_metrics_and_writes_checkpoints() {
 
 #[test]
 fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0() {
-    let dir = tempdir("sigterm");
+    let dir = TempDir::new("daemon-sigterm");
     let cfg = write_config(&dir, 100_000, 0, "");
     let mut child = start(&cfg, &dir, &[]);
     wait_for("the metrics address", 120, || dir.join("addr").exists());
@@ -205,8 +194,8 @@ extern "C" {
 
 #[test]
 fn cli_resume_reaches_the_same_weights_as_an_uninterrupted_run() {
-    let a = tempdir("resume-a");
-    let b = tempdir("resume-b");
+    let a = TempDir::new("daemon-resume-a");
+    let b = TempDir::new("daemon-resume-b");
     // Uninterrupted: 6 iterations.
     let cfg_a = write_config(&a, 6, 0, "");
     assert!(start(&cfg_a, &a, &[]).wait().unwrap().success());
@@ -249,7 +238,7 @@ fn cli_resume_reaches_the_same_weights_as_an_uninterrupted_run() {
 
 #[test]
 fn a_config_with_a_wrong_key_fails_naming_it() {
-    let dir = tempdir("badkey");
+    let dir = TempDir::new("daemon-badkey");
     let cfg = write_config(&dir, 5, 0, "[optim2]\nx = 1\n");
     let out = Command::new(bin()).args(["train", "--config"]).arg(&cfg).current_dir(&dir).output().unwrap();
     assert!(!out.status.success());
@@ -270,7 +259,7 @@ fn a_config_with_a_wrong_key_fails_naming_it() {
 
 #[test]
 fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_reported() {
-    let dir = tempdir("watch");
+    let dir = TempDir::new("daemon-watch");
     let watch = dir.join("watch");
     std::fs::create_dir_all(&watch).unwrap();
     let extra = format!(
@@ -311,15 +300,15 @@ fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_report
 
 #[test]
 fn la_reproduce_runs_the_protocol_at_tiny_scale_and_resumes() {
-    let la = repo().parent().unwrap().join("shared/data/la2018");
+    let la = la_dir();
     assert!(la.join("train.list").exists(), "the LA data are expected at {}", la.display());
-    let work = tempdir("la-reproduce");
+    let work = TempDir::new("daemon-la-reproduce");
     let run = || {
         let out = Command::new(repo().join("ops/la-reproduce"))
             .args(["--tiny", "--budget", "300", "--bin", bin(), "--data"])
             .arg(&la)
             .arg("--work")
-            .arg(&work)
+            .arg(work.path())
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -337,7 +326,7 @@ fn la_reproduce_runs_the_protocol_at_tiny_scale_and_resumes() {
 
 #[test]
 fn a_corrupt_case_is_logged_counted_and_skipped() {
-    let dir = tempdir("badcase");
+    let dir = TempDir::new("daemon-badcase");
     let cfg = write_config(&dir, 100_000, 0, "");
     // Make the synthetic dataset, then truncate one unlabelled training image.
     let out = Command::new(bin())

@@ -1,8 +1,7 @@
 //! The recipe's training augmentation: rot90 by k in the (x, y) plane, a flip along x or y,
 //! then a random crop with the reference's zero-padding rule. [`extract`] cuts the augmented
-//! patch straight out of a (mapped) volume without materialising the rotated volume; the plain
-//! step-by-step functions ([`rot90`], [`flip`], [`pad`], [`crop`]) state the semantics and are
-//! what the tests hold [`extract`] to.
+//! patch straight out of a (mapped) volume without materialising the rotated volume; the tests
+//! hold it to numpy and to a plain step-by-step version (rotate, flip, pad, crop) of their own.
 //!
 //! Reference semantics (numpy, on arrays indexed `[x][y][z]`): `np.rot90(v, k)` (axes 0, 1),
 //! `np.flip(v, axis)` with axis 0 or 1, then if ANY axis of the rotated shape is `<= patch`,
@@ -12,8 +11,8 @@
 
 use super::error::{DataError, Result};
 use super::nifti::{FromVoxel, NiftiVolume};
-use super::rng::Rng;
 use super::volume::Volume;
+use crate::rng::Rng;
 
 /// Anything a patch can be read from: a mapped NIfTI file or an in-memory volume.
 pub trait VoxelSource {
@@ -145,93 +144,6 @@ pub fn extract<S: VoxelSource, T: FromVoxel>(src: &S, aug: &Augment, patch: [usi
         }
     }
     Ok(())
-}
-
-/// `np.rot90(v, k)` in the (x, y) plane (from x towards y).
-pub fn rot90<T: Copy + Default>(v: &Volume<T>, k: u8) -> Volume<T> {
-    let [w, h, d] = v.dims;
-    let dims = rotated_dims(v.dims, k % 4);
-    let mut out = Volume::zeros(dims);
-    for z in 0..d {
-        for b in 0..dims[1] {
-            for a in 0..dims[0] {
-                let (sx, sy) = match k % 4 {
-                    0 => (a, b),
-                    1 => (b, h - 1 - a),
-                    2 => (w - 1 - a, h - 1 - b),
-                    _ => (w - 1 - b, a),
-                };
-                let o = out.index(a, b, z);
-                out.data[o] = v.data[v.index(sx, sy, z)];
-            }
-        }
-    }
-    out
-}
-
-/// `np.flip(v, axis)` for axis 0, 1 or 2.
-pub fn flip<T: Copy + Default>(v: &Volume<T>, axis: usize) -> Volume<T> {
-    let [w, h, d] = v.dims;
-    let mut out = Volume::zeros(v.dims);
-    for z in 0..d {
-        for y in 0..h {
-            for x in 0..w {
-                let (sx, sy, sz) = match axis {
-                    0 => (w - 1 - x, y, z),
-                    1 => (x, h - 1 - y, z),
-                    _ => (x, y, d - 1 - z),
-                };
-                let o = out.index(x, y, z);
-                out.data[o] = v.data[v.index(sx, sy, sz)];
-            }
-        }
-    }
-    out
-}
-
-/// `np.pad(v, [(p, p) for p in pad], constant 0)`.
-pub fn pad<T: Copy + Default>(v: &Volume<T>, pad: [usize; 3]) -> Volume<T> {
-    let dims = [0, 1, 2].map(|i| v.dims[i] + 2 * pad[i]);
-    let mut out = Volume::zeros(dims);
-    for z in 0..v.dims[2] {
-        for y in 0..v.dims[1] {
-            for x in 0..v.dims[0] {
-                let o = out.index(x + pad[0], y + pad[1], z + pad[2]);
-                out.data[o] = v.data[v.index(x, y, z)];
-            }
-        }
-    }
-    out
-}
-
-/// `v[o0:o0+s0, o1:o1+s1, o2:o2+s2]`; an error if the box leaves the volume.
-pub fn crop<T: Copy + Default>(v: &Volume<T>, offset: [usize; 3], size: [usize; 3]) -> Result<Volume<T>> {
-    if (0..3).any(|i| offset[i] + size[i] > v.dims[i]) {
-        return Err(DataError::invalid(
-            "crop",
-            format!("box at {offset:?} of {size:?} leaves a volume of {:?}", v.dims),
-        ));
-    }
-    let mut out = Volume::zeros(size);
-    for z in 0..size[2] {
-        for y in 0..size[1] {
-            for x in 0..size[0] {
-                let o = out.index(x, y, z);
-                out.data[o] = v.data[v.index(x + offset[0], y + offset[1], z + offset[2])];
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The augmentation done step by step as the reference does it (rotate, flip, pad, crop),
-/// returning an x-fastest volume. Slow; the yardstick for [`extract`].
-pub fn augment_reference<T: Copy + Default>(v: &Volume<T>, aug: &Augment, patch: [usize; 3]) -> Result<Volume<T>> {
-    let mut r = rot90(v, aug.k);
-    if let Some(axis) = aug.flip {
-        r = flip(&r, axis as usize);
-    }
-    crop(&pad(&r, aug.pad), aug.offset, patch)
 }
 
 #[cfg(test)]

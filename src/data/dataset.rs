@@ -3,7 +3,8 @@
 //! an `id` and a `labelled` flag, which carry the semi-supervised split. See `README.md` here.
 
 use super::error::{DataError, IoAt, Result};
-use super::nifti::{write_atomic, GzCache, NiftiVolume};
+use super::nifti::{GzCache, NiftiVolume};
+use crate::fsutil::write_atomic;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -130,7 +131,7 @@ impl Manifest {
         let path = dir.join(MANIFEST);
         let text =
             serde_json::to_string_pretty(self).map_err(|e| DataError::bad(&path, format!("cannot serialise: {e}")))?;
-        write_atomic(&path, |w| w.write_all(format!("{text}\n").as_bytes()))
+        Ok(write_atomic(&path, |w| w.write_all(format!("{text}\n").as_bytes()))?)
     }
 }
 

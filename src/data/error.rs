@@ -74,6 +74,12 @@ impl From<DataError> for crate::Error {
     }
 }
 
+impl From<crate::fsutil::IoError> for DataError {
+    fn from(e: crate::fsutil::IoError) -> Self {
+        DataError::Io { path: e.path, source: e.source }
+    }
+}
+
 /// Attaches a path to I/O results: `file.read(..).at(path)?`.
 pub(crate) trait IoAt<T> {
     /// Turns an I/O error into a [`DataError::Io`] naming `path`.

@@ -5,10 +5,11 @@
 use super::dataset::{test_entry, training_entry, CaseEntry, Manifest};
 use super::error::{DataError, IoAt, Result};
 use super::h5::read_h5_case;
-use super::nifti::{temp_suffix, write_nifti};
+use super::nifti::write_nifti;
 use super::nrrd::read_nrrd;
-use super::rng::{stream, Rng};
 use super::volume::{Geometry, Volume};
+use crate::fsutil::{parent_dir, sync_dir, temp_name};
+use crate::rng::{stream, Rng};
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,11 +33,12 @@ impl Staging {
         if out.exists() && !force {
             return Err(DataError::bad(out, "already exists (use --force to replace it)"));
         }
-        let name =
-            out.file_name().ok_or_else(|| DataError::bad(out, "not a folder name"))?.to_string_lossy().into_owned();
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if out.file_name().is_none() {
+            return Err(DataError::bad(out, "not a folder name"));
+        }
+        let parent = parent_dir(out);
         fs::create_dir_all(parent).at(parent)?;
-        let dir = parent.join(format!(".{name}.{}", temp_suffix()));
+        let dir = temp_name(out);
         for sub in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"] {
             fs::create_dir_all(dir.join(sub)).at(&dir)?;
         }
@@ -52,18 +54,17 @@ impl Staging {
     pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf> {
         manifest.write(&self.dir)?;
         if self.force && self.out.exists() {
-            let old = self.dir.with_file_name(format!(
-                ".{}.old-{}",
-                self.out.file_name().unwrap_or_default().to_string_lossy(),
-                temp_suffix()
-            ));
+            let old = temp_name(&self.out);
             fs::rename(&self.out, &old).at(&self.out)?;
             fs::rename(&self.dir, &self.out).at(&self.out)?;
+            self.committed = true;
+            sync_dir(parent_dir(&self.out))?;
             fs::remove_dir_all(&old).at(&old)?;
         } else {
             fs::rename(&self.dir, &self.out).at(&self.out)?;
+            self.committed = true;
+            sync_dir(parent_dir(&self.out))?;
         }
-        self.committed = true;
         Ok(self.out.clone())
     }
 }

@@ -8,13 +8,15 @@
 //! (z fastest), the layout of tch tensors `[b, 1, X, Y, Z]`; [`Volume::to_tensor`] permutes.
 //!
 //! # Layout
-//! - [`nifti`]: NIfTI-1 reading (memory-mapped; `.nii.gz` through a cache) and atomic writing.
+//! - [`nifti`]: NIfTI-1 reading (memory-mapped; `.nii.gz` through a cache) and atomic writing, one
+//!   file per concern (header, decoding, the `.gz` cache, writing).
+//! - [`volume`]: [`Volume`] and its [`Geometry`] (affines, qform quaternions, orientation codes).
 //! - [`nrrd`], [`h5`]: the readers the importers need.
 //! - [`dataset`]: the dataset folder (`dataset.json`, `imagesTr/`, `labelsTr/`, ...).
 //! - [`import`]: UA-MT HDF5 and 2018 challenge NRRD importers; [`synth`]: synthetic cases.
 //! - [`augment`]: rot90 + flip + padded random crop, cut straight from the mapped file.
 //! - [`sampler`]: labelled-first batches, seeded per iteration, as tensors for the trainer.
-//! - [`stats`]: what `uamt info` prints. [`rng`]: the seeded generator. [`error`]: [`DataError`].
+//! - [`stats`]: what `uamt info` prints. [`error`]: [`DataError`].
 
 pub mod augment;
 pub mod dataset;
@@ -24,7 +26,6 @@ pub mod import;
 pub mod nifti;
 pub mod nrrd;
 pub mod resample;
-pub mod rng;
 pub mod sampler;
 pub mod stats;
 pub mod synth;
@@ -37,7 +38,6 @@ pub use import::{
     import_h5, import_h5_with, import_nrrd, import_nrrd_with, H5Import, ImportReport, Margin, NrrdImport, Progress,
 };
 pub use nifti::{write_nifti, DType, GzCache, NiftiVolume};
-pub use rng::Rng;
 pub use sampler::{BatchIndices, BatchSampler, HostBatch, LoaderConfig, PatchLoader, SamplerConfig};
 pub use synth::{synth_case, write_synth, write_synth_with, SynthConfig};
 pub use volume::{Geometry, Volume};

@@ -7,8 +7,8 @@
 use super::augment::{extract, Augment};
 use super::dataset::Dataset;
 use super::error::{DataError, Result};
-use super::rng::{stream, Rng};
 use super::volume::LABEL_KIND;
+use crate::rng::{stream, Rng};
 use std::sync::Arc;
 use tch::Tensor;
 

@@ -6,8 +6,8 @@
 use super::dataset::Manifest;
 use super::error::{DataError, Result};
 use super::import::{entry_for, ext, report, write_case, ImportReport, Staging};
-use super::rng::{stream, Rng};
 use super::volume::{Geometry, Volume};
+use crate::rng::{stream, Rng};
 use std::path::Path;
 
 /// Settings of a synthetic dataset.

@@ -152,6 +152,39 @@ impl Geometry {
         g
     }
 
+    /// The geometry of a NIfTI qform: the rotation of the unit quaternion `(b, c, d)` (its `a`
+    /// implied), the third column flipped when `qfac` is -1, scaled by `spacing`, translated by
+    /// `offset`; `None` when `(b, c, d)` is longer than 1 (beyond rounding).
+    pub fn from_qform(quatern: [f64; 3], qfac: f64, spacing: [f64; 3], offset: [f64; 3]) -> Option<Self> {
+        let [b, c, d] = quatern;
+        let w2 = 1.0 - (b * b + c * c + d * d);
+        if w2 < -1e-6 {
+            return None;
+        }
+        let r = quat_to_mat(w2.max(0.0).sqrt(), b, c, d);
+        let mut vox = spacing;
+        vox[2] *= qfac;
+        let mut affine = [[0.0f64; 4]; 4];
+        affine[3][3] = 1.0;
+        for i in 0..3 {
+            for j in 0..3 {
+                affine[i][j] = r[i][j] * vox[j];
+            }
+            affine[i][3] = offset[i];
+        }
+        Some(Geometry { affine })
+    }
+
+    /// The qform quaternion `(b, c, d)` and `qfac` of this affine's rotation (its columns divided
+    /// by the spacing), or `None` when the affine is not a rotation (up to a reflection) times a
+    /// scaling.
+    pub fn qform(&self) -> Option<([f64; 3], f64)> {
+        let a = &self.affine;
+        let spacing = self.spacing();
+        let rot = [0, 1, 2].map(|i| [0, 1, 2].map(|j| if spacing[j] > 0.0 { a[i][j] / spacing[j] } else { 0.0 }));
+        mat_to_quat(rot)
+    }
+
     /// Axis codes (`"RAS"`, `"LPS"`, ...): for each voxel axis, the world direction it points
     /// to most (R/L for world x, A/P for y, S/I for z), each world axis used once, like
     /// nibabel's `aff2axcodes` for non-oblique affines. `?` for a degenerate axis.
@@ -187,6 +220,74 @@ impl Geometry {
     }
 }
 
+/// nibabel's quaternion-to-rotation (`quat2mat`) for `(w, x, y, z)`.
+fn quat_to_mat(w: f64, x: f64, y: f64, z: f64) -> [[f64; 3]; 3] {
+    let n = w * w + x * x + y * y + z * z;
+    if n < f64::EPSILON {
+        return [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+    }
+    let s = 2.0 / n;
+    let (xs, ys, zs) = (x * s, y * s, z * s);
+    let (wx, wy, wz) = (w * xs, w * ys, w * zs);
+    let (xx, xy, xz) = (x * xs, x * ys, x * zs);
+    let (yy, yz, zz) = (y * ys, y * zs, z * zs);
+    [[1.0 - (yy + zz), xy - wz, xz + wy], [xy + wz, 1.0 - (xx + zz), yz - wx], [xz - wy, yz + wx, 1.0 - (xx + yy)]]
+}
+
+/// The quaternion `(b, c, d)` and `qfac` of an orthonormal rotation (nifti1_io's
+/// `nifti_mat44_to_quatern`), or `None` if `r` is not a rotation (up to a reflection).
+fn mat_to_quat(mut r: [[f64; 3]; 3]) -> Option<([f64; 3], f64)> {
+    for i in 0..3 {
+        for j in 0..3 {
+            let dot: f64 = (0..3).map(|k| r[k][i] * r[k][j]).sum();
+            let want = if i == j { 1.0 } else { 0.0 };
+            if (dot - want).abs() > 1e-4 {
+                return None;
+            }
+        }
+    }
+    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1]) - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+        + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
+    let qfac = if det < 0.0 { -1.0 } else { 1.0 };
+    if det < 0.0 {
+        for row in r.iter_mut() {
+            row[2] = -row[2];
+        }
+    }
+    let trace1 = r[0][0] + r[1][1] + r[2][2] + 1.0;
+    let (a, mut b, mut c, mut d): (f64, f64, f64, f64);
+    if trace1 > 0.5 {
+        a = 0.5 * trace1.sqrt();
+        b = 0.25 * (r[2][1] - r[1][2]) / a;
+        c = 0.25 * (r[0][2] - r[2][0]) / a;
+        d = 0.25 * (r[1][0] - r[0][1]) / a;
+    } else {
+        let xd = 1.0 + r[0][0] - (r[1][1] + r[2][2]);
+        let yd = 1.0 + r[1][1] - (r[0][0] + r[2][2]);
+        let zd = 1.0 + r[2][2] - (r[0][0] + r[1][1]);
+        if xd > 1.0 {
+            b = 0.5 * xd.sqrt();
+            c = 0.25 * (r[0][1] + r[1][0]) / b;
+            d = 0.25 * (r[0][2] + r[2][0]) / b;
+            a = 0.25 * (r[2][1] - r[1][2]) / b;
+        } else if yd > 1.0 {
+            c = 0.5 * yd.sqrt();
+            b = 0.25 * (r[0][1] + r[1][0]) / c;
+            d = 0.25 * (r[1][2] + r[2][1]) / c;
+            a = 0.25 * (r[0][2] - r[2][0]) / c;
+        } else {
+            d = 0.5 * zd.sqrt();
+            b = 0.25 * (r[0][2] + r[2][0]) / d;
+            c = 0.25 * (r[1][2] + r[2][1]) / d;
+            a = 0.25 * (r[1][0] - r[0][1]) / d;
+        }
+        if a < 0.0 {
+            (b, c, d) = (-b, -c, -d);
+        }
+    }
+    Some(([b, c, d], qfac))
+}
+
 /// The tch kind a label tensor has in a batch (the trainer's cross-entropy wants int64).
 pub const LABEL_KIND: Kind = Kind::Int64;
 
@@ -211,6 +312,43 @@ mod tests {
         assert_eq!(t.size(), vec![2, 3, 4]);
         assert_eq!(t.double_value(&[1, 2, 3]), v.get(1, 2, 3).unwrap() as f64);
         assert_eq!(Volume::<f32>::from_tensor(&t).unwrap(), v);
+    }
+
+    #[test]
+    fn should_round_trip_rotations_through_quaternions() {
+        let (s, c) = (0.6f64, 0.8f64);
+        let r = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, -1.0]];
+        let ([b, cq, d], qfac) = mat_to_quat(r).unwrap();
+        let a = (1.0 - (b * b + cq * cq + d * d)).max(0.0).sqrt();
+        let m = quat_to_mat(a, b, cq, d);
+        for i in 0..3 {
+            for j in 0..3 {
+                let want = if j == 2 { r[i][j] * qfac } else { r[i][j] };
+                assert!((m[i][j] - want).abs() < 1e-9, "{m:?} vs {r:?}");
+            }
+        }
+        assert!(mat_to_quat([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).is_none());
+    }
+
+    #[test]
+    fn should_rebuild_an_affine_from_its_qform() {
+        let (s, c) = (0.6f64, 0.8f64);
+        let mut g = Geometry::from_spacing([0.5, 1.0, 2.0]);
+        let r = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, -1.0]];
+        for i in 0..3 {
+            for j in 0..3 {
+                g.affine[i][j] = r[i][j] * [0.5, 1.0, 2.0][j];
+            }
+            g.affine[i][3] = [3.0, -4.0, 5.0][i];
+        }
+        let (q, qfac) = g.qform().unwrap();
+        let back = Geometry::from_qform(q, qfac, g.spacing(), [3.0, -4.0, 5.0]).unwrap();
+        for i in 0..4 {
+            for j in 0..4 {
+                assert!((back.affine[i][j] - g.affine[i][j]).abs() < 1e-9, "{back:?} vs {g:?}");
+            }
+        }
+        assert!(Geometry::from_qform([0.9, 0.9, 0.0], 1.0, [1.0; 3], [0.0; 3]).is_none());
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! largest-connected-component step ([`largest_component`]) follows; the reference has none.
 
 use crate::data::Volume;
+use crate::method::entropy;
 use crate::model::{Dropout, DropoutMasks, VNet};
-use crate::uamt::rng;
+use crate::rng;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -188,7 +189,7 @@ impl Prediction {
     /// Entropy of the averaged class probabilities `[X, Y, Z]`, `-sum_c p_c ln(p_c + 1e-6)`
     /// (the recipe's uncertainty formula, here of the deterministic sliding-window average).
     pub fn entropy(&self) -> Tensor {
-        entropy(&self.probabilities)
+        entropy(&self.probabilities, 0, false)
     }
 
     /// The labels as a CPU volume.
@@ -276,12 +277,7 @@ pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &Mc
         }
         Ok(sum.expect("passes >= 1").f_div_scalar(mc.passes as f64)?)
     })?;
-    Ok(entropy(&mean))
-}
-
-/// Entropy over the class axis 0, `-sum_c p_c ln(p_c + 1e-6)`.
-fn entropy(p: &Tensor) -> Tensor {
-    -(p * (p + 1e-6).log()).sum_dim_intlist([0i64].as_slice(), false, Kind::Float)
+    Ok(entropy(&mean, 0, false))
 }
 
 /// The sliding-window average of per-window class probabilities: `probs(x, first)` maps a batch of
@@ -341,11 +337,6 @@ fn window_average(
             .f_narrow(3, before[2], d[2])?
             .f_contiguous()?)
     })
-}
-
-/// [`sliding_window`] on a CPU volume.
-pub fn segment_volume(model: &VNet, image: &Volume<f32>, opts: &InferOptions) -> Result<Prediction> {
-    sliding_window(model, &image.to_tensor()?, opts)
 }
 
 /// Keeps the largest connected component of the foreground (non-zero labels) under `conn` and

@@ -23,8 +23,7 @@ pub mod report;
 
 pub use compare::{compare_files, compare_paths};
 pub use infer::{
-    largest_component, mc_uncertainty, segment_volume, sliding_window, Connectivity, InferOptions, McOptions,
-    Prediction, WindowPlan,
+    largest_component, mc_uncertainty, sliding_window, Connectivity, InferOptions, McOptions, Prediction, WindowPlan,
 };
 pub use metrics::{case_metrics, CaseMetrics, EmptyPolicy};
 pub use picture::{case_picture, Picture, PictureOptions};

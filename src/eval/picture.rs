@@ -9,8 +9,8 @@
 //! without a reference, the whole volume when both are empty). Small volumes are enlarged by an
 //! integer factor so that a panel is at least [`PictureOptions::min_panel_width`] pixels wide.
 
-use crate::data::nifti::write_atomic;
 use crate::data::Volume;
+use crate::fsutil::write_atomic;
 use crate::{Error, Result};
 use std::path::Path;
 

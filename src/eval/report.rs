@@ -2,8 +2,8 @@
 //! cases that could not be evaluated; written as JSON and CSV (atomically) and as a table.
 
 use super::metrics::CaseMetrics;
-use crate::data::nifti::write_atomic;
-use crate::Result;
+use crate::fsutil::write_atomic;
+use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -218,6 +218,13 @@ impl Report {
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let text = self.to_json() + "\n";
         Ok(write_atomic(path, |w| w.write_all(text.as_bytes()))?)
+    }
+
+    /// Creates `dir` if needed and writes `report.json` and `report.csv` into it (each atomically).
+    pub fn write_to(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+        self.write_json(&dir.join("report.json"))?;
+        self.write_csv(&dir.join("report.csv"))
     }
 
     /// Writes `to_csv()` to `path` atomically.

@@ -4,7 +4,7 @@
 
 use crate::{Error, Result};
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// One named tensor of a model.
 #[derive(Debug)]
@@ -106,23 +106,6 @@ impl ParamStore {
         }
         Ok(())
     }
-
-    /// Copies every trainable parameter's value from `other` (same architecture) in place.
-    pub fn copy_trainable_from(&self, other: &ParamStore) -> Result<()> {
-        for (dst, src) in self.trainable().zip(other.trainable()) {
-            if dst.name != src.name {
-                return Err(Error::invalid("model", format!("parameter order differs: {} vs {}", dst.name, src.name)));
-            }
-            tch::no_grad(|| dst.tensor.shallow_clone().f_copy_(&src.tensor))?;
-        }
-        Ok(())
-    }
-
-    /// Reads `.npz` or `.safetensors` (by extension) into this store by name.
-    pub fn load_file(&self, path: &Path) -> Result<()> {
-        let named = read_named(path)?;
-        self.load_named(&named, path, false)
-    }
 }
 
 /// Reads named tensors from an `.npz` or `.safetensors` file.
@@ -133,14 +116,4 @@ pub fn read_named(path: &Path) -> Result<Vec<(String, Tensor)>> {
         Some("safetensors") => Tensor::read_safetensors(path).map_err(err),
         _ => Tensor::load_multi(path).map_err(err),
     }
-}
-
-/// A scalar of a named-tensor list as f64, for reading fixtures and checkpoints.
-pub fn scalar_of(named: &[(String, Tensor)], name: &str, origin: &Path) -> Result<f64> {
-    let t = named
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, t)| t)
-        .ok_or_else(|| Error::File { path: origin.to_path_buf(), why: format!("missing `{name}`") })?;
-    Ok(t.to_kind(Kind::Double).f_double_value(&[]).or_else(|_| t.to_kind(Kind::Double).f_double_value(&[0]))?)
 }

@@ -103,8 +103,7 @@ impl Initializer {
         match self.init {
             Init::Global => Tensor::empty(shape, (Kind::Float, Device::Cpu)).uniform_(-bound, bound),
             Init::Seeded(seed) => {
-                crate::uamt::rng::uniform(crate::uamt::rng::key(seed, &[0x1417, self.drawn]), shape, Device::Cpu)
-                    * (2.0 * bound)
+                crate::rng::uniform(crate::rng::key(seed, &[0x1417, self.drawn]), shape, Device::Cpu) * (2.0 * bound)
                     - bound
             }
         }

@@ -172,17 +172,10 @@ fn report(args: &Args) -> anyhow::Result<Report> {
     })?)
 }
 
-fn write_reports(report: &Report, dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    report.write_json(&dir.join("report.json"))?;
-    report.write_csv(&dir.join("report.csv"))?;
-    Ok(())
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let report = report(&args)?;
     if let Some(dir) = &args.out {
-        write_reports(&report, dir)?;
+        report.write_to(dir)?;
     }
     if args.json {
         println!("{}", report.to_json());

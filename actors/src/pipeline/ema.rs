@@ -16,7 +16,7 @@ pub struct EmaUpdater {
 impl EmaUpdater {
     /// Folds the student's parameters after step `step` into `teacher` (same order, same shapes).
     pub fn process(&self, teacher: &[Tensor], student: &[Tensor], step: i64) -> Result<()> {
-        Ok(uamt::uamt::ema_update_tensors(teacher, student, step, self.decay)?)
+        Ok(uamt::method::ema_update_tensors(teacher, student, step, self.decay)?)
     }
 }
 

@@ -1,12 +1,12 @@
 //! `uamt eval` as a person runs it: on NIfTI label files and folders the test writes, and with a
 //! weights file on a small synthetic dataset; JSON output parsed and checked.
 
-mod common;
+#[path = "../../tests/support/mod.rs"]
+mod support;
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use support::TempDir;
 use tch::{Device, Tensor};
 use uamt::checkpoint::Snapshot;
 use uamt::config::Config;
@@ -18,23 +18,9 @@ use uamt::eval::{
 use uamt::model::{VNet, VNetConfig};
 use uamt::train::Trainer;
 
-/// The `uamt` binary, built by the cargo running this test (a no-op when it is up to date).
-fn uamt() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new(env!("CARGO"))
-            .args(["build", "-p", "uamt-actors", "--bin", "uamt", "--message-format=json-render-diagnostics"])
-            .current_dir(common::repo())
-            .output()
-            .expect("run cargo build");
-        assert!(out.status.success(), "building uamt failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|m| m["target"]["name"] == "uamt" && m["target"]["kind"][0] == "bin")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo names the uamt executable")
-    })
+/// The `uamt` binary cargo built for this test.
+fn uamt() -> &'static str {
+    env!("CARGO_BIN_EXE_uamt")
 }
 
 fn run(args: &[&str]) -> Output {
@@ -53,11 +39,8 @@ fn json(out: &Output) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("eval_cli-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(name: &str) -> TempDir {
+    TempDir::new(&format!("eval-cli-{name}"))
 }
 
 /// A `dims` label volume with the box `[lo, lo + side)` set to 1.

@@ -35,10 +35,9 @@ pub fn supervised_loss(logits: &Tensor, labels: &Tensor) -> Supervised {
     let ce = cross_entropy(logits, labels);
     let soft = logits.softmax(1, Kind::Float);
     let n_classes = logits.size()[1];
-    let mut dice = dice_loss(&soft.select(1, 1), &labels.eq(1));
-    for c in 2..n_classes {
-        dice = dice + dice_loss(&soft.select(1, c), &labels.eq(c));
-    }
+    // Foreground classes summed left to right, out of place (autograd keeps every term).
+    let dice = (2..n_classes)
+        .fold(dice_loss(&soft.select(1, 1), &labels.eq(1)), |d, c| d + dice_loss(&soft.select(1, c), &labels.eq(c)));
     let dice = if n_classes > 2 { dice / (n_classes - 1) as f64 } else { dice };
     let loss = (&ce + &dice) * 0.5;
     Supervised { ce, dice, loss }
@@ -56,6 +55,12 @@ pub fn masked_consistency(dist: &Tensor, mask: &Tensor) -> Tensor {
     (mask * dist).sum(Kind::Float) / (mask.sum(Kind::Float) * n_classes + 1e-16)
 }
 
+/// Entropy of class probabilities `p` along the class axis `dim`: `-sum_c p_c ln(p_c + 1e-6)`
+/// (the recipe's formula; the 1e-6 keeps `ln` finite at `p = 0`).
+pub fn entropy(p: &Tensor, dim: i64, keepdim: bool) -> Tensor {
+    -(p * (p + 1e-6).log()).sum_dim_intlist(dim, keepdim, Kind::Float)
+}
+
 /// Predictive entropy of the mean softmax over Monte-Carlo passes.
 /// `logits` is `[T * b, C, X, Y, Z]`, ordered pass-major (pass t holds samples t*b .. t*b+b);
 /// returns `[b, 1, X, Y, Z]` with `-sum_c mu_c ln(mu_c + 1e-6)`.
@@ -65,5 +70,5 @@ pub fn uncertainty(logits: &Tensor, passes: i64) -> Tensor {
     let mut shape = vec![passes, b];
     shape.extend_from_slice(&size[1..]);
     let mu = logits.softmax(1, Kind::Float).reshape(&shape).mean_dim(0, false, Kind::Float);
-    -(&mu * (&mu + 1e-6).log()).sum_dim_intlist(1, true, Kind::Float)
+    entropy(&mu, 1, true)
 }

@@ -7,18 +7,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-/// SplitMix64 finaliser: a well-mixed 64-bit value from `x`.
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// A key for one stream, derived from a seed and a path of integers (iteration, purpose, ...).
-pub fn key(seed: u64, path: &[u64]) -> u64 {
-    path.iter().fold(splitmix64(seed), |k, p| splitmix64(k ^ splitmix64(*p)))
-}
+use super::splitmix64;
 
 const MASK32: i64 = 0xFFFF_FFFF;
 

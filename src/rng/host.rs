@@ -2,6 +2,8 @@
 //! synthetic data; streams are keyed by a seed and a path of integers, so a batch or a case can
 //! be drawn by any thread in any order and still come out the same.
 
+use super::{key, splitmix64_nth};
+
 /// xoshiro256** seeded through SplitMix64. Not cryptographic; plenty for shuffles and noise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rng {
@@ -23,24 +25,15 @@ pub mod stream {
     pub const MARGIN: u64 = 5;
 }
 
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl Rng {
     /// A generator seeded from one 64-bit value.
     pub fn new(seed: u64) -> Self {
-        let mut x = seed;
-        Rng { s: [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)] }
+        Rng { s: [0, 1, 2, 3].map(|i| splitmix64_nth(seed, i)) }
     }
 
     /// The generator for the stream named by `path` under `seed` (e.g. `[stream::AUGMENT, iter, slot]`).
     pub fn keyed(seed: u64, path: &[u64]) -> Self {
-        Rng::new(crate::uamt::rng::key(seed, path))
+        Rng::new(key(seed, path))
     }
 
     /// The next 64 random bits.

@@ -1,0 +1,70 @@
+//! `.nii.gz` files: decompressed whole, either into memory or once into a cache folder of `.nii`
+//! copies keyed by the source's path, size and modification time, then mapped like any `.nii`.
+
+use super::stem;
+use crate::data::error::{DataError, IoAt, Result};
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Where `.nii.gz` files are decompressed to before they are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GzCache {
+    /// Into `.nii` files in this folder (created on demand), reused while the source's path,
+    /// size and modification time are unchanged.
+    Dir(PathBuf),
+    /// Into memory, for one-off reads such as `uamt info`.
+    Memory,
+}
+
+/// A stable 64-bit FNV-1a hash, for cache file names.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for &b in p.iter() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Decompresses the whole gzip file `gz`, naming it in any error.
+pub(super) fn gunzip(gz: &Path, mut sink: impl Write) -> Result<()> {
+    let file = File::open(gz).at(gz)?;
+    let mut dec = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match dec.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DataError::bad(gz, format!("truncated or corrupt gzip stream: {e}"))),
+        };
+        sink.write_all(&buf[..n])
+            .map_err(|e| DataError::bad(gz, format!("cannot store the decompressed copy: {e}")))?;
+    }
+}
+
+/// The cached `.nii` copy of `gz` in `dir`, decompressing it first if needed.
+pub(super) fn cached_copy(gz: &Path, dir: &Path) -> Result<PathBuf> {
+    let meta = fs::metadata(gz).at(gz)?;
+    let canonical = fs::canonicalize(gz).at(gz)?;
+    let mtime =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let key = fnv1a(&[canonical.to_string_lossy().as_bytes(), &meta.len().to_le_bytes(), &mtime.to_le_bytes()]);
+    let name = format!("{}-{key:016x}.nii", stem(gz));
+    let target = dir.join(&name);
+    if target.is_file() {
+        return Ok(target);
+    }
+    fs::create_dir_all(dir).at(dir)?;
+    crate::fsutil::replace_atomic(&target, |tmp| {
+        let mut w = BufWriter::new(File::create(tmp).at(tmp)?);
+        gunzip(gz, &mut w)?;
+        w.flush().at(tmp)
+    })?;
+    Ok(target)
+}

@@ -1,0 +1,171 @@
+//! NIfTI-1 volumes: `.nii` files memory-mapped and read in place, `.nii.gz` decompressed once
+//! into a cache of `.nii` files (or into memory) and then read the same way; writing float32 and
+//! integer volumes with a given affine, atomically ([`crate::fsutil`]).
+//!
+//! The header is parsed by the `nifti` crate; the voxels are decoded here, straight from the
+//! mapped bytes, with `scl_slope`/`scl_inter` applied the way nibabel applies them (in f64).
+//!
+//! - `header`: data types, scaling, header parsing and validation;
+//! - `decode`: voxels decoded from the mapped bytes;
+//! - `gz_cache`: `.nii.gz` decompression into memory or a cache folder;
+//! - `write`: atomic writing.
+
+mod decode;
+mod gz_cache;
+mod header;
+mod write;
+
+pub(crate) use decode::decode_line;
+pub use decode::FromVoxel;
+pub use gz_cache::GzCache;
+pub use header::{DType, Header, Scale};
+pub use write::{write_nifti, NiftiElement};
+
+use super::error::{DataError, IoAt, Result};
+use super::volume::Volume;
+use header::parse_header;
+use memmap2::Mmap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The voxel bytes of an opened file.
+#[derive(Debug)]
+enum Bytes {
+    /// A read-only mapping of a `.nii` file.
+    Mapped(Mmap),
+    /// A decompressed `.nii.gz` held in memory.
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// An opened NIfTI volume whose voxels stay in the mapped file and are decoded on access.
+#[derive(Debug)]
+pub struct NiftiVolume {
+    /// The file the caller named (the `.nii.gz`, not its cached copy), for error messages.
+    path: PathBuf,
+    /// The validated header.
+    header: Header,
+    /// The whole file's bytes (header included).
+    bytes: Bytes,
+}
+
+/// Whether `path` names a gzip-compressed NIfTI file.
+pub fn is_gz(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"))
+}
+
+/// `path`'s name without `.nii` / `.nii.gz`.
+pub fn stem(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for ext in [".nii.gz", ".nii"] {
+        if name.len() > ext.len() && name.to_ascii_lowercase().ends_with(ext) {
+            return name[..name.len() - ext.len()].to_string();
+        }
+    }
+    name
+}
+
+impl NiftiVolume {
+    /// Opens `path` (`.nii` mapped, `.nii.gz` through `cache`) and validates its header and size.
+    pub fn open(path: impl AsRef<Path>, cache: &GzCache) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = match (is_gz(path), cache) {
+            (false, _) => map_file(path)?,
+            (true, GzCache::Dir(dir)) => map_file(&gz_cache::cached_copy(path, dir)?)?,
+            (true, GzCache::Memory) => {
+                let mut v = Vec::new();
+                gz_cache::gunzip(path, &mut v)?;
+                Bytes::Owned(v)
+            }
+        };
+        let header = parse_header(bytes.as_slice(), path)?;
+        Ok(NiftiVolume { path: path.to_path_buf(), header, bytes })
+    }
+
+    /// The file this volume was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// `[X, Y, Z]`.
+    pub fn dims(&self) -> [usize; 3] {
+        self.header.dims
+    }
+
+    /// The number of voxels.
+    pub fn len(&self) -> usize {
+        self.header.dims.iter().product()
+    }
+
+    /// Whether the volume has no voxels (never, for a validated header).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decodes the voxels at linear (x-fastest) indices `start + i * step` into `out[i]`,
+    /// scaling applied, straight from the mapped bytes.
+    pub fn read_line<T: FromVoxel>(&self, start: usize, step: isize, out: &mut [T]) -> Result<()> {
+        let h = &self.header;
+        let raw = self.bytes.as_slice().get(h.vox_offset..).unwrap_or_default();
+        decode_line(raw, h.dtype, h.big_endian, h.scale, start, step, out).ok_or_else(|| {
+            DataError::bad(
+                &self.path,
+                format!("voxel read out of range (start {start}, step {step}, {} voxels)", out.len()),
+            )
+        })
+    }
+
+    /// The whole volume decoded to `T` (a copy; samplers read patches with [`Self::read_line`]).
+    pub fn read<T: FromVoxel>(&self) -> Result<Volume<T>> {
+        let mut data = vec![T::default(); self.len()];
+        self.read_line(0, 1, &mut data)?;
+        Volume::new(self.dims(), data)
+    }
+
+    /// The whole volume as float32 intensities.
+    pub fn read_f32(&self) -> Result<Volume<f32>> {
+        self.read()
+    }
+
+    /// The whole volume as class labels; every value must be an integer in 0..=255.
+    pub fn read_labels(&self) -> Result<Volume<u8>> {
+        let v: Volume<f64> = self.read()?;
+        if let Some((i, bad)) =
+            v.data.iter().enumerate().find(|(_, &x)| !(x.fract() == 0.0 && (0.0..=255.0).contains(&x)))
+        {
+            return Err(DataError::bad(
+                &self.path,
+                format!("label value {bad} at voxel {i} is not an integer in 0..=255"),
+            ));
+        }
+        Ok(v.map(|x| x as u8))
+    }
+}
+
+/// Maps `path` read-only.
+fn map_file(path: &Path) -> Result<Bytes> {
+    let file = File::open(path).at(path)?;
+    let len = file.metadata().at(path)?.len();
+    if len == 0 {
+        return Err(DataError::bad(path, "empty file"));
+    }
+    // SAFETY: the mapping is read-only and private to this process. Our writers never modify a
+    // file in place (they write a new file and rename it over the old one, which leaves existing
+    // mappings on the old inode intact); a foreign process truncating the file while mapped is
+    // outside what this program can defend against, as with every mmap-based reader.
+    let map = unsafe { Mmap::map(&file) }.at(path)?;
+    Ok(Bytes::Mapped(map))
+}
