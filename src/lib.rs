@@ -13,9 +13,11 @@
 //! - [`config`]: the daemon's TOML configuration; [`checkpoint`]: atomic checkpoints and resume;
 //!   [`telemetry`]: the names of every exported metric.
 //! - [`data`]: volumes, datasets, importers, synthetic data, augmentation and batches.
-//! - [`error`]: the library's typed errors.
+//! - [`error`]: the library's typed errors; [`check`]: key-named value checks the configs share.
+//! - [`recipe`]: the recipe's numbers, which every default reads.
 //! - [`gpu`]: bf16 autocast, TF32 and CUDA streams through a small C++ shim over libtorch.
 
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod eval;
 pub mod gpu;
 pub mod model;
+pub mod recipe;
 pub mod telemetry;
 pub mod train;
 pub mod uamt;

@@ -16,7 +16,7 @@
 //!
 //! Tensors travel only through bounded crossbeam queues ([`queue`]); actix carries control
 //! messages ([`supervisor`]). Metric names live in [`uamt::telemetry`]; [`emit`] emits them and
-//! [`http`] serves them.
+//! [`http`] serves them. [`setup`] builds a run (dataset, loader, trainer) from a config.
 
 pub mod cmd;
 pub mod emit;
@@ -25,4 +25,5 @@ pub mod http;
 pub mod pipeline;
 pub mod progress;
 pub mod queue;
+pub mod setup;
 pub mod supervisor;

@@ -134,7 +134,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         None => cfg.optim.iterations,
     };
     let q = &cfg.queues;
-    let with_teacher = step_cfg.method != Method::Supervised;
+    let with_teacher = step_cfg.method.kind != Method::Supervised;
     let lag = cfg.method.teacher_lag;
     let threads = cfg.device.stage_threads(with_teacher && lag > 0);
     if run.device.is_cuda() {
@@ -245,7 +245,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         // EMA updater: owns the EMA weights, publishes each version.
         let mut ema = device_copies(teacher.store().trainable().map(|p| &p.tensor));
         sync_device(run.device); // the copies above, before the EMA thread's stream reads them
-        let decay = step_cfg.ema_decay;
+        let decay = step_cfg.method.ema_decay;
         handles.push(spawn("ema", move || {
             set_threads(threads);
             let _stream = OwnStream::new(device)?;
@@ -442,7 +442,7 @@ fn student_loop(
     let readback_every = cfg.telemetry.readback_interval(device);
     let mut pending = Vec::new();
     let tr = &mut run.trainer;
-    let with_teacher = step_cfg.method != Method::Supervised;
+    let with_teacher = step_cfg.method.kind != Method::Supervised;
     for i in start..end {
         if run.stop.load(Ordering::SeqCst) {
             stopped = true;
