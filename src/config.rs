@@ -9,7 +9,7 @@
 //! `Config::demo()` is the built-in demo.
 
 use crate::check::{self, limits};
-use crate::data::{LoaderConfig, SynthConfig};
+use crate::data::{LoaderConfig, SamplerConfig, SynthConfig};
 use crate::eval::InferOptions;
 use crate::gpu::Precision;
 use crate::model::VNetConfig;
@@ -53,12 +53,14 @@ pub struct DataConfig {
     pub synth_dir: PathBuf,
     /// The synthetic dataset's shape.
     pub synth: SynthConfig,
-    /// Patch size, augmentation and batch composition (`patch`, `rot_flip`, `labelled_bs`,
-    /// `unlabelled_bs`, `unlabelled_restart_each_epoch`, keys of `[data]` itself). Its sampler's
-    /// seed is `optim.seed` and its `unlabelled_bs` applies to uamt and mean_teacher only: see
-    /// [`Config::loader`].
+    /// Patch size and augmentation (`patch`, `rot_flip`: keys of `[data]` itself).
     #[serde(flatten)]
     pub loader: LoaderConfig,
+    /// Batch composition (`labelled_bs`, `unlabelled_bs`, `unlabelled_restart_each_epoch`: keys
+    /// of `[data]` itself). Its seed is `optim.seed` and `unlabelled_bs` applies to uamt and
+    /// mean_teacher only: see [`Config::loader`].
+    #[serde(flatten)]
+    pub sampler: SamplerConfig,
 }
 
 impl Default for DataConfig {
@@ -68,6 +70,7 @@ impl Default for DataConfig {
             synth_dir: PathBuf::from("runs/synth"),
             synth: SynthConfig::default(),
             loader: LoaderConfig::default(),
+            sampler: SamplerConfig::default(),
         }
     }
 }
@@ -76,6 +79,7 @@ impl DataConfig {
     /// Checks every value; errors name the key under `prefix` (`data.patch`).
     pub fn validate(&self, prefix: &str) -> Result<()> {
         self.loader.validate(prefix)?;
+        self.sampler.validate(prefix)?;
         if self.dataset.as_os_str().is_empty() {
             self.synth.validate(&check::key(prefix, "synth"))?;
         }
@@ -336,11 +340,15 @@ impl TelemetryConfig {
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let k = |name| check::key(prefix, name);
         if !self.listen.is_empty() && self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(Error::invalid(k("listen"), format!("`{}` is not an address like 127.0.0.1:9184", self.listen)));
+            return Err(Error::invalid(
+                k("listen"),
+                format!("`{}` is not an address like 127.0.0.1:9184", self.listen),
+            ));
         }
         check::range(&k("log_every"), self.log_every, 1, i64::MAX)?;
-        check::range(&k("readback_every"), self.readback_every, 0, i64::MAX)
-            .map_err(|_| Error::invalid(k("readback_every"), format!("must be >= 0 (0: automatic), got {}", self.readback_every)))
+        check::range(&k("readback_every"), self.readback_every, 0, i64::MAX).map_err(|_| {
+            Error::invalid(k("readback_every"), format!("must be >= 0 (0: automatic), got {}", self.readback_every))
+        })
     }
 }
 
@@ -391,17 +399,16 @@ impl Config {
         StepConfig {
             method: self.method.clone(),
             optim: self.optim.clone(),
-            labelled_bs: self.data.loader.sampler.labelled_bs as i64,
+            labelled_bs: self.data.sampler.labelled_bs as i64,
         }
     }
 
     /// The patch loader's settings: `[data]`'s, seeded by `optim.seed`, with no unlabelled
     /// patches for supervised training.
     pub fn loader(&self) -> LoaderConfig {
-        let mut l = self.data.loader.clone();
-        l.sampler.seed = self.optim.seed;
-        l.sampler.unlabelled_bs = self.unlabelled_bs();
-        l
+        let sampler =
+            SamplerConfig { seed: self.optim.seed, unlabelled_bs: self.unlabelled_bs(), ..self.data.sampler.clone() };
+        LoaderConfig { sampler, ..self.data.loader.clone() }
     }
 
     /// Unlabelled patches per batch for the chosen method (0 when supervised).
@@ -409,7 +416,7 @@ impl Config {
         if self.method.kind == Method::Supervised {
             0
         } else {
-            self.data.loader.sampler.unlabelled_bs
+            self.data.sampler.unlabelled_bs
         }
     }
 
@@ -436,7 +443,7 @@ impl Config {
                 format!("the data loader produces 1 channel, got {}", self.model.n_channels),
             ));
         }
-        if self.method.kind != Method::Supervised && self.data.loader.sampler.unlabelled_bs == 0 {
+        if self.method.kind != Method::Supervised && self.data.sampler.unlabelled_bs == 0 {
             return Err(Error::invalid("data.unlabelled_bs", "must be >= 1 for uamt and mean_teacher"));
         }
         // The teacher may run teacher_lag + 1 iterations ahead of the student; the two queues that

@@ -9,9 +9,9 @@
 
 use crate::gpu::Precision;
 use crate::model::{Dropout, DropoutMasks, Init, VNet, VNetConfig};
+pub use crate::uamt::Method;
 use crate::uamt::{self, losses, rng, Sgd};
 use crate::{check, recipe, Error, Result};
-pub use crate::uamt::Method;
 use tch::{Device, Kind, Tensor};
 
 /// The method and its hyper-parameters: the config file's `[method]` section.
@@ -598,7 +598,12 @@ impl Trainer {
         let cfg = &self.cfg;
         let (iter, l) = (self.iter, cfg.labelled_bs);
         let sup = losses::supervised_loss(&logits.narrow(0, 0, l), labels);
-        let weight = uamt::consistency_weight(iter, cfg.method.consistency, cfg.method.consistency_interval, cfg.method.consistency_rampup);
+        let weight = uamt::consistency_weight(
+            iter,
+            cfg.method.consistency,
+            cfg.method.consistency_interval,
+            cfg.method.consistency_rampup,
+        );
         let (loss, consistency, mask_fraction, threshold) = match guidance {
             Some(g) => {
                 let b = logits.size()[0];

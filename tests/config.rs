@@ -144,7 +144,8 @@ fn nan_and_infinity_are_refused_for_every_float_key() {
         assert!(err.contains("data.synth.spacing"), "{err}");
     }
     // A synthetic spacing counts only when the synthetic data is used.
-    assert!(Config::from_toml("[data]\ndataset = \"d\"\n[data.synth]\nspacing = [1.0, nan, 1.0]", Path::new("h.toml")).is_ok());
+    assert!(Config::from_toml("[data]\ndataset = \"d\"\n[data.synth]\nspacing = [1.0, nan, 1.0]", Path::new("h.toml"))
+        .is_ok());
 }
 
 #[test]

@@ -366,14 +366,19 @@ fn a_checkpoint_trained_for_a_gpu_evaluates_on_the_cpu_with_device_cpu() {
     // `--device cpu` evaluates it on a machine with or without a GPU.
     let dir = tmp("cuda-checkpoint");
     let data = dir.join("data");
-    write_synth(&data, &SynthConfig { cases: 1, labelled: 1, test: 1, size: [32, 32, 16], ..SynthConfig::default() }, false)
-        .unwrap();
+    write_synth(
+        &data,
+        &SynthConfig { cases: 1, labelled: 1, test: 1, size: [32, 32, 16], ..SynthConfig::default() },
+        false,
+    )
+    .unwrap();
     let mut config = Config::demo();
     config.device.device = "cuda".into();
     let text = config.to_toml();
     assert!(text.contains("device = \"cuda\""), "{text}");
     let tr = Trainer::seeded(&config.model, config.step_config(), Device::Cpu, 3).unwrap();
     let ck = Snapshot::of_trainer(&tr, 3, &text).write_atomic(&dir.join("ck")).unwrap();
-    let o = run(&["--checkpoint", ck.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--device", "cpu", "--json"]);
+    let o =
+        run(&["--checkpoint", ck.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--device", "cpu", "--json"]);
     assert_eq!(json(&o)["cases"].as_array().unwrap().len(), 1);
 }

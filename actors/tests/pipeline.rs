@@ -9,8 +9,8 @@ use tch::Device;
 use uamt::checkpoint::{self, Snapshot};
 use uamt::config::Config;
 use uamt::train::{Method, StepReport, Trainer};
-use uamt_actors::setup::{loader, open_dataset};
 use uamt_actors::pipeline::{self, Outcome, Run};
+use uamt_actors::setup::{loader, open_dataset};
 
 /// A tiny config on a synthetic dataset made once per test binary.
 fn config(dir: &Path, method: Method, iterations: i64) -> Config {

@@ -152,8 +152,9 @@ pub struct LoaderConfig {
     pub patch: [usize; 3],
     /// Random rot90 + flip before the crop (the recipe: on).
     pub rot_flip: bool,
-    /// The batch composition and seed (its keys sit beside `patch` in the file).
-    #[serde(flatten)]
+    /// The batch composition and seed. Not part of the serialised form: the config file's
+    /// `[data]` holds the [`SamplerConfig`] beside this one (see `uamt::config::Config::loader`).
+    #[serde(skip)]
     pub sampler: SamplerConfig,
 }
 
@@ -164,10 +165,10 @@ impl Default for LoaderConfig {
 }
 
 impl LoaderConfig {
-    /// Checks the patch and the batch sizes; errors name the key under `prefix` (`data.patch`).
+    /// Checks the patch (a V-Net input: sides divisible by 16); errors name the key under
+    /// `prefix` (`data.patch`). The sampler validates itself.
     pub fn validate(&self, prefix: &str) -> crate::Result<()> {
-        check::patch(&check::key(prefix, "patch"), self.patch, limits::PATCH_SIDE)?;
-        self.sampler.validate(prefix)
+        check::patch(&check::key(prefix, "patch"), self.patch, limits::PATCH_SIDE)
     }
 }
 

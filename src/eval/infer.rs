@@ -13,10 +13,10 @@
 //! batching the windows ([`InferOptions::batch_size`]) does not change the result. An optional
 //! largest-connected-component step ([`largest_component`]) follows; the reference has none.
 
+use crate::check::{self, limits};
 use crate::data::Volume;
 use crate::model::{Dropout, DropoutMasks, VNet};
 use crate::uamt::rng;
-use crate::check::{self, limits};
 use crate::{recipe, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};

@@ -135,8 +135,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
             Some(d) => open(d)?,
             None => crate::setup::open_dataset(&cfg)?,
         };
-        let teacher =
-            snap.teacher.as_ref().map(|t| model_from_named(&cfg.model, args.device, t, ck)).transpose()?;
+        let teacher = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model, args.device, t, ck)).transpose()?;
         let (model, teacher) = if args.teacher {
             let t = teacher.ok_or_else(|| {
                 anyhow::anyhow!("{}: --teacher, but this checkpoint has no teacher (supervised training)", ck.display())

@@ -2,9 +2,9 @@
 //! first use, 4 filters, 32x32x16 patches, CPU, a few minutes on 2 cores).
 
 use crate::pipeline::{self, Run};
+use crate::setup::{loader, open_dataset, trainer};
 use crate::supervisor::{Controls, Supervisor};
 use actix::Actor;
-use crate::setup::{loader, open_dataset, trainer};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use uamt::config::Config;
