@@ -1,10 +1,19 @@
 //! The daemon's configuration: one TOML file, every field defaulted and documented, unknown keys
-//! rejected, ranges checked at start-up with an error that names the key.
+//! rejected, values checked with an error that names the key.
 //!
-//! The defaults are the recipe's full LA settings; `Config::demo()` is the built-in demo.
+//! Each section is its component's own config (`[model]` is [`VNetConfig`], `[method]` and
+//! `[optim]` are the training step's, `[data]` holds the [`LoaderConfig`] and [`SynthConfig`],
+//! `[eval]` the sliding window's [`InferOptions`]); each validates itself and
+//! [`Config::validate`] calls them in turn. Validation is static: nothing here asks the hardware;
+//! [`DeviceConfig::resolve`] does, at start-up. The defaults are the recipe's full LA settings;
+//! `Config::demo()` is the built-in demo.
 
-use crate::model::{Normalization, VNetConfig};
-use crate::train::{Method, StepConfig};
+use crate::check::{self, limits};
+use crate::data::{LoaderConfig, SamplerConfig, SynthConfig};
+use crate::eval::InferOptions;
+use crate::gpu::Precision;
+use crate::model::VNetConfig;
+use crate::train::{Method, MethodConfig, OptimConfig, StepConfig};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -16,7 +25,7 @@ pub struct Config {
     /// Where the training data come from and how patches are cut.
     pub data: DataConfig,
     /// The network.
-    pub model: ModelConfig,
+    pub model: VNetConfig,
     /// UA-MT, Mean Teacher or supervised, and their hyper-parameters.
     pub method: MethodConfig,
     /// Optimiser, schedule, length and seed.
@@ -43,15 +52,15 @@ pub struct DataConfig {
     /// Where the synthetic dataset lives when `dataset` is empty.
     pub synth_dir: PathBuf,
     /// The synthetic dataset's shape.
-    pub synth: SynthSection,
-    /// Patch size `[X, Y, Z]`; each side divisible by 16.
-    pub patch: [usize; 3],
-    /// Labelled patches at the head of each batch.
-    pub labelled_bs: usize,
-    /// Unlabelled patches after them (ignored for supervised training).
-    pub unlabelled_bs: usize,
-    /// Random rot90 + flip before the crop.
-    pub rot_flip: bool,
+    pub synth: SynthConfig,
+    /// Patch size and augmentation (`patch`, `rot_flip`: keys of `[data]` itself).
+    #[serde(flatten)]
+    pub loader: LoaderConfig,
+    /// Batch composition (`labelled_bs`, `unlabelled_bs`, `unlabelled_restart_each_epoch`: keys
+    /// of `[data]` itself). Its seed is `optim.seed` and `unlabelled_bs` applies to uamt and
+    /// mean_teacher only: see [`Config::loader`].
+    #[serde(flatten)]
+    pub sampler: SamplerConfig,
 }
 
 impl Default for DataConfig {
@@ -59,161 +68,22 @@ impl Default for DataConfig {
         DataConfig {
             dataset: PathBuf::new(),
             synth_dir: PathBuf::from("runs/synth"),
-            synth: SynthSection::default(),
-            patch: [112, 112, 80],
-            labelled_bs: 2,
-            unlabelled_bs: 2,
-            rot_flip: true,
+            synth: SynthConfig::default(),
+            loader: LoaderConfig::default(),
+            sampler: SamplerConfig::default(),
         }
     }
 }
 
-/// `[data.synth]`
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SynthSection {
-    /// Training cases.
-    pub cases: usize,
-    /// Of which the first this many are labelled.
-    pub labelled: usize,
-    /// Test cases.
-    pub test: usize,
-    /// Volume size `[X, Y, Z]`.
-    pub size: [usize; 3],
-    /// Seed of the generator.
-    pub seed: u64,
-}
-
-impl Default for SynthSection {
-    fn default() -> Self {
-        SynthSection { cases: 10, labelled: 2, test: 2, size: [48, 48, 32], seed: 7 }
-    }
-}
-
-/// `[model]`
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    /// Input channels.
-    pub n_channels: i64,
-    /// Output classes.
-    pub n_classes: i64,
-    /// Channels at the first level.
-    pub n_filters: i64,
-    /// `batchnorm` or `none`.
-    pub normalization: Normalization,
-    /// Dropout3d probability on x5 and x9 (0 disables dropout).
-    pub dropout_p: f64,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        let v = VNetConfig::default();
-        ModelConfig {
-            n_channels: v.n_channels,
-            n_classes: v.n_classes,
-            n_filters: v.n_filters,
-            normalization: v.normalization,
-            dropout_p: v.dropout_p,
+impl DataConfig {
+    /// Checks every value; errors name the key under `prefix` (`data.patch`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        self.loader.validate(prefix)?;
+        self.sampler.validate(prefix)?;
+        if self.dataset.as_os_str().is_empty() {
+            self.synth.validate(&check::key(prefix, "synth"))?;
         }
-    }
-}
-
-impl ModelConfig {
-    /// The network these settings describe.
-    pub fn vnet(&self) -> VNetConfig {
-        VNetConfig {
-            n_channels: self.n_channels,
-            n_classes: self.n_classes,
-            n_filters: self.n_filters,
-            normalization: self.normalization,
-            has_dropout: self.dropout_p > 0.0,
-            dropout_p: self.dropout_p,
-        }
-    }
-}
-
-/// `[method]`
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MethodConfig {
-    /// `uamt`, `mean_teacher` or `supervised`.
-    pub kind: Method,
-    /// Monte-Carlo teacher passes T.
-    pub mc_passes: i64,
-    /// Copies of the unlabelled patches per teacher forward (2 in the reference).
-    pub mc_repeats: i64,
-    /// Batch the Monte-Carlo forwards into one, BatchNorm statistics still per original
-    /// forward: the reference's numbers, fewer and larger kernels (default off).
-    pub mc_batched: bool,
-    /// Standard deviation of the teacher's input noise.
-    pub noise_std: f64,
-    /// Noise clamp.
-    pub noise_clip: f64,
-    /// Maximum consistency weight.
-    pub consistency: f64,
-    /// The consistency ramp counts in units of this many iterations.
-    pub consistency_interval: i64,
-    /// Length of the consistency ramp-up in those units.
-    pub consistency_rampup: f64,
-    /// EMA decay ceiling.
-    pub ema_decay: f64,
-    /// 0: the teacher of iteration i is the EMA after step i-1 (the reference, exact);
-    /// 1: one step older, so its passes overlap the whole student step.
-    pub teacher_lag: i64,
-}
-
-impl Default for MethodConfig {
-    fn default() -> Self {
-        let s = StepConfig::default();
-        MethodConfig {
-            kind: s.method,
-            mc_passes: s.mc_passes,
-            mc_repeats: s.mc_repeats,
-            mc_batched: s.mc_batched,
-            noise_std: s.noise_std,
-            noise_clip: s.noise_clip,
-            consistency: s.consistency,
-            consistency_interval: s.consistency_interval,
-            consistency_rampup: s.consistency_rampup,
-            ema_decay: s.ema_decay,
-            teacher_lag: 0,
-        }
-    }
-}
-
-/// `[optim]`
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    /// Training iterations.
-    pub iterations: i64,
-    /// Initial learning rate.
-    pub base_lr: f64,
-    /// Learning-rate drop interval.
-    pub lr_step: i64,
-    /// Learning-rate drop factor.
-    pub lr_gamma: f64,
-    /// SGD momentum.
-    pub momentum: f64,
-    /// SGD weight decay.
-    pub weight_decay: f64,
-    /// Seed of initialisation, sampling, augmentation, noise and dropout.
-    pub seed: u64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        let s = StepConfig::default();
-        OptimConfig {
-            iterations: s.max_iter,
-            base_lr: s.base_lr,
-            lr_step: s.lr_step,
-            lr_gamma: s.lr_gamma,
-            momentum: s.momentum,
-            weight_decay: s.weight_decay,
-            seed: 1337,
-        }
+        Ok(())
     }
 }
 
@@ -241,18 +111,21 @@ impl Default for QueueConfig {
     }
 }
 
-/// Numeric precision of the forward and backward passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Precision {
-    /// fp32 with libtorch's defaults, as the reference runs (cuDNN may use TF32 for
-    /// convolutions on Ampere and newer; matmuls stay fp32).
-    Fp32,
-    /// TF32 tensor cores for cuDNN convolutions and cuBLAS matmuls (CUDA only).
-    Tf32,
-    /// bfloat16 autocast: convolutions in bf16, BatchNorm, softmax, the losses, the weights and
-    /// the optimiser in fp32 (CUDA, where it pays; also runs on the CPU).
-    Bf16,
+impl QueueConfig {
+    /// Checks every capacity; errors name the key under `prefix` (`queues.batches`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        for (name, v) in [
+            ("batches", self.batches),
+            ("teacher", self.teacher),
+            ("guidance", self.guidance),
+            ("params", self.params),
+            ("teacher_params", self.teacher_params),
+        ] {
+            check::range(&k(name), v, 1, limits::QUEUE)?;
+        }
+        check::range(&k("loader_workers"), self.loader_workers, 1, limits::LOADER_WORKERS)
+    }
 }
 
 /// How the training stages are scheduled (`device.schedule`).
@@ -302,6 +175,52 @@ impl Default for DeviceConfig {
     }
 }
 
+/// What `device.device` asks for, read without asking the hardware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// `cpu`.
+    Cpu,
+    /// `auto`: CUDA when available.
+    Auto,
+    /// `cuda` (GPU 0) or `cuda:N`.
+    Cuda(usize),
+}
+
+impl DeviceRequest {
+    /// Parses `cpu`, `auto`, `cuda` or `cuda:N`; the error names `key`.
+    pub fn parse(key: &str, s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "auto" => Ok(DeviceRequest::Auto),
+            "cuda" => Ok(DeviceRequest::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceRequest::Cuda)
+                .ok_or_else(|| Error::invalid(key, format!("`{s}` is not cpu, auto, cuda or cuda:N"))),
+        }
+    }
+
+    /// The libtorch device on this machine: a GPU that is not there is refused (by `key`).
+    pub fn resolve(self, key: &str) -> Result<tch::Device> {
+        match self {
+            DeviceRequest::Cpu => Ok(tch::Device::Cpu),
+            DeviceRequest::Auto => Ok(tch::Device::cuda_if_available()),
+            DeviceRequest::Cuda(n) => {
+                let count = tch::Cuda::device_count().max(0) as usize;
+                if n < count {
+                    Ok(tch::Device::Cuda(n))
+                } else {
+                    Err(Error::invalid(
+                        key,
+                        format!("`cuda:{n}` asked for, but libtorch sees {count} CUDA device(s) (no driver or no GPU?); use \"auto\" to fall back to the CPU"),
+                    ))
+                }
+            }
+        }
+    }
+}
+
 impl DeviceConfig {
     /// The intra-op thread count each compute stage sets (0: leave libtorch's default). With
     /// `threads = 0` on the CPU: every core when the stages take turns (the sequential loop, the
@@ -322,31 +241,24 @@ impl DeviceConfig {
         }
     }
 
-    /// The libtorch device.
-    pub fn resolve(&self) -> Result<tch::Device> {
-        match self.device.as_str() {
-            "cpu" => Ok(tch::Device::Cpu),
-            "auto" => Ok(tch::Device::cuda_if_available()),
-            "cuda" => Self::cuda(0),
-            s => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| Error::invalid("device.device", format!("`{s}` is not cpu, auto, cuda or cuda:N")))
-                .and_then(Self::cuda),
+    /// Checks the values without asking the hardware; errors name the key under `prefix`.
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        let wanted = DeviceRequest::parse(&k("device"), &self.device)?;
+        if self.precision == Precision::Tf32 && wanted == DeviceRequest::Cpu {
+            return Err(Error::invalid(
+                k("precision"),
+                "tf32 is a CUDA setting (tensor cores); on the CPU use fp32 or bf16",
+            ));
         }
+        check::range(&k("threads"), self.threads, 0, limits::THREADS)
     }
 
-    /// GPU `n`, refused by name when this machine (or this libtorch) has no such device.
-    fn cuda(n: usize) -> Result<tch::Device> {
-        let count = tch::Cuda::device_count() as usize;
-        if n < count {
-            Ok(tch::Device::Cuda(n))
-        } else {
-            Err(Error::invalid(
-                "device.device",
-                format!("`cuda:{n}` asked for, but libtorch sees {count} CUDA device(s) (no driver or no GPU?); use \"auto\" to fall back to the CPU"),
-            ))
-        }
+    /// The libtorch device, at start-up: a GPU that this machine (or this libtorch) does not
+    /// have is refused, naming `device.device`.
+    pub fn resolve(&self) -> Result<tch::Device> {
+        const KEY: &str = "device.device";
+        DeviceRequest::parse(KEY, &self.device)?.resolve(KEY)
     }
 }
 
@@ -354,7 +266,7 @@ impl DeviceConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Folder of this run's checkpoints.
+    /// Folder of this run's checkpoints (not empty).
     pub dir: PathBuf,
     /// Write one every this many iterations (0: only at the end and at shutdown).
     pub every: i64,
@@ -368,6 +280,18 @@ impl Default for CheckpointConfig {
     }
 }
 
+impl CheckpointConfig {
+    /// Checks every value; errors name the key under `prefix` (`checkpoint.dir`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        if self.dir.as_os_str().is_empty() {
+            return Err(Error::invalid(k("dir"), "must name a folder"));
+        }
+        check::range(&k("every"), self.every, 0, i64::MAX)?;
+        check::range(&k("keep"), self.keep, 1, usize::MAX)
+    }
+}
+
 /// `[eval]`
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -378,10 +302,10 @@ pub struct EvalConfig {
     pub watch_dir: PathBuf,
     /// Where reports go.
     pub report_dir: PathBuf,
-    /// Sliding-window patch.
-    pub patch: [usize; 3],
-    /// Sliding-window strides `[x, y, z]`.
-    pub stride: [usize; 3],
+    /// The sliding window (`patch`, `stride`, `batch_size`, `largest_component`, keys of
+    /// `[eval]` itself).
+    #[serde(flatten)]
+    pub window: InferOptions,
 }
 
 impl Default for EvalConfig {
@@ -390,9 +314,16 @@ impl Default for EvalConfig {
             every: 0,
             watch_dir: PathBuf::new(),
             report_dir: PathBuf::from("runs/default/eval"),
-            patch: [112, 112, 80],
-            stride: [18, 18, 4],
+            window: InferOptions::default(),
         }
+    }
+}
+
+impl EvalConfig {
+    /// Checks every value; errors name the key under `prefix` (`eval.stride`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        check::range(&check::key(prefix, "every"), self.every, 0, i64::MAX)?;
+        self.window.validate(prefix)
     }
 }
 
@@ -426,6 +357,21 @@ impl TelemetryConfig {
             n => n,
         }
     }
+
+    /// Checks every value; errors name the key under `prefix` (`telemetry.listen`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        if !self.listen.is_empty() && self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Error::invalid(
+                k("listen"),
+                format!("`{}` is not an address like 127.0.0.1:9184", self.listen),
+            ));
+        }
+        check::range(&k("log_every"), self.log_every, 1, i64::MAX)?;
+        check::range(&k("readback_every"), self.readback_every, 0, i64::MAX).map_err(|_| {
+            Error::invalid(k("readback_every"), format!("must be >= 0 (0: automatic), got {}", self.readback_every))
+        })
+    }
 }
 
 impl Config {
@@ -433,7 +379,7 @@ impl Config {
     pub fn demo() -> Self {
         let mut c = Config::default();
         c.data.synth_dir = PathBuf::from("runs/demo/synth");
-        c.data.patch = [32, 32, 16];
+        c.data.loader.patch = [32, 32, 16];
         c.model.n_filters = 4;
         c.optim.iterations = 300;
         c.method.consistency_interval = 5;
@@ -442,13 +388,14 @@ impl Config {
         c.checkpoint.every = 100;
         c.eval.every = 150;
         c.eval.report_dir = PathBuf::from("runs/demo/eval");
-        c.eval.patch = [32, 32, 16];
-        c.eval.stride = [8, 8, 4];
+        c.eval.window.patch = [32, 32, 16];
+        c.eval.window.stride = [8, 8, 4];
         c.telemetry.log_every = 20;
         c
     }
 
-    /// Parses TOML text; `origin` names the source in errors.
+    /// Parses and validates TOML text; `origin` names the source in errors. Static: a config
+    /// that names a GPU parses on a machine without one.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self> {
         let c: Config = toml::from_str(text).map_err(|e| Error::File {
             path: origin.to_path_buf(),
@@ -469,28 +416,21 @@ impl Config {
         toml::to_string(self).unwrap_or_default()
     }
 
-    /// Hyper-parameters of one training step.
+    /// Everything one training step needs: `[method]`, `[optim]` and `data.labelled_bs`.
     pub fn step_config(&self) -> StepConfig {
-        let m = &self.method;
         StepConfig {
-            method: m.kind,
-            labelled_bs: self.data.labelled_bs as i64,
-            mc_passes: m.mc_passes,
-            mc_repeats: m.mc_repeats,
-            mc_batched: m.mc_batched,
-            noise_std: m.noise_std,
-            noise_clip: m.noise_clip,
-            consistency: m.consistency,
-            consistency_interval: m.consistency_interval,
-            consistency_rampup: m.consistency_rampup,
-            max_iter: self.optim.iterations,
-            ema_decay: m.ema_decay,
-            base_lr: self.optim.base_lr,
-            lr_step: self.optim.lr_step,
-            lr_gamma: self.optim.lr_gamma,
-            momentum: self.optim.momentum,
-            weight_decay: self.optim.weight_decay,
+            method: self.method.clone(),
+            optim: self.optim.clone(),
+            labelled_bs: self.data.sampler.labelled_bs as i64,
         }
+    }
+
+    /// The patch loader's settings: `[data]`'s, seeded by `optim.seed`, with no unlabelled
+    /// patches for supervised training.
+    pub fn loader(&self) -> LoaderConfig {
+        let sampler =
+            SamplerConfig { seed: self.optim.seed, unlabelled_bs: self.unlabelled_bs(), ..self.data.sampler.clone() };
+        LoaderConfig { sampler, ..self.data.loader.clone() }
     }
 
     /// Unlabelled patches per batch for the chosen method (0 when supervised).
@@ -498,133 +438,43 @@ impl Config {
         if self.method.kind == Method::Supervised {
             0
         } else {
-            self.data.unlabelled_bs
+            self.data.sampler.unlabelled_bs
         }
     }
 
-    /// Checks every range; the error names the key (`section.field`).
+    /// Checks every value, section by section, then the rules that tie sections together;
+    /// the error names the key (`section.field`). Asks no hardware.
     pub fn validate(&self) -> Result<()> {
-        let bad = |k: &str, why: String| Err(Error::invalid(k, why));
-        if let Some(s) = self.data.patch.iter().find(|s| **s == 0 || **s % 16 != 0) {
-            return bad(
-                "data.patch",
-                format!("every side must be a positive multiple of 16, got {s} in {:?}", self.data.patch),
-            );
-        }
-        if self.data.labelled_bs == 0 {
-            return bad("data.labelled_bs", "must be >= 1".into());
-        }
-        if self.method.kind != Method::Supervised && self.data.unlabelled_bs == 0 {
-            return bad("data.unlabelled_bs", "must be >= 1 for uamt and mean_teacher".into());
-        }
-        let s = &self.data.synth;
-        if self.data.dataset.as_os_str().is_empty()
-            && (s.cases == 0 || s.labelled == 0 || s.labelled > s.cases || s.size.contains(&0))
-        {
-            return bad("data.synth", format!("need cases >= labelled >= 1 and a non-empty size, got {s:?}"));
-        }
+        self.data.validate("data")?;
+        self.model.validate("model")?;
+        self.method.validate("method")?;
+        self.optim.validate("optim")?;
+        self.queues.validate("queues")?;
+        self.device.validate("device")?;
+        self.checkpoint.validate("checkpoint")?;
+        self.eval.validate("eval")?;
+        self.telemetry.validate("telemetry")?;
+        self.validate_across()
+    }
+
+    /// The rules between sections.
+    fn validate_across(&self) -> Result<()> {
         if self.model.n_channels != 1 {
-            return bad(
+            return Err(Error::invalid(
                 "model.n_channels",
                 format!("the data loader produces 1 channel, got {}", self.model.n_channels),
-            );
+            ));
         }
-        if self.model.n_classes < 2 {
-            return bad("model.n_classes", format!("must be >= 2, got {}", self.model.n_classes));
-        }
-        if self.model.n_filters < 1 {
-            return bad("model.n_filters", format!("must be >= 1, got {}", self.model.n_filters));
-        }
-        if !(0.0..1.0).contains(&self.model.dropout_p) {
-            return bad("model.dropout_p", format!("must be in [0, 1), got {}", self.model.dropout_p));
-        }
-        let m = &self.method;
-        if m.kind == Method::Uamt && (m.mc_passes < 1 || m.mc_repeats < 1 || m.mc_passes % m.mc_repeats != 0) {
-            return bad(
-                "method.mc_passes",
-                format!("must be a positive multiple of method.mc_repeats ({}), got {}", m.mc_repeats, m.mc_passes),
-            );
-        }
-        if m.noise_std < 0.0 || m.noise_clip < 0.0 {
-            return bad("method.noise_std", "noise_std and noise_clip must be >= 0".into());
-        }
-        if m.consistency < 0.0 || m.consistency_rampup < 0.0 {
-            return bad("method.consistency", "consistency and consistency_rampup must be >= 0".into());
-        }
-        if m.consistency_interval < 1 {
-            return bad("method.consistency_interval", format!("must be >= 1, got {}", m.consistency_interval));
-        }
-        if !(0.0..=1.0).contains(&m.ema_decay) {
-            return bad("method.ema_decay", format!("must be in [0, 1], got {}", m.ema_decay));
-        }
-        if !(0..=4).contains(&m.teacher_lag) {
-            return bad("method.teacher_lag", format!("must be in 0..=4, got {}", m.teacher_lag));
-        }
-        let o = &self.optim;
-        if o.iterations < 1 {
-            return bad("optim.iterations", format!("must be >= 1, got {}", o.iterations));
-        }
-        if !(o.base_lr > 0.0 && o.base_lr.is_finite()) {
-            return bad("optim.base_lr", format!("must be a positive number, got {}", o.base_lr));
-        }
-        if o.momentum < 0.0 || o.weight_decay < 0.0 || o.lr_gamma <= 0.0 {
-            return bad("optim.momentum", "momentum and weight_decay must be >= 0, lr_gamma > 0".into());
-        }
-        let q = &self.queues;
-        for (k, v) in [
-            ("queues.batches", q.batches),
-            ("queues.loader_workers", q.loader_workers),
-            ("queues.teacher", q.teacher),
-            ("queues.guidance", q.guidance),
-        ] {
-            if v == 0 {
-                return bad(k, "must be >= 1".into());
-            }
+        if self.method.kind != Method::Supervised && self.data.sampler.unlabelled_bs == 0 {
+            return Err(Error::invalid("data.unlabelled_bs", "must be >= 1 for uamt and mean_teacher"));
         }
         // The teacher may run teacher_lag + 1 iterations ahead of the student; the two queues that
         // close the loop must hold that many items or the pipeline could wait on itself.
-        let need = m.teacher_lag as usize + 1;
-        for (k, v) in [("queues.params", q.params), ("queues.teacher_params", q.teacher_params)] {
+        let need = self.method.teacher_lag as usize + 1;
+        for (k, v) in [("queues.params", self.queues.params), ("queues.teacher_params", self.queues.teacher_params)] {
             if v < need {
-                return bad(k, format!("must be >= method.teacher_lag + 1 = {need}, got {v}"));
+                return Err(Error::invalid(k, format!("must be >= method.teacher_lag + 1 = {need}, got {v}")));
             }
-        }
-        if q.loader_workers > 64 {
-            return bad("queues.loader_workers", format!("at most 64, got {}", q.loader_workers));
-        }
-        self.device.resolve()?;
-        if self.device.precision == Precision::Tf32 && self.device.device == "cpu" {
-            return bad(
-                "device.precision",
-                "tf32 is a CUDA setting (tensor cores); on the CPU use fp32 or bf16".into(),
-            );
-        }
-        if self.device.threads > 256 {
-            return bad("device.threads", format!("at most 256, got {}", self.device.threads));
-        }
-        if self.checkpoint.keep == 0 {
-            return bad("checkpoint.keep", "must be >= 1".into());
-        }
-        if self.checkpoint.every < 0 || self.eval.every < 0 {
-            return bad("checkpoint.every", "checkpoint.every and eval.every must be >= 0".into());
-        }
-        if self.eval.stride.contains(&0) || self.eval.patch.iter().any(|s| *s == 0 || s % 16 != 0) {
-            return bad("eval.stride", "eval.stride must be positive and eval.patch multiples of 16".into());
-        }
-        if !self.telemetry.listen.is_empty() && self.telemetry.listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad(
-                "telemetry.listen",
-                format!("`{}` is not an address like 127.0.0.1:9184", self.telemetry.listen),
-            );
-        }
-        if self.telemetry.readback_every < 0 {
-            return bad(
-                "telemetry.readback_every",
-                format!("must be >= 0 (0: automatic), got {}", self.telemetry.readback_every),
-            );
-        }
-        if self.telemetry.log_every < 1 {
-            return bad("telemetry.log_every", "must be >= 1".into());
         }
         Ok(())
     }

@@ -36,6 +36,20 @@ extern "C" {
     fn uamt_tensor_record_stream(tensor: *mut c_void, device: c_int, stream: i64) -> c_int;
 }
 
+/// Numeric precision of the forward and backward passes (`device.precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// fp32 with libtorch's defaults, as the reference runs (cuDNN may use TF32 for
+    /// convolutions on Ampere and newer; matmuls stay fp32).
+    Fp32,
+    /// TF32 tensor cores for cuDNN convolutions and cuBLAS matmuls (CUDA only).
+    Tf32,
+    /// bfloat16 autocast: convolutions in bf16, BatchNorm, softmax, the losses, the weights and
+    /// the optimiser in fp32 (CUDA, where it pays; also runs on the CPU).
+    Bf16,
+}
+
 /// Turns a shim status into a result naming `what`.
 fn check(rc: c_int, what: &str) -> Result<()> {
     if rc == 0 {

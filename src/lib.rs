@@ -17,9 +17,11 @@
 //! - [`fsutil`]: atomic file writing (temporary name, sync, rename, folder sync) for every writer.
 //! - [`data`]: volumes, datasets, importers, synthetic data, augmentation and batches.
 //! - [`eval`]: sliding-window inference, Monte-Carlo uncertainty maps, metrics and reports.
-//! - [`error`]: the library's typed errors.
+//! - [`error`]: the library's typed errors; [`check`]: key-named value checks the configs share.
+//! - [`recipe`]: the recipe's numbers, which every default reads.
 //! - [`gpu`]: bf16 autocast, TF32 and CUDA streams through a small C++ shim over libtorch.
 
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -29,6 +31,7 @@ pub mod fsutil;
 pub mod gpu;
 pub mod method;
 pub mod model;
+pub mod recipe;
 pub mod rng;
 pub mod telemetry;
 pub mod train;

@@ -7,32 +7,20 @@
 //! unlabelled part; backward; SGD; EMA. All randomness (noise, dropout masks) comes in a
 //! [`StepRandom`], drawn from a seed and the iteration, so any thread can draw any part of it.
 
-use crate::config::Precision;
+use crate::gpu::Precision;
+pub use crate::method::Method;
 use crate::method::{self, losses, Sgd};
 use crate::model::{Dropout, DropoutMasks, Init, VNet, VNetConfig};
 use crate::rng;
-use crate::{Error, Result};
+use crate::{check, recipe, Error, Result};
 use tch::{Device, Kind, Tensor};
 
-/// Which method a step runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// Uncertainty-aware mean teacher: consistency only where the teacher is certain.
-    Uamt,
-    /// Mean teacher: consistency everywhere (mask all ones), no Monte-Carlo passes.
-    MeanTeacher,
-    /// Labelled patches only, no teacher.
-    Supervised,
-}
-
-/// Hyper-parameters of one step; the defaults are the recipe's.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StepConfig {
-    /// The method.
-    pub method: Method,
-    /// Labelled patches at the head of each batch.
-    pub labelled_bs: i64,
+/// The method and its hyper-parameters: the config file's `[method]` section.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MethodConfig {
+    /// `uamt`, `mean_teacher` or `supervised`.
+    pub kind: Method,
     /// Monte-Carlo teacher passes T for the uncertainty.
     pub mc_passes: i64,
     /// Copies of the unlabelled patches per teacher forward (the reference: 2, so T=8 is 4 forwards
@@ -41,7 +29,7 @@ pub struct StepConfig {
     /// Run the `mc_passes / mc_repeats` Monte-Carlo forwards as one batched forward with
     /// BatchNorm statistics still taken per original forward (see [`VNet::forward_grouped`]):
     /// the same logits and running statistics as the reference's separate forwards, fewer and
-    /// bigger kernels.
+    /// bigger kernels (default off).
     pub mc_batched: bool,
     /// Standard deviation of the teacher's input noise.
     pub noise_std: f64,
@@ -53,10 +41,71 @@ pub struct StepConfig {
     pub consistency_interval: i64,
     /// Length of the consistency ramp-up, in those units.
     pub consistency_rampup: f64,
-    /// Total iterations (the threshold ramps up over them).
-    pub max_iter: i64,
     /// EMA decay ceiling.
     pub ema_decay: f64,
+    /// For the actor pipeline (the sequential [`Trainer`] ignores it). 0: the teacher of
+    /// iteration i is the EMA after step i-1 (the reference, exact); 1: one step older, so its
+    /// passes overlap the whole student step.
+    pub teacher_lag: i64,
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        MethodConfig {
+            kind: Method::Uamt,
+            mc_passes: recipe::MC_PASSES,
+            mc_repeats: recipe::MC_REPEATS,
+            mc_batched: false,
+            noise_std: recipe::NOISE_STD,
+            noise_clip: recipe::NOISE_CLIP,
+            consistency: recipe::CONSISTENCY,
+            consistency_interval: recipe::CONSISTENCY_INTERVAL,
+            consistency_rampup: recipe::CONSISTENCY_RAMPUP,
+            ema_decay: recipe::EMA_DECAY,
+            teacher_lag: 0,
+        }
+    }
+}
+
+impl MethodConfig {
+    /// Longest teacher lag the pipeline accepts.
+    pub const MAX_TEACHER_LAG: i64 = 4;
+
+    /// Checks every value; errors name the key under `prefix` (`method.mc_passes`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        if self.kind == Method::Uamt {
+            check::range(&k("mc_repeats"), self.mc_repeats, 1, check::limits::MC_PASSES)?;
+            check::range(&k("mc_passes"), self.mc_passes, 1, check::limits::MC_PASSES)?;
+            if self.mc_passes % self.mc_repeats != 0 {
+                return Err(Error::invalid(
+                    k("mc_passes"),
+                    format!(
+                        "must be a positive multiple of {} ({}), got {}",
+                        k("mc_repeats"),
+                        self.mc_repeats,
+                        self.mc_passes
+                    ),
+                ));
+            }
+        }
+        check::at_least_f(&k("noise_std"), self.noise_std, 0.0)?;
+        check::at_least_f(&k("noise_clip"), self.noise_clip, 0.0)?;
+        check::at_least_f(&k("consistency"), self.consistency, 0.0)?;
+        check::range(&k("consistency_interval"), self.consistency_interval, 1, i64::MAX)?;
+        check::at_least_f(&k("consistency_rampup"), self.consistency_rampup, 0.0)?;
+        check::within(&k("ema_decay"), self.ema_decay, 0.0, 1.0)?;
+        check::range(&k("teacher_lag"), self.teacher_lag, 0, Self::MAX_TEACHER_LAG)?;
+        Ok(())
+    }
+}
+
+/// Optimiser, schedule, length and seed: the config file's `[optim]` section.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Total iterations (the threshold ramps up over them).
+    pub iterations: i64,
     /// Initial learning rate.
     pub base_lr: f64,
     /// The learning rate is multiplied by `lr_gamma` every `lr_step` iterations.
@@ -67,60 +116,72 @@ pub struct StepConfig {
     pub momentum: f64,
     /// SGD weight decay.
     pub weight_decay: f64,
+    /// Seed of initialisation, sampling, augmentation, noise and dropout (the daemon's; the
+    /// [`Trainer`] takes its seed as an argument).
+    pub seed: u64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            iterations: recipe::ITERATIONS,
+            base_lr: recipe::BASE_LR,
+            lr_step: recipe::LR_STEP,
+            lr_gamma: recipe::LR_GAMMA,
+            momentum: recipe::MOMENTUM,
+            weight_decay: recipe::WEIGHT_DECAY,
+            seed: recipe::SEED,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// Checks every value; errors name the key under `prefix` (`optim.base_lr`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        check::range(&k("iterations"), self.iterations, 1, i64::MAX)?;
+        check::positive_f(&k("base_lr"), self.base_lr)?;
+        check::range(&k("lr_step"), self.lr_step, 1, i64::MAX)?;
+        check::positive_f(&k("lr_gamma"), self.lr_gamma)?;
+        check::at_least_f(&k("momentum"), self.momentum, 0.0)?;
+        check::at_least_f(&k("weight_decay"), self.weight_decay, 0.0)?;
+        Ok(())
+    }
+}
+
+/// Everything one step needs: the `[method]` and `[optim]` sections and the labelled batch size
+/// (`data.labelled_bs`). The defaults are the recipe's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepConfig {
+    /// The method and its hyper-parameters.
+    pub method: MethodConfig,
+    /// Optimiser and schedule.
+    pub optim: OptimConfig,
+    /// Labelled patches at the head of each batch.
+    pub labelled_bs: i64,
 }
 
 impl Default for StepConfig {
     fn default() -> Self {
         StepConfig {
-            method: Method::Uamt,
-            labelled_bs: 2,
-            mc_passes: 8,
-            mc_repeats: 2,
-            mc_batched: false,
-            noise_std: 0.1,
-            noise_clip: 0.2,
-            consistency: 0.1,
-            consistency_interval: 150,
-            consistency_rampup: 40.0,
-            max_iter: 6000,
-            ema_decay: 0.99,
-            base_lr: 0.01,
-            lr_step: 2500,
-            lr_gamma: 0.1,
-            momentum: 0.9,
-            weight_decay: 1e-4,
+            method: MethodConfig::default(),
+            optim: OptimConfig::default(),
+            labelled_bs: recipe::LABELLED_BS as i64,
         }
     }
 }
 
 impl StepConfig {
-    /// Checks ranges; the error names the offending field.
+    /// The recipe's step for `kind`.
+    pub fn of(kind: Method) -> Self {
+        StepConfig { method: MethodConfig { kind, ..MethodConfig::default() }, ..StepConfig::default() }
+    }
+
+    /// Checks ranges; the error names the offending field (`method.ema_decay`, `labelled_bs`).
     pub fn validate(&self) -> Result<()> {
-        let bad = |k: &str, why: String| Err(Error::invalid(k, why));
-        if self.labelled_bs < 1 {
-            return bad("labelled_bs", format!("must be >= 1, got {}", self.labelled_bs));
-        }
-        if self.method == Method::Uamt {
-            if self.mc_passes < 1 || self.mc_repeats < 1 || self.mc_passes % self.mc_repeats != 0 {
-                return bad(
-                    "mc_passes",
-                    format!("must be a positive multiple of mc_repeats ({}), got {}", self.mc_repeats, self.mc_passes),
-                );
-            }
-        }
-        if !(0.0..=1.0).contains(&self.ema_decay) {
-            return bad("ema_decay", format!("must be in [0, 1], got {}", self.ema_decay));
-        }
-        if !(self.base_lr > 0.0) {
-            return bad("base_lr", format!("must be > 0, got {}", self.base_lr));
-        }
-        if self.noise_std < 0.0 || self.noise_clip < 0.0 {
-            return bad("noise_std", "noise_std and noise_clip must be >= 0".into());
-        }
-        if self.max_iter < 1 || self.consistency_interval < 1 {
-            return bad("max_iter", "max_iter and consistency_interval must be >= 1".into());
-        }
-        Ok(())
+        self.method.validate("method")?;
+        self.optim.validate("optim")?;
+        check::range("labelled_bs", self.labelled_bs, 1, check::limits::BATCH as i64)
     }
 }
 
@@ -165,25 +226,25 @@ impl StepRandom {
         iter: i64,
         unl_shape: &[i64],
     ) -> (Option<PassRandom>, Vec<PassRandom>) {
-        if cfg.method == Method::Supervised {
+        if cfg.method.kind == Method::Supervised {
             return (None, Vec::new());
         }
         let noise = |k: u64, n: i64| {
             let mut shape = unl_shape.to_vec();
             shape[0] = n;
-            let z = rng::normal(rng::key(k, &[0]), &shape, device) * cfg.noise_std;
-            (z.clamp(-cfg.noise_clip, cfg.noise_clip), n)
+            let z = rng::normal(rng::key(k, &[0]), &shape, device) * cfg.method.noise_std;
+            (z.clamp(-cfg.method.noise_clip, cfg.method.noise_clip), n)
         };
         let u = unl_shape[0];
         let teacher = draw_pass(net, device, rng::key(seed, &[iter as u64, STREAM_TEACHER]), u, Some(&noise));
-        let mc = if cfg.method == Method::Uamt {
-            (0..cfg.mc_passes / cfg.mc_repeats)
+        let mc = if cfg.method.kind == Method::Uamt {
+            (0..cfg.method.mc_passes / cfg.method.mc_repeats)
                 .map(|k| {
                     draw_pass(
                         net,
                         device,
                         rng::key(seed, &[iter as u64, STREAM_MC, k as u64]),
-                        u * cfg.mc_repeats,
+                        u * cfg.method.mc_repeats,
                         Some(&noise),
                     )
                 })
@@ -203,7 +264,7 @@ impl StepRandom {
         iter: i64,
         images_shape: &[i64],
     ) -> StepRandom {
-        let student_batch = if cfg.method == Method::Supervised { cfg.labelled_bs } else { images_shape[0] };
+        let student_batch = if cfg.method.kind == Method::Supervised { cfg.labelled_bs } else { images_shape[0] };
         let student = Self::draw_student(net, device, seed, iter, student_batch);
         let mut unl = images_shape.to_vec();
         unl[0] -= cfg.labelled_bs;
@@ -265,18 +326,18 @@ pub fn teacher_passes(
         };
         let target =
             teacher.forward_with(&noisy(unlabelled, teacher_rnd), true, Dropout::Masks(&teacher_rnd.dropout))?;
-        if cfg.method != Method::Uamt {
+        if cfg.method.kind != Method::Uamt {
             return Ok(TeacherOutput { iter, target, mc: None });
         }
-        let expect = (cfg.mc_passes / cfg.mc_repeats) as usize;
+        let expect = (cfg.method.mc_passes / cfg.method.mc_repeats) as usize;
         if mc_rnd.len() != expect {
             return Err(Error::invalid(
                 "mc_passes",
                 format!("{} Monte-Carlo pass randoms given, {expect} expected", mc_rnd.len()),
             ));
         }
-        let repeated = unlabelled.repeat([cfg.mc_repeats, 1, 1, 1, 1]);
-        if cfg.mc_batched && mc_rnd.len() > 1 {
+        let repeated = unlabelled.repeat([cfg.method.mc_repeats, 1, 1, 1, 1]);
+        if cfg.method.mc_batched && mc_rnd.len() > 1 {
             let inputs: Vec<Tensor> = mc_rnd.iter().map(|r| noisy(&repeated, r)).collect();
             let masks = DropoutMasks {
                 x5: Tensor::cat(&mc_rnd.iter().map(|r| r.dropout.x5.shallow_clone()).collect::<Vec<_>>(), 0),
@@ -298,8 +359,8 @@ pub fn teacher_passes(
 pub fn guidance(out: TeacherOutput, cfg: &StepConfig, n_classes: i64) -> Guidance {
     tch::no_grad(|| match out.mc {
         Some(mc) => {
-            let u = losses::uncertainty(&mc, cfg.mc_passes);
-            let threshold = method::threshold(out.iter, cfg.max_iter, n_classes);
+            let u = losses::uncertainty(&mc, cfg.method.mc_passes);
+            let threshold = method::threshold(out.iter, cfg.optim.iterations, n_classes);
             let mask = u.lt(threshold).to_kind(Kind::Float);
             Guidance { target: out.target, mask, uncertainty: Some(u), threshold }
         }
@@ -460,11 +521,11 @@ impl Trainer {
         cfg.validate()?;
         let init = |k: u64| seed.map_or(Init::Global, |s| Init::Seeded(rng::key(s, &[k])));
         let student = VNet::with_init(net, device, init(0))?;
-        let teacher = match cfg.method {
+        let teacher = match cfg.method.kind {
             Method::Supervised => None,
             _ => Some(VNet::with_init(net, device, init(1))?),
         };
-        let opt = Sgd::new(student.store(), cfg.momentum, cfg.weight_decay);
+        let opt = Sgd::new(student.store(), cfg.optim.momentum, cfg.optim.weight_decay);
         Ok(Trainer { student, teacher, opt, iter: 0, cfg })
     }
 
@@ -477,7 +538,7 @@ impl Trainer {
     fn check_batch(&self, images: &Tensor, labels: &Tensor) -> Result<()> {
         let (is, ls) = (images.size(), labels.size());
         let l = self.cfg.labelled_bs;
-        let need_unl = self.cfg.method != Method::Supervised;
+        let need_unl = self.cfg.method.kind != Method::Supervised;
         if is.len() != 5 || is[0] < l + need_unl as i64 {
             return Err(Error::shape("batch images", format!("[b >= {}, C, X, Y, Z]", l + need_unl as i64), is));
         }
@@ -495,7 +556,7 @@ impl Trainer {
     pub fn step(&mut self, images: &Tensor, labels: &Tensor, rnd: &StepRandom) -> Result<StepStats> {
         self.check_batch(images, labels)?;
         let logits = self.student_forward(images, &rnd.student)?;
-        let guidance = match (&self.teacher, self.cfg.method) {
+        let guidance = match (&self.teacher, self.cfg.method.kind) {
             (Some(teacher), m) if m != Method::Supervised => {
                 let unl = self.unlabelled(images);
                 let t =
@@ -506,7 +567,7 @@ impl Trainer {
         };
         let stats = self.student_finish(&logits, labels, guidance.as_ref())?;
         if let Some(teacher) = &self.teacher {
-            method::ema_update(teacher.store(), self.student.store(), stats.iter, self.cfg.ema_decay)?;
+            method::ema_update(teacher.store(), self.student.store(), stats.iter, self.cfg.method.ema_decay)?;
         }
         Ok(stats)
     }
@@ -519,7 +580,7 @@ impl Trainer {
 
     /// The student's forward pass (train mode) on the patches its method trains on.
     pub fn student_forward(&self, images: &Tensor, rnd: &PassRandom) -> Result<Tensor> {
-        let inputs = if self.cfg.method == Method::Supervised {
+        let inputs = if self.cfg.method.kind == Method::Supervised {
             images.narrow(0, 0, self.cfg.labelled_bs)
         } else {
             images.shallow_clone()
@@ -538,8 +599,12 @@ impl Trainer {
         let cfg = &self.cfg;
         let (iter, l) = (self.iter, cfg.labelled_bs);
         let sup = losses::supervised_loss(&logits.narrow(0, 0, l), labels);
-        let weight =
-            method::consistency_weight(iter, cfg.consistency, cfg.consistency_interval, cfg.consistency_rampup);
+        let weight = method::consistency_weight(
+            iter,
+            cfg.method.consistency,
+            cfg.method.consistency_interval,
+            cfg.method.consistency_rampup,
+        );
         let (loss, consistency, mask_fraction, threshold) = match guidance {
             Some(g) => {
                 let b = logits.size()[0];
@@ -552,7 +617,7 @@ impl Trainer {
                 (sup.loss.shallow_clone(), zero.shallow_clone(), zero, f64::INFINITY)
             }
         };
-        let lr = method::learning_rate(iter, cfg.base_lr, cfg.lr_step, cfg.lr_gamma);
+        let lr = method::learning_rate(iter, cfg.optim.base_lr, cfg.optim.lr_step, cfg.optim.lr_gamma);
         Sgd::zero_grad(self.student.store());
         loss.f_backward()?;
         self.opt.step(self.student.store(), lr)?;

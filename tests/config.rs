@@ -1,12 +1,13 @@
 //! Every config under config/ parses and validates; unknown keys and impossible values are
-//! refused with the key named; the demo file equals the built-in demo.
+//! refused with the key named (NaN, infinities and sizes past their bounds too); the demo file
+//! equals the built-in demo; parsing asks no hardware.
 
 mod support;
 
 use std::path::Path;
 use support::repo;
 use uamt::config::Config;
-use uamt::train::Method;
+use uamt::train::{Method, StepConfig};
 
 #[test]
 fn every_file_in_config_parses_and_validates() {
@@ -30,14 +31,11 @@ fn the_la_configs_cover_the_three_methods_with_the_recipe() {
     ] {
         let c = Config::load(&repo().join("config").join(file)).unwrap();
         assert_eq!(c.method.kind, method, "{file}");
-        assert_eq!(c.data.patch, [112, 112, 80]);
+        assert_eq!(c.data.loader.patch, [112, 112, 80]);
+        assert_eq!((c.eval.window.patch, c.eval.window.stride), ([112, 112, 80], [18, 18, 4]));
         assert_eq!(c.model.n_filters, 16);
         assert_eq!(c.optim.iterations, 6000);
-        assert_eq!(
-            c.step_config(),
-            uamt::train::StepConfig { method, ..Default::default() },
-            "{file} differs from the recipe"
-        );
+        assert_eq!(c.step_config(), StepConfig::of(method), "{file} differs from the recipe");
     }
 }
 
@@ -110,5 +108,112 @@ fn a_cuda_device_is_checked_at_start_and_the_cuda_backend_is_linked() {
         }
     } else {
         assert!(r.is_err() && gpus == 0, "a libtorch without libtorch_cuda.so made a CUDA tensor");
+    }
+}
+
+/// The error of `text`, which must be refused.
+fn refused(text: &str) -> String {
+    match Config::from_toml(text, Path::new("h.toml")) {
+        Ok(c) => panic!("`{text}` was accepted: {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn nan_and_infinity_are_refused_for_every_float_key() {
+    for (section, key) in [
+        ("model", "dropout_p"),
+        ("method", "noise_std"),
+        ("method", "noise_clip"),
+        ("method", "consistency"),
+        ("method", "consistency_rampup"),
+        ("method", "ema_decay"),
+        ("optim", "base_lr"),
+        ("optim", "lr_gamma"),
+        ("optim", "momentum"),
+        ("optim", "weight_decay"),
+    ] {
+        for v in ["nan", "inf", "-inf"] {
+            let err = refused(&format!("[{section}]\n{key} = {v}\n"));
+            assert!(err.contains(&format!("{section}.{key}")), "{section}.{key} = {v} gave `{err}`");
+        }
+    }
+    for v in ["nan", "inf"] {
+        let err = refused(&format!("[data.synth]\nspacing = [1.0, {v}, 1.0]\n"));
+        assert!(err.contains("data.synth.spacing"), "{err}");
+    }
+    // A synthetic spacing counts only when the synthetic data is used.
+    assert!(Config::from_toml("[data]\ndataset = \"d\"\n[data.synth]\nspacing = [1.0, nan, 1.0]", Path::new("h.toml"))
+        .is_ok());
+}
+
+#[test]
+fn sizes_past_their_bounds_are_refused_by_key() {
+    for (text, key) in [
+        ("[queues]\nbatches = 100000000000000", "queues.batches"),
+        ("[queues]\nteacher = 4097", "queues.teacher"),
+        ("[queues]\nguidance = 100000", "queues.guidance"),
+        ("[queues]\nparams = 100000", "queues.params"),
+        ("[queues]\nteacher_params = 100000", "queues.teacher_params"),
+        ("[queues]\nloader_workers = 65", "queues.loader_workers"),
+        ("[model]\nn_filters = 257", "model.n_filters"),
+        ("[model]\nn_classes = 100000", "model.n_classes"),
+        ("[method]\nmc_passes = 66", "method.mc_passes"),
+        ("[method]\nmc_passes = 8\nmc_repeats = 100", "method.mc_repeats"),
+        ("[data]\npatch = [1040, 112, 80]", "data.patch"),
+        ("[data]\nlabelled_bs = 100000", "data.labelled_bs"),
+        ("[data.synth]\nsize = [100000, 48, 32]", "data.synth.size"),
+        ("[data.synth]\ncases = 100000000", "data.synth.cases"),
+        ("[eval]\npatch = [2048, 112, 80]", "eval.patch"),
+        ("[eval]\nbatch_size = 100000", "eval.batch_size"),
+        ("[device]\nthreads = 100000", "device.threads"),
+    ] {
+        let err = refused(text);
+        assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");
+    }
+    // The bounds themselves are allowed.
+    let ok = "[queues]\nbatches = 4096\nloader_workers = 64\n[model]\nn_filters = 256\n[method]\nmc_passes = 64";
+    Config::from_toml(ok, Path::new("h.toml")).unwrap();
+}
+
+#[test]
+fn the_eval_stride_may_not_exceed_the_window() {
+    let err = refused("[eval]\npatch = [112, 112, 80]\nstride = [18, 113, 4]");
+    assert!(err.contains("eval.stride"), "{err}");
+    let err = refused("[eval]\nstride = [0, 18, 4]");
+    assert!(err.contains("eval.stride"), "{err}");
+    let c = Config::from_toml("[eval]\npatch = [32, 32, 16]\nstride = [32, 32, 16]", Path::new("h.toml")).unwrap();
+    assert_eq!(c.eval.window.stride, [32, 32, 16]);
+}
+
+#[test]
+fn an_empty_checkpoint_dir_is_refused() {
+    let err = refused("[checkpoint]\ndir = \"\"");
+    assert!(err.contains("checkpoint.dir"), "{err}");
+}
+
+#[test]
+fn unknown_keys_are_refused_in_the_sections_that_embed_component_configs() {
+    for (text, key) in [
+        ("[data]\npatch_size = [32, 32, 16]", "patch_size"),
+        ("[data.synth]\nvolumes = 3", "volumes"),
+        ("[eval]\nwindow = [32, 32, 16]", "window"),
+        ("[model]\nhas_dropout = false", "has_dropout"),
+        ("[method]\nmax_iter = 5", "max_iter"),
+    ] {
+        let err = refused(text);
+        assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");
+    }
+}
+
+#[test]
+fn a_config_naming_a_gpu_parses_on_any_machine_and_is_checked_at_start() {
+    // Parsing is static: no CUDA device is asked for (a checkpoint trained on a GPU must be
+    // readable on a CPU machine); resolving at start-up is what refuses a missing GPU.
+    let c = Config::from_toml("[device]\ndevice = \"cuda:7\"\nprecision = \"tf32\"", Path::new("g.toml")).unwrap();
+    assert_eq!(c.device.device, "cuda:7");
+    let gpus = tch::Cuda::device_count();
+    if gpus <= 7 {
+        assert!(c.device.resolve().unwrap_err().to_string().contains("device.device"));
     }
 }

@@ -214,7 +214,7 @@ fn should_apply_the_largest_component_step_to_the_labels() {
 #[test]
 fn mc_uncertainty_without_noise_or_dropout_is_the_prediction_entropy() {
     tch::manual_seed(7);
-    let model = VNet::new(&VNetConfig { has_dropout: false, ..tiny() }, Device::Cpu).unwrap();
+    let model = VNet::new(&VNetConfig { dropout_p: 0.0, ..tiny() }, Device::Cpu).unwrap();
     let image = Tensor::randn([40, 35, 20], (Kind::Float, Device::Cpu));
     let o = opts([8, 8, 4], 3);
     let want = sliding_window(&model, &image, &o).unwrap().entropy();

@@ -165,14 +165,11 @@ fn pass(fx: &Fixture, key: &str) -> PassRandom {
 /// Runs the fixture's steps through `Trainer::step` and compares everything PyTorch reported.
 fn check_steps(file: &str, method: Method, steps: i64) {
     let fx = fixture(file);
-    let cfg = StepConfig {
-        method,
-        max_iter: fx.scalar("cfg.max_iter") as i64,
-        lr_step: fx.scalar("cfg.lr_step") as i64,
-        consistency_interval: fx.scalar("cfg.consistency_interval") as i64,
-        consistency_rampup: fx.scalar("cfg.consistency_rampup"),
-        ..Default::default()
-    };
+    let mut cfg = StepConfig::of(method);
+    cfg.optim.iterations = fx.scalar("cfg.max_iter") as i64;
+    cfg.optim.lr_step = fx.scalar("cfg.lr_step") as i64;
+    cfg.method.consistency_interval = fx.scalar("cfg.consistency_interval") as i64;
+    cfg.method.consistency_rampup = fx.scalar("cfg.consistency_rampup");
     let mut tr = Trainer::new(&small_net(), cfg, Device::Cpu).unwrap();
     tr.student.store().load_named(&fx.prefixed("student.init"), &fx.path, false).unwrap();
     if let Some(t) = &tr.teacher {

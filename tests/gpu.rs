@@ -4,7 +4,7 @@
 //! (What streams do on a GPU is checked by ops/gpu-check, on a machine that has one.)
 
 use tch::{Device, Kind, Tensor};
-use uamt::config::Precision;
+use uamt::gpu::Precision;
 use uamt::gpu::{self, Autocast, OwnStream, Ready};
 use uamt::model::{Dropout, Init, VNet, VNetConfig};
 use uamt::rng;
@@ -61,9 +61,17 @@ fn a_bf16_training_step_follows_the_fp32_step() {
     let lab = r2.lt(1.5).to_kind(Kind::Int64);
     let labels = Tensor::stack(&[lab.shallow_clone(), lab], 0);
     let run = |p: Precision| {
-        let mut tr =
-            Trainer::seeded(&tiny(), StepConfig { consistency_interval: 1, ..StepConfig::default() }, Device::Cpu, 9)
-                .unwrap();
+        let mut tr = Trainer::seeded(
+            &tiny(),
+            {
+                let mut c = StepConfig::default();
+                c.method.consistency_interval = 1;
+                c
+            },
+            Device::Cpu,
+            9,
+        )
+        .unwrap();
         tr.set_precision(p).unwrap();
         let mut losses = Vec::new();
         for _ in 0..2 {

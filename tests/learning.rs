@@ -40,13 +40,11 @@ fn copy(a: &ParamStore) -> Vec<Tensor> {
 #[test]
 fn consistency_counts_once_ramped_and_the_teacher_tracks_the_student() {
     let (images, labels) = batch();
-    let cfg = StepConfig {
-        max_iter: 20,
-        consistency_interval: 1,
-        consistency_rampup: 5.0,
-        ema_decay: 0.9,
-        ..Default::default()
-    };
+    let mut cfg = StepConfig::default();
+    cfg.optim.iterations = 20;
+    cfg.method.consistency_interval = 1;
+    cfg.method.consistency_rampup = 5.0;
+    cfg.method.ema_decay = 0.9;
     let mut tr = Trainer::seeded(&net(), cfg, Device::Cpu, 3).unwrap();
     let initial_teacher = copy(tr.teacher.as_ref().unwrap().store());
     let mut reports = Vec::new();
@@ -73,7 +71,8 @@ fn consistency_counts_once_ramped_and_the_teacher_tracks_the_student() {
 #[test]
 fn the_mask_fraction_grows_with_the_threshold() {
     let (images, _) = batch();
-    let cfg = StepConfig { max_iter: 1000, ..Default::default() };
+    let mut cfg = StepConfig::default();
+    cfg.optim.iterations = 1000;
     let tr = Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 4).unwrap();
     let teacher = tr.teacher.as_ref().unwrap();
     let unl = tr.unlabelled(&images);
@@ -89,7 +88,8 @@ fn the_mask_fraction_grows_with_the_threshold() {
     assert!(t0 < t1 && (t1 - 2f64.ln()).abs() < 1e-12, "threshold ramps up to ln 2: {t0} -> {t1}");
     assert!(f1 > f0, "a higher threshold must let more voxels through: {f0} -> {f1}");
     // Mean Teacher keeps every voxel.
-    let mt = StepConfig { method: Method::MeanTeacher, ..cfg.clone() };
+    let mut mt = cfg.clone();
+    mt.method.kind = Method::MeanTeacher;
     let (t, _) = StepRandom::draw_teacher(teacher.config(), Device::Cpu, &mt, 1, 0, &unl.size());
     let g = train::guidance(train::teacher_passes(teacher, &mt, 0, &unl, &t.unwrap(), &[]).unwrap(), &mt, 2);
     assert_eq!(g.mask.mean(Kind::Float).double_value(&[]), 1.0);

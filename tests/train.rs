@@ -35,7 +35,8 @@ fn batch(seed: u64) -> (Tensor, Tensor) {
 #[test]
 fn thirty_sequential_steps_lower_the_supervised_loss() {
     let (images, labels) = batch(7);
-    let cfg = StepConfig { max_iter: 30, consistency_interval: 1, consistency_rampup: 15.0, ..Default::default() };
+    let mut cfg = StepConfig::default();
+    (cfg.optim.iterations, cfg.method.consistency_interval, cfg.method.consistency_rampup) = (30, 1, 15.0);
     let mut tr = Trainer::seeded(&net(), cfg, Device::Cpu, 1337).unwrap();
     let mut sup = Vec::new();
     for _ in 0..30 {
@@ -133,12 +134,14 @@ fn bad_batches_are_refused_with_the_shape_named() {
 
 #[test]
 fn invalid_hyper_parameters_are_refused_by_name() {
-    let cfg = StepConfig { mc_passes: 7, ..Default::default() };
+    let mut cfg = StepConfig::default();
+    cfg.method.mc_passes = 7;
     let err = Trainer::new(&net(), cfg, Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("mc_passes"), "{err}");
-    let cfg = StepConfig { ema_decay: 1.5, ..Default::default() };
+    let mut cfg = StepConfig::default();
+    cfg.method.ema_decay = 1.5;
     assert!(Trainer::new(&net(), cfg, Device::Cpu).unwrap_err().to_string().contains("ema_decay"));
-    let sup = StepConfig { method: Method::Supervised, ..Default::default() };
+    let sup = StepConfig::of(Method::Supervised);
     assert!(Trainer::new(&net(), sup, Device::Cpu).unwrap().teacher.is_none());
 }
 
@@ -175,7 +178,8 @@ fn batched_monte_carlo_passes_equal_the_separate_ones_batchnorm_statistics_inclu
     let (t, mc) = StepRandom::draw_teacher(ta.config(), Device::Cpu, &cfg, 3, 7, &unl.size());
     let t = t.unwrap();
     let separate = uamt::train::teacher_passes(ta, &cfg, 7, &unl, &t, &mc).unwrap();
-    let batched_cfg = StepConfig { mc_batched: true, ..cfg.clone() };
+    let mut batched_cfg = cfg.clone();
+    batched_cfg.method.mc_batched = true;
     let batched = uamt::train::teacher_passes(tb, &batched_cfg, 7, &unl, &t, &mc).unwrap();
     let (ms, mb) = (separate.mc.unwrap(), batched.mc.unwrap());
     assert_eq!(ms.size(), vec![16, 2, 32, 32, 16]);

@@ -23,7 +23,7 @@ use tch::{Device, Tensor};
 use uamt::checkpoint::Snapshot;
 use uamt::config::Config;
 use uamt::data::Dataset;
-use uamt::eval::{self, EvalOptions, InferOptions, Report};
+use uamt::eval::{self, EvalOptions, Report};
 use uamt::model::params::read_named;
 use uamt::model::VNet;
 
@@ -114,10 +114,10 @@ pub struct Evaluator {
 impl Evaluator {
     /// An evaluator for `config` over `dataset`'s test split on `device`.
     pub fn new(config: &Config, dataset: Arc<Dataset>, device: Device) -> Result<Self> {
-        let infer = InferOptions { patch: config.eval.patch, stride: config.eval.stride, ..InferOptions::default() };
-        infer.validate()?;
-        let mut model = VNet::new(&config.model.vnet(), device)?;
-        model.set_bf16(config.device.precision == uamt::config::Precision::Bf16);
+        let infer = config.eval.window.clone();
+        infer.validate("eval")?;
+        let mut model = VNet::new(&config.model, device)?;
+        model.set_bf16(config.device.precision == uamt::gpu::Precision::Bf16);
         Ok(Evaluator {
             model,
             config: config.clone(),

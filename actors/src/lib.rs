@@ -19,6 +19,7 @@
 //! messages ([`supervisor`]). Requests in (stop, checkpoint) and the run's state out (the
 //! [`control::StatusBoard`], queue depths) live in [`control`]. Metric names live in
 //! [`uamt::telemetry`]; [`emit`] emits them and [`http`] serves them with the status.
+//! [`setup`] builds a run (dataset, loader, trainer) from a config.
 
 pub mod cmd;
 pub mod control;
@@ -29,4 +30,5 @@ pub mod http;
 pub mod pipeline;
 pub mod progress;
 pub mod queue;
+pub mod setup;
 pub mod supervisor;

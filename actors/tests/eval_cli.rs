@@ -267,7 +267,7 @@ fn should_draw_the_uncertainty_of_a_checkpoint_s_teacher() {
     // The demo's model (4 filters) and sliding window (32x32x16, stride 8,8,4); the student and
     // the teacher start from separate initialisations, so their maps differ.
     let config = Config::demo();
-    let tr = Trainer::seeded(&config.model.vnet(), config.step_config(), Device::Cpu, 17).unwrap();
+    let tr = Trainer::seeded(&config.model, config.step_config(), Device::Cpu, 17).unwrap();
     let ck = Snapshot::of_trainer(&tr, 17, &config.to_toml()).write_atomic(&dir.join("ck")).unwrap();
     let o = run(&[
         "--checkpoint",
@@ -294,11 +294,11 @@ fn should_draw_the_uncertainty_of_a_checkpoint_s_teacher() {
         .to_tensor()
         .unwrap();
     let snap = Snapshot::read(&ck).unwrap();
-    let infer = InferOptions { patch: config.eval.patch, stride: config.eval.stride, ..InferOptions::default() };
+    let infer = config.eval.window.clone();
     let mc = McOptions { passes: 4, seed: 5, ..McOptions::default() };
     let image = case.image.read_f32().unwrap().to_tensor().unwrap();
     let map = |named: &[(String, Tensor)]| {
-        let m = model_from_named(&config.model.vnet(), Device::Cpu, named, &ck).unwrap();
+        let m = model_from_named(&config.model, Device::Cpu, named, &ck).unwrap();
         mc_uncertainty(&m, &image, &infer, &mc).unwrap()
     };
     let (teacher, student) = (map(snap.teacher.as_ref().unwrap()), map(&snap.student));
@@ -318,7 +318,7 @@ fn should_draw_the_uncertainty_of_a_checkpoint_s_teacher() {
     };
     let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
     let lib = |named: &[(String, Tensor)]| {
-        let m = model_from_named(&config.model.vnet(), Device::Cpu, named, &ck).unwrap();
+        let m = model_from_named(&config.model, Device::Cpu, named, &ck).unwrap();
         let r = evaluate_dataset(
             &m,
             None,
@@ -341,4 +341,27 @@ fn should_draw_the_uncertainty_of_a_checkpoint_s_teacher() {
         (got_t - t).abs() <= 3.0 && (got_s - s).abs() <= 3.0,
         "--teacher {got_t} (library {t}), student {got_s} (library {s})"
     );
+}
+
+#[test]
+fn a_checkpoint_trained_for_a_gpu_evaluates_on_the_cpu_with_device_cpu() {
+    // The checkpoint's stored config says `device = "cuda"`; parsing it asks no hardware, so
+    // `--device cpu` evaluates it on a machine with or without a GPU.
+    let dir = tmp("cuda-checkpoint");
+    let data = dir.join("data");
+    write_synth(
+        &data,
+        &SynthConfig { cases: 1, labelled: 1, test: 1, size: [32, 32, 16], ..SynthConfig::default() },
+        false,
+    )
+    .unwrap();
+    let mut config = Config::demo();
+    config.device.device = "cuda".into();
+    let text = config.to_toml();
+    assert!(text.contains("device = \"cuda\""), "{text}");
+    let tr = Trainer::seeded(&config.model, config.step_config(), Device::Cpu, 3).unwrap();
+    let ck = Snapshot::of_trainer(&tr, 3, &text).write_atomic(&dir.join("ck")).unwrap();
+    let o =
+        run(&["--checkpoint", ck.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--device", "cpu", "--json"]);
+    assert_eq!(json(&o)["cases"].as_array().unwrap().len(), 1);
 }

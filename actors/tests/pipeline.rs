@@ -8,9 +8,9 @@ use tch::Device;
 use uamt::checkpoint::{self, Snapshot};
 use uamt::config::Config;
 use uamt::train::{Method, StepReport, Trainer};
-use uamt_actors::cmd::train::{loader, open_dataset};
 use uamt_actors::pipeline::fault::Fault;
 use uamt_actors::pipeline::{self, Mode, Outcome, Run};
+use uamt_actors::setup::{loader, open_dataset};
 
 /// A tiny config on a synthetic dataset made once per test binary.
 fn config(dir: &Path, method: Method, iterations: i64) -> Config {
@@ -34,7 +34,7 @@ fn config(dir: &Path, method: Method, iterations: i64) -> Config {
 }
 
 fn fresh_trainer(c: &Config) -> Trainer {
-    Trainer::seeded(&c.model.vnet(), c.step_config(), Device::Cpu, c.optim.seed).unwrap()
+    Trainer::seeded(&c.model, c.step_config(), Device::Cpu, c.optim.seed).unwrap()
 }
 
 /// The sequential reference: `Trainer::step` on the loader's batches.

@@ -8,18 +8,23 @@ use super::augment::{extract, Augment};
 use super::dataset::Dataset;
 use super::error::{DataError, Result};
 use super::volume::LABEL_KIND;
+use crate::check::{self, limits};
+use crate::recipe;
 use crate::rng::{stream, Rng};
 use std::sync::Arc;
 use tch::Tensor;
 
-/// How batches are drawn.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How batches are drawn: the batch keys of the config file's `[data]` section.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SamplerConfig {
     /// Labelled patches at the head of each batch (the recipe: 2).
     pub labelled_bs: usize,
     /// Unlabelled patches after them (the recipe: 2; 0 for supervised training).
     pub unlabelled_bs: usize,
-    /// Seed of every draw.
+    /// Seed of every draw. Not a key of its own in the config file: the daemon sets it from
+    /// `optim.seed`.
+    #[serde(skip)]
     pub seed: u64,
     /// The reference restarts the unlabelled stream (a fresh reshuffle) at each epoch, because
     /// its batch sampler is re-created per epoch; `false` keeps one stream across epochs.
@@ -28,7 +33,20 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { labelled_bs: 2, unlabelled_bs: 2, seed: 1337, unlabelled_restart_each_epoch: true }
+        SamplerConfig {
+            labelled_bs: recipe::LABELLED_BS,
+            unlabelled_bs: recipe::UNLABELLED_BS,
+            seed: recipe::SEED,
+            unlabelled_restart_each_epoch: true,
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// Checks the batch sizes; errors name the key under `prefix` (`data.labelled_bs`).
+    pub fn validate(&self, prefix: &str) -> crate::Result<()> {
+        check::range(&check::key(prefix, "labelled_bs"), self.labelled_bs, 1, limits::BATCH)?;
+        check::range(&check::key(prefix, "unlabelled_bs"), self.unlabelled_bs, 0, limits::BATCH)
     }
 }
 
@@ -126,20 +144,31 @@ impl BatchSampler {
     }
 }
 
-/// How patches are cut and batched.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How patches are cut and batched: the patch keys of the config file's `[data]` section.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoaderConfig {
-    /// Patch size `[X, Y, Z]` (the recipe: 112 x 112 x 80).
+    /// Patch size `[X, Y, Z]` (the recipe: 112 x 112 x 80); each side divisible by 16.
     pub patch: [usize; 3],
     /// Random rot90 + flip before the crop (the recipe: on).
     pub rot_flip: bool,
-    /// The batch composition and seed.
+    /// The batch composition and seed. Not part of the serialised form: the config file's
+    /// `[data]` holds the [`SamplerConfig`] beside this one (see `uamt::config::Config::loader`).
+    #[serde(skip)]
     pub sampler: SamplerConfig,
 }
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { patch: [112, 112, 80], rot_flip: true, sampler: SamplerConfig::default() }
+        LoaderConfig { patch: recipe::PATCH, rot_flip: true, sampler: SamplerConfig::default() }
+    }
+}
+
+impl LoaderConfig {
+    /// Checks the patch (a V-Net input: sides divisible by 16); errors name the key under
+    /// `prefix` (`data.patch`). The sampler validates itself.
+    pub fn validate(&self, prefix: &str) -> crate::Result<()> {
+        check::patch(&check::key(prefix, "patch"), self.patch, limits::PATCH_SIDE)
     }
 }
 
@@ -173,7 +202,7 @@ pub struct HostBatch {
 
 impl HostBatch {
     /// `images` `[b, 1, X, Y, Z]` float32 and `labels` `[labelled, X, Y, Z]` int64, on the CPU,
-    /// in the form [`crate::train::Trainer::step`] takes them.
+    /// in the form the training step takes them.
     pub fn to_tensors(&self) -> Result<(Tensor, Tensor)> {
         let [x, y, z] = self.patch.map(|d| d as i64);
         let b = self.plans.len() as i64;

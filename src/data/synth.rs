@@ -7,11 +7,14 @@ use super::dataset::Manifest;
 use super::error::{DataError, Result};
 use super::import::{entry_for, ext, report, write_case, ImportReport, Staging};
 use super::volume::{Geometry, Volume};
+use crate::check::{self, limits};
 use crate::rng::{stream, Rng};
 use std::path::Path;
 
-/// Settings of a synthetic dataset.
-#[derive(Debug, Clone, PartialEq)]
+/// Settings of a synthetic dataset: the config file's `[data.synth]` section and `uamt synth`'s
+/// defaults. The default is a small set that trains in minutes on a CPU.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SynthConfig {
     /// Training cases.
     pub cases: usize,
@@ -32,14 +35,29 @@ pub struct SynthConfig {
 impl Default for SynthConfig {
     fn default() -> Self {
         SynthConfig {
-            cases: 8,
-            labelled: 4,
+            cases: 10,
+            labelled: 2,
             test: 2,
-            size: [128, 128, 96],
+            size: [48, 48, 32],
             spacing: [0.625, 0.625, 1.25],
-            seed: 1337,
+            seed: 7,
             gzip: false,
         }
+    }
+}
+
+impl SynthConfig {
+    /// Checks every value; errors name the key under `prefix` (`data.synth.size`).
+    pub fn validate(&self, prefix: &str) -> crate::Result<()> {
+        let k = |name| check::key(prefix, name);
+        check::range(&k("cases"), self.cases, 1, limits::SYNTH_CASES)?;
+        check::range(&k("labelled"), self.labelled, 1, self.cases)?;
+        check::range(&k("test"), self.test, 0, limits::SYNTH_CASES)?;
+        check::sides(&k("size"), self.size, limits::SYNTH_SIDE)?;
+        for s in self.spacing {
+            check::positive_f(&k("spacing"), s)?;
+        }
+        Ok(())
     }
 }
 
@@ -216,14 +234,9 @@ pub fn write_synth_with(
     force: bool,
     progress: super::import::Progress<'_>,
 ) -> Result<ImportReport> {
-    if cfg.size.contains(&0) {
-        return Err(DataError::invalid("size", format!("{:?} has an empty axis", cfg.size)));
-    }
-    if cfg.labelled > cfg.cases {
-        return Err(DataError::invalid("labelled", format!("{} labelled of {} cases", cfg.labelled, cfg.cases)));
-    }
-    if cfg.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-        return Err(DataError::invalid("spacing", format!("{:?} must be positive", cfg.spacing)));
+    if let Err(e) = cfg.validate("") {
+        let crate::Error::Invalid { key, why } = e else { return Err(DataError::invalid("synth", e.to_string())) };
+        return Err(DataError::invalid(key, why));
     }
     let staging = Staging::new(out, force)?;
     let geometry = Geometry::from_spacing(cfg.spacing);

@@ -13,11 +13,12 @@
 //! batching the windows ([`InferOptions::batch_size`]) does not change the result. An optional
 //! largest-connected-component step ([`largest_component`]) follows; the reference has none.
 
+use crate::check::{self, limits};
 use crate::data::Volume;
 use crate::method::entropy;
 use crate::model::{Dropout, DropoutMasks, VNet};
 use crate::rng;
-use crate::{Error, Result};
+use crate::{recipe, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -62,42 +63,46 @@ impl std::str::FromStr for Connectivity {
     }
 }
 
-/// How a volume is segmented: window geometry, batching and post-processing.
+/// How a volume is segmented: window geometry, batching and post-processing. The window keys
+/// of the config file's `[eval]` section (`patch`, `stride`, `batch_size`, `largest_component`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InferOptions {
     /// Window size `[X, Y, Z]`; every side divisible by 16 (the V-Net's four downsamplings).
     pub patch: [usize; 3],
-    /// Step between window starts `[X, Y, Z]` (the reference: 18 in x and y, 4 in z).
+    /// Step between window starts `[X, Y, Z]` (the reference: 18 in x and y, 4 in z); at most
+    /// the window per axis, so that every voxel is covered.
     pub stride: [usize; 3],
     /// Windows per forward pass (results do not depend on it; memory does).
     pub batch_size: usize,
     /// Keep only the largest connected foreground component (off in the reference).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub largest_component: Option<Connectivity>,
 }
 
 impl Default for InferOptions {
     fn default() -> Self {
-        InferOptions { patch: [112, 112, 80], stride: [18, 18, 4], batch_size: 4, largest_component: None }
+        InferOptions {
+            patch: recipe::PATCH,
+            stride: recipe::STRIDE,
+            batch_size: recipe::INFER_BATCH,
+            largest_component: None,
+        }
     }
 }
 
 impl InferOptions {
-    /// Checks every setting, naming the bad one.
-    pub fn validate(&self) -> Result<()> {
-        if self.patch.iter().any(|&p| p == 0 || p % 16 != 0) {
+    /// Checks every setting; errors name the key under `prefix` (`eval.stride`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        check::patch(&k("patch"), self.patch, limits::PATCH_SIDE)?;
+        if (0..3).any(|i| self.stride[i] == 0 || self.stride[i] > self.patch[i]) {
             return Err(Error::invalid(
-                "patch",
-                format!("every side must be a positive multiple of 16, got {:?}", self.patch),
+                k("stride"),
+                format!("every step must be in 1..={} per axis, got {:?}", k("patch"), self.stride),
             ));
         }
-        if self.stride.contains(&0) {
-            return Err(Error::invalid("stride", format!("every step must be positive, got {:?}", self.stride)));
-        }
-        if self.batch_size == 0 {
-            return Err(Error::invalid("batch_size", "must be at least 1"));
-        }
-        Ok(())
+        check::range(&k("batch_size"), self.batch_size, 1, limits::BATCH)
     }
 }
 
@@ -230,7 +235,22 @@ pub struct McOptions {
 
 impl Default for McOptions {
     fn default() -> Self {
-        McOptions { passes: 8, noise_std: 0.1, noise_clip: 0.2, seed: 0 }
+        McOptions {
+            passes: recipe::MC_PASSES as usize,
+            noise_std: recipe::NOISE_STD,
+            noise_clip: recipe::NOISE_CLIP,
+            seed: 0,
+        }
+    }
+}
+
+impl McOptions {
+    /// Checks every setting; errors name the key under `prefix`.
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        check::range(&k("passes"), self.passes, 1, limits::MC_PASSES as usize)?;
+        check::at_least_f(&k("noise_std"), self.noise_std, 0.0)?;
+        check::at_least_f(&k("noise_clip"), self.noise_clip, 0.0)
     }
 }
 
@@ -239,12 +259,7 @@ impl Default for McOptions {
 /// [`sliding_window`]'s probabilities, and the entropy `-sum_c p_c ln(p_c + 1e-6)` of that mean
 /// (the recipe's uncertainty, i.e. what UA-MT's teacher would report on this volume).
 pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &McOptions) -> Result<Tensor> {
-    if mc.passes == 0 || !(mc.noise_std >= 0.0 && mc.noise_clip >= 0.0) {
-        return Err(Error::invalid(
-            "uncertainty passes",
-            format!("need passes >= 1 and non-negative noise, got {mc:?}"),
-        ));
-    }
+    mc.validate("uncertainty")?;
     let config = model.config().clone();
     let device = model.device();
     let mean = window_average(model, image, opts, &mut |x, first| {
@@ -289,7 +304,7 @@ fn window_average(
     opts: &InferOptions,
     probs: &mut dyn FnMut(&Tensor, usize) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    opts.validate()?;
+    opts.validate("")?;
     let size = image.size();
     let dims = match size.as_slice() {
         &[x, y, z] if x > 0 && y > 0 && z > 0 => [x as usize, y as usize, z as usize],

@@ -7,7 +7,7 @@
 //! so weights exported from PyTorch load directly.
 
 use super::params::ParamStore;
-use crate::{Error, Result};
+use crate::{check, recipe, Error, Result};
 use tch::{Device, Kind, Tensor};
 
 /// Which normalisation follows each convolution.
@@ -20,8 +20,9 @@ pub enum Normalization {
     None,
 }
 
-/// The shape of a V-Net.
-#[derive(Debug, Clone, PartialEq)]
+/// The shape of a V-Net: the config file's `[model]` section.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct VNetConfig {
     /// Input channels (1 for MRI).
     pub n_channels: i64,
@@ -29,24 +30,41 @@ pub struct VNetConfig {
     pub n_classes: i64,
     /// Channels at the first level; doubled at each of the four downsamplings.
     pub n_filters: i64,
-    /// Normalisation after each convolution.
+    /// Normalisation after each convolution (`batchnorm` or `none`).
     pub normalization: Normalization,
-    /// Whether Dropout3d is applied to x5 and x9 in training mode.
-    pub has_dropout: bool,
-    /// Dropout3d probability of zeroing a channel.
+    /// Dropout3d probability of zeroing a channel of x5 and x9 in training mode (0: no dropout).
     pub dropout_p: f64,
 }
 
 impl Default for VNetConfig {
     fn default() -> Self {
         VNetConfig {
-            n_channels: 1,
-            n_classes: 2,
-            n_filters: 16,
+            n_channels: recipe::N_CHANNELS,
+            n_classes: recipe::N_CLASSES,
+            n_filters: recipe::N_FILTERS,
             normalization: Normalization::Batchnorm,
-            has_dropout: true,
-            dropout_p: 0.5,
+            dropout_p: recipe::DROPOUT_P,
         }
+    }
+}
+
+impl VNetConfig {
+    /// Whether Dropout3d is applied to x5 and x9 in training mode (`dropout_p > 0`).
+    pub fn has_dropout(&self) -> bool {
+        self.dropout_p > 0.0
+    }
+
+    /// Checks every value; errors name the key under `prefix` (`model.n_filters`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        check::range(&k("n_channels"), self.n_channels, 1, check::limits::N_CHANNELS)?;
+        check::range(&k("n_classes"), self.n_classes, 2, check::limits::N_CLASSES)?;
+        check::range(&k("n_filters"), self.n_filters, 1, check::limits::N_FILTERS)?;
+        check::finite(&k("dropout_p"), self.dropout_p)?;
+        if !(0.0..1.0).contains(&self.dropout_p) {
+            return Err(Error::invalid(k("dropout_p"), format!("must be in [0, 1), got {}", self.dropout_p)));
+        }
+        Ok(())
     }
 }
 
@@ -358,15 +376,7 @@ impl VNet {
 
     /// Builds a V-Net with PyTorch's default initialisation drawn as `init` says.
     pub fn with_init(config: &VNetConfig, device: Device, init: Init) -> Result<Self> {
-        if config.n_channels < 1 || config.n_classes < 2 || config.n_filters < 1 {
-            return Err(Error::invalid(
-                "model",
-                format!("n_channels >= 1, n_classes >= 2, n_filters >= 1 required, got {config:?}"),
-            ));
-        }
-        if !(0.0..1.0).contains(&config.dropout_p) {
-            return Err(Error::invalid("model.dropout_p", format!("must be in [0, 1), got {}", config.dropout_p)));
-        }
+        config.validate("model")?;
         let mut s = ParamStore::new(device);
         let mut init = Initializer { init, drawn: 0 };
         let (nf, norm) = (config.n_filters, config.normalization);
@@ -490,7 +500,7 @@ impl VNet {
         let _autocast = if self.bf16 { Some(crate::gpu::Autocast::bf16(x.device())?) } else { None };
         let train = bn_train;
         let drop = |t: Tensor, pick: fn(&DropoutMasks) -> &Tensor| -> Tensor {
-            if !self.config.has_dropout {
+            if !self.config.has_dropout() {
                 return t;
             }
             match dropout {

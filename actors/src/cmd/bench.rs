@@ -7,8 +7,8 @@
 //! hand-offs between streams are correct) and the times say what the overlap buys. On the CPU
 //! both runs are the same code path; the check means something on a GPU.
 
-use crate::cmd::train::{loader, open_dataset};
 use crate::pipeline::{self, Mode, Run};
+use crate::setup::{loader, open_dataset};
 use anyhow::Result;
 use std::path::PathBuf;
 use uamt::config::Config;
@@ -69,9 +69,7 @@ pub enum What {
 }
 
 fn fresh(cfg: &Config) -> Result<Trainer> {
-    let mut tr = Trainer::seeded(&cfg.model.vnet(), cfg.step_config(), cfg.device.resolve()?, cfg.optim.seed)?;
-    tr.set_precision(cfg.device.precision)?;
-    Ok(tr)
+    crate::setup::trainer(cfg, false)
 }
 
 /// `steps` steps from `tr` in `mode`, without checkpoints.
@@ -155,7 +153,7 @@ pub fn run(args: Args) -> Result<()> {
     if !args.json {
         println!(
         "pipeline benchmark: {:?}, patch {:?}, n_filters {}, {:?}, T {}, {} timed iterations after {} warm-up, device {:?}, threads per stage {} (with a lag: {})",
-        cfg.method.kind, cfg.data.patch, cfg.model.n_filters, (cfg.data.labelled_bs, cfg.data.unlabelled_bs), cfg.method.mc_passes, args.iterations, args.warmup, device, cfg.device.stage_threads(false), cfg.device.stage_threads(true)
+        cfg.method.kind, cfg.data.loader.patch, cfg.model.n_filters, (cfg.data.sampler.labelled_bs, cfg.data.sampler.unlabelled_bs), cfg.method.mc_passes, args.iterations, args.warmup, device, cfg.device.stage_threads(false), cfg.device.stage_threads(true)
         );
         println!("{:<34} {:>9} {:>8} {:>10}", "setting", "ms/it", "it/s", "vs seq");
     }

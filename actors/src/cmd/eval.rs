@@ -16,6 +16,7 @@ use uamt::eval::{
     InferOptions, McOptions, Outputs, PictureOptions, Report,
 };
 use uamt::model::VNetConfig;
+use uamt::recipe;
 
 /// Arguments of `uamt eval`.
 #[derive(Debug, clap::Args)]
@@ -48,21 +49,22 @@ pub struct Args {
     #[arg(long)]
     pub dataset: Option<PathBuf>,
     /// V-Net filters at the first level.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = recipe::N_FILTERS)]
     pub n_filters: i64,
     /// Output classes.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = recipe::N_CLASSES)]
     pub n_classes: i64,
-    /// Sliding-window patch X,Y,Z (each a multiple of 16); default 112,112,80, or the config's
-    /// with --checkpoint.
+    /// Sliding-window patch X,Y,Z (each a multiple of 16); default the recipe's 112,112,80, or
+    /// the config's with --checkpoint.
     #[arg(long, value_parser = parse_size)]
     pub patch: Option<[usize; 3]>,
-    /// Sliding-window stride X,Y,Z; default 18,18,4, or the config's with --checkpoint.
+    /// Sliding-window stride X,Y,Z; default the recipe's 18,18,4, or the config's with
+    /// --checkpoint.
     #[arg(long, value_parser = parse_size)]
     pub stride: Option<[usize; 3]>,
-    /// Windows per forward pass.
-    #[arg(long, default_value_t = 4)]
-    pub batch: usize,
+    /// Windows per forward pass; default 4, or the config's with --checkpoint.
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Keep only the largest connected component, with 6- or 26-connectivity (off by default).
     #[arg(long)]
     pub largest_component: Option<Connectivity>,
@@ -84,14 +86,15 @@ pub struct Args {
     /// uncertainty map written with --out: the checkpoint's teacher's, or the model's own for
     /// --weights or a checkpoint without a teacher. 0: the entropy of the prediction instead
     /// (no extra passes; the map then costs nothing).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = recipe::MC_PASSES as usize)]
     pub mc_passes: usize,
     /// Seed of the Monte-Carlo passes' noise and dropout.
     #[arg(long, default_value_t = 0)]
     pub mc_seed: u64,
 }
 
-/// The same rule as the config's `device.device` (a GPU that is not there is refused).
+/// The same rule as the config's `device.device`, checked now (a GPU that is not there is
+/// refused). The device in a checkpoint's stored config is not consulted: this one is used.
 fn parse_device(s: &str) -> Result<Device, String> {
     uamt::config::DeviceConfig { device: s.into(), ..Default::default() }.resolve().map_err(|e| e.to_string())
 }
@@ -122,7 +125,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
     let open = |dir: &Path| {
         Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()))
     };
-    let (model, teacher, dataset, source, patch, stride) = if let Some(ck) = &args.checkpoint {
+    let (model, teacher, dataset, source, window) = if let Some(ck) = &args.checkpoint {
         let snap = Snapshot::read(ck)?;
         let cfg = match &args.config {
             Some(p) => Config::load(p)?,
@@ -130,29 +133,33 @@ fn report(args: &Args) -> anyhow::Result<Report> {
         };
         let dataset = match &args.dataset {
             Some(d) => open(d)?,
-            None => crate::cmd::train::open_dataset(&cfg)?,
+            None => crate::setup::open_dataset(&cfg)?,
         };
-        let teacher =
-            snap.teacher.as_ref().map(|t| model_from_named(&cfg.model.vnet(), args.device, t, ck)).transpose()?;
+        let teacher = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model, args.device, t, ck)).transpose()?;
         let (model, teacher) = if args.teacher {
             let t = teacher.ok_or_else(|| {
                 anyhow::anyhow!("{}: --teacher, but this checkpoint has no teacher (supervised training)", ck.display())
             })?;
             (t, None) // the evaluated teacher also draws the uncertainty
         } else {
-            (model_from_named(&cfg.model.vnet(), args.device, &snap.student, ck)?, teacher)
+            (model_from_named(&cfg.model, args.device, &snap.student, ck)?, teacher)
         };
-        (model, teacher, dataset, ck, cfg.eval.patch, cfg.eval.stride)
+        (model, teacher, dataset, ck, cfg.eval.window)
     } else {
         let (Some(weights), Some(dir)) = (&args.weights, &args.dataset) else {
             anyhow::bail!("give --prediction and --reference, --weights and --dataset, or --checkpoint");
         };
         let config = VNetConfig { n_filters: args.n_filters, n_classes: args.n_classes, ..VNetConfig::default() };
-        (load_weights(weights, &config, args.device)?, None, open(dir)?, weights, [112, 112, 80], [18, 18, 4])
+        (load_weights(weights, &config, args.device)?, None, open(dir)?, weights, InferOptions::default())
     };
-    let (patch, stride) = (args.patch.unwrap_or(patch), args.stride.unwrap_or(stride));
+    let infer = InferOptions {
+        patch: args.patch.unwrap_or(window.patch),
+        stride: args.stride.unwrap_or(window.stride),
+        batch_size: args.batch.unwrap_or(window.batch_size),
+        largest_component: args.largest_component.or(window.largest_component),
+    };
     let opts = EvalOptions {
-        infer: InferOptions { patch, stride, batch_size: args.batch, largest_component: args.largest_component },
+        infer,
         empty: args.empty,
         outputs: args.out.as_ref().map(|dir| Outputs {
             dir: dir.clone(),

@@ -1,4 +1,5 @@
-//! `uamt synth`: a synthetic LA-like dataset folder, deterministic by seed.
+//! `uamt synth`: a synthetic LA-like dataset folder, deterministic by seed. The defaults are
+//! [`SynthConfig::default`]'s, the same set a config's `[data.synth]` defaults to.
 
 use super::import::{log_report, parse_size, parse_spacing};
 use std::path::PathBuf;
@@ -11,22 +12,22 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Training cases.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = SynthConfig::default().cases)]
     pub cases: usize,
     /// Of which the first K are labelled.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = SynthConfig::default().labelled)]
     pub labelled: usize,
     /// Test cases.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = SynthConfig::default().test)]
     pub test: usize,
-    /// Volume size X,Y,Z.
-    #[arg(long, default_value = "128,128,96", value_parser = parse_size)]
-    pub size: [usize; 3],
-    /// Voxel spacing in mm: one value or X,Y,Z.
-    #[arg(long, default_value = "0.625,0.625,1.25", value_parser = parse_spacing)]
-    pub spacing: [f64; 3],
+    /// Volume size X,Y,Z (default 48,48,32).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<[usize; 3]>,
+    /// Voxel spacing in mm: one value or X,Y,Z (default 0.625,0.625,1.25).
+    #[arg(long, value_parser = parse_spacing)]
+    pub spacing: Option<[f64; 3]>,
     /// Seed: the same seed writes the same volumes.
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, default_value_t = SynthConfig::default().seed)]
     pub seed: u64,
     /// Write `.nii.gz` instead of `.nii`.
     #[arg(long)]
@@ -37,12 +38,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let d = SynthConfig::default();
     let cfg = SynthConfig {
         cases: args.cases,
         labelled: args.labelled,
         test: args.test,
-        size: args.size,
-        spacing: args.spacing,
+        size: args.size.unwrap_or(d.size),
+        spacing: args.spacing.unwrap_or(d.spacing),
         seed: args.seed,
         gzip: args.gzip,
     };

@@ -5,16 +5,14 @@ use crate::control::{Controls, Phase, StatusBoard};
 use crate::evaluator::Evaluator;
 use crate::http::{HttpServerHandle, HttpState};
 use crate::pipeline::{self, Run};
+use crate::setup::{loader, open_dataset, trainer};
 use crate::supervisor::{StartEval, Supervisor, TrainingEnded};
 use actix::Actor;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use uamt::checkpoint::{self, Snapshot};
 use uamt::config::Config;
-use uamt::data::{Dataset, DatasetOptions, LoaderConfig, PatchLoader, SamplerConfig, SynthConfig};
-use uamt::train::Trainer;
 
 /// Arguments of `uamt train`.
 #[derive(Debug, clap::Args)]
@@ -29,8 +27,8 @@ pub struct Args {
     #[arg(long)]
     pub iterations: Option<i64>,
     /// Stop (with a checkpoint) after this many steps of this invocation, without changing the
-    /// schedule: for running a long protocol in pieces with `--resume`.
-    #[arg(long)]
+    /// schedule: for running a long protocol in pieces with `--resume`. At least 1.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     pub stop_after: Option<i64>,
     /// Override `checkpoint.dir`.
     #[arg(long)]
@@ -66,77 +64,6 @@ pub fn resolve_config(args: &Args) -> Result<Config> {
     }
     cfg.validate()?;
     Ok(cfg)
-}
-
-/// Opens the configured dataset, generating the synthetic one first if that is what is asked.
-pub fn open_dataset(cfg: &Config) -> Result<Dataset> {
-    let root = if cfg.data.dataset.as_os_str().is_empty() {
-        let dir = &cfg.data.synth_dir;
-        if !dir.join("dataset.json").exists() {
-            let s = &cfg.data.synth;
-            let synth = SynthConfig {
-                cases: s.cases,
-                labelled: s.labelled,
-                test: s.test,
-                size: s.size,
-                seed: s.seed,
-                ..SynthConfig::default()
-            };
-            tracing::info!(dir = %dir.display(), cases = s.cases, labelled = s.labelled, size = ?s.size, "generating the synthetic dataset");
-            uamt::data::write_synth(dir, &synth, false)?;
-        }
-        dir.clone()
-    } else {
-        cfg.data.dataset.clone()
-    };
-    let (dataset, skipped) = Dataset::open_skipping_bad(&root, &DatasetOptions::default())
-        .with_context(|| format!("opening dataset {}", root.display()))?;
-    for e in &skipped {
-        crate::emit::skipped_case();
-        tracing::warn!(error = %e, "case skipped");
-    }
-    Ok(dataset)
-}
-
-/// A patch loader for `cfg` over `dataset`.
-pub fn loader(cfg: &Config, dataset: Dataset) -> Result<PatchLoader> {
-    let sampler = SamplerConfig {
-        labelled_bs: cfg.data.labelled_bs,
-        unlabelled_bs: cfg.unlabelled_bs(),
-        seed: cfg.optim.seed,
-        ..SamplerConfig::default()
-    };
-    Ok(PatchLoader::new(
-        Arc::new(dataset),
-        LoaderConfig { patch: cfg.data.patch, rot_flip: cfg.data.rot_flip, sampler },
-    )?)
-}
-
-/// A fresh trainer, or the newest checkpoint's state when `resume`.
-pub fn trainer(cfg: &Config, resume: bool) -> Result<Trainer> {
-    let device = cfg.device.resolve()?;
-    let mut tr = Trainer::seeded(&cfg.model.vnet(), cfg.step_config(), device, cfg.optim.seed)?;
-    tr.set_precision(cfg.device.precision)?;
-    if resume {
-        match checkpoint::latest(&cfg.checkpoint.dir) {
-            Some((_, path)) => {
-                let snap = Snapshot::read(&path)?;
-                if snap.seed != cfg.optim.seed {
-                    tracing::warn!(
-                        checkpoint_seed = snap.seed,
-                        config_seed = cfg.optim.seed,
-                        "resuming with a different seed"
-                    );
-                }
-                snap.restore_into(&mut tr, &path)?;
-                tracing::info!(path = %path.display(), iteration = tr.iter, "resumed");
-            }
-            None => {
-                tracing::info!(dir = %cfg.checkpoint.dir.display(), "no checkpoint to resume from; starting afresh")
-            }
-        }
-    }
-    Ok(tr)
 }
 
 /// Training without a recorded step for this long makes `/healthz` answer 503.
@@ -251,4 +178,25 @@ fn train(
         "done"
     );
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// `uamt train`'s arguments on their own.
+    #[derive(Debug, Parser)]
+    struct Cli {
+        /// The arguments.
+        #[command(flatten)]
+        args: super::Args,
+    }
+
+    #[test]
+    fn stop_after_must_be_at_least_one() {
+        for bad in ["0", "-1"] {
+            assert!(Cli::try_parse_from(["train", "--stop-after", bad]).is_err(), "--stop-after {bad} accepted");
+        }
+        assert_eq!(Cli::try_parse_from(["train", "--stop-after", "1"]).unwrap().args.stop_after, Some(1));
+    }
 }

@@ -33,7 +33,9 @@ mod tests {
 
     #[test]
     fn certain_voxels_count_and_uncertain_ones_do_not() {
-        let cfg = StepConfig { method: Method::Uamt, mc_passes: 2, mc_repeats: 2, ..StepConfig::default() };
+        let mut cfg = StepConfig::of(Method::Uamt);
+        cfg.method.mc_passes = 2;
+        cfg.method.mc_repeats = 2;
         let m = MaskComputer::new(cfg, 2);
         // One unlabelled patch of two voxels; both passes agree confidently on voxel 0 and
         // disagree on voxel 1.

@@ -163,7 +163,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         None => cfg.optim.iterations,
     };
     let lag = cfg.method.teacher_lag;
-    let with_teacher = run.trainer.cfg.method != Method::Supervised;
+    let with_teacher = run.trainer.cfg.method.kind != Method::Supervised;
     if run.device.is_cuda() {
         // Fixed shapes: let cuDNN pick the fastest convolution algorithms once.
         tch::Cuda::cudnn_set_benchmark(true);
@@ -182,8 +182,8 @@ pub fn run(mut run: Run) -> Result<Outcome> {
             if with_teacher { "out" } else { "" }
         ));
     }
-    let teacher =
-        teacher.map(|net| teacher::TeacherState::new(net, start - 1, EmaUpdater { decay: run.trainer.cfg.ema_decay }));
+    let teacher = teacher
+        .map(|net| teacher::TeacherState::new(net, start - 1, EmaUpdater { decay: run.trainer.cfg.method.ema_decay }));
     let sampler = teacher::TeacherSampler::new(
         run.trainer.cfg.clone(),
         run.trainer.student.config().clone(),

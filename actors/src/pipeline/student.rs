@@ -44,7 +44,7 @@ impl Student {
 
     /// Whether the method has a teacher.
     pub fn with_teacher(&self) -> bool {
-        self.tr.cfg.method != Method::Supervised
+        self.tr.cfg.method.kind != Method::Supervised
     }
 
     /// The forward pass of the next step on `batch` (checked against the method's batch layout).
