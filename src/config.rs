@@ -99,15 +99,13 @@ pub struct QueueConfig {
     pub teacher: usize,
     /// Guidance (target + mask) waiting for the student.
     pub guidance: usize,
-    /// Student parameter snapshots waiting for the EMA updater.
+    /// Student parameters (the EMA's input) and snapshot requests waiting for the teacher.
     pub params: usize,
-    /// Teacher weight versions waiting for the teacher sampler.
-    pub teacher_params: usize,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { batches: 4, loader_workers: 2, teacher: 2, guidance: 2, params: 2, teacher_params: 2 }
+        QueueConfig { batches: 4, loader_workers: 2, teacher: 2, guidance: 2, params: 2 }
     }
 }
 
@@ -115,13 +113,9 @@ impl QueueConfig {
     /// Checks every capacity; errors name the key under `prefix` (`queues.batches`).
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let k = |name| check::key(prefix, name);
-        for (name, v) in [
-            ("batches", self.batches),
-            ("teacher", self.teacher),
-            ("guidance", self.guidance),
-            ("params", self.params),
-            ("teacher_params", self.teacher_params),
-        ] {
+        for (name, v) in
+            [("batches", self.batches), ("teacher", self.teacher), ("guidance", self.guidance), ("params", self.params)]
+        {
             check::range(&k(name), v, 1, limits::QUEUE)?;
         }
         check::range(&k("loader_workers"), self.loader_workers, 1, limits::LOADER_WORKERS)
@@ -472,13 +466,14 @@ impl Config {
         if self.method.kind != Method::Supervised && self.data.sampler.unlabelled_bs == 0 {
             return Err(Error::invalid("data.unlabelled_bs", "must be >= 1 for uamt and mean_teacher"));
         }
-        // The teacher may run teacher_lag + 1 iterations ahead of the student; the two queues that
-        // close the loop must hold that many items or the pipeline could wait on itself.
+        // The teacher may run teacher_lag + 1 iterations ahead of the student; the queue that
+        // closes the loop must hold that many items or the pipeline could wait on itself.
         let need = self.method.teacher_lag as usize + 1;
-        for (k, v) in [("queues.params", self.queues.params), ("queues.teacher_params", self.queues.teacher_params)] {
-            if v < need {
-                return Err(Error::invalid(k, format!("must be >= method.teacher_lag + 1 = {need}, got {v}")));
-            }
+        if self.queues.params < need {
+            return Err(Error::invalid(
+                "queues.params",
+                format!("must be >= method.teacher_lag + 1 = {need}, got {}", self.queues.params),
+            ));
         }
         Ok(())
     }

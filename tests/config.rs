@@ -154,7 +154,6 @@ fn sizes_past_their_bounds_are_refused_by_key() {
         ("[queues]\nteacher = 4097", "queues.teacher"),
         ("[queues]\nguidance = 100000", "queues.guidance"),
         ("[queues]\nparams = 100000", "queues.params"),
-        ("[queues]\nteacher_params = 100000", "queues.teacher_params"),
         ("[queues]\nloader_workers = 65", "queues.loader_workers"),
         ("[model]\nn_filters = 257", "model.n_filters"),
         ("[model]\nn_classes = 100000", "model.n_classes"),

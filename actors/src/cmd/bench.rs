@@ -171,7 +171,6 @@ pub fn run(args: Args) -> Result<()> {
                 c.queues.teacher = depth;
                 c.queues.guidance = depth;
                 c.queues.params = depth.max(lag as usize + 1);
-                c.queues.teacher_params = depth.max(lag as usize + 1);
                 c.validate()?;
                 let s = pipelined(&c, args.warmup, args.iterations)?;
                 line(args.json, &format!("pipeline lag {lag}, workers {workers}, depth {depth}"), s, seq);

@@ -7,7 +7,7 @@
 //! loader-0..n ([`loader`]) --[loader-k]--> dispatcher ([`dispatcher`]) --[batches]--> student ([`student`])
 //!      ^                                       |                                       |  ^
 //!      +--- host buffers (ringbuf) ------------+--[unlabelled]--> teacher ([`teacher`]) |  |
-//!                                                                   |  ^ --[to_teacher]-+  |
+//!                                                                   |  ^ --[params]-----+  |
 //!                                                   [teacher] <-----+  |  params (EMA input,
 //!                                                      |               |  [`ema`]) and snapshot
 //!                                                      v               |  requests
@@ -347,7 +347,7 @@ fn pipelined(
     let mut teacher_handle: Option<StageHandle<uamt::model::VNet>> = None;
     let (mut guid_rx, mut to_teacher_tx) = (None, None);
     if let Some((state, sampler, mask)) = teacher {
-        let (to_tx, to_rx) = bounded::<ToTeacher>("to_teacher", q.params);
+        let (to_tx, to_rx) = bounded::<ToTeacher>("params", q.params);
         let (pass_tx, pass_rx) = bounded::<TeacherPasses>("teacher", q.teacher);
         let (g_tx, g_rx) = bounded::<GuidanceMsg>("guidance", q.guidance);
         let fault = run.fault.clone();
