@@ -123,6 +123,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
         return Ok(compare_paths(p, r, args.spacing, args.empty, &mut |e| progress(&mut bar, e))?);
     }
     let open = |dir: &Path| {
+        uamt::data::sigbus::install_handler();
         Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()))
     };
     let (model, teacher, dataset, source, window) = if let Some(ck) = &args.checkpoint {
