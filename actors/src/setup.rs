@@ -10,10 +10,31 @@ use uamt::data::{Dataset, DatasetOptions, PatchLoader};
 use uamt::train::Trainer;
 
 /// Opens the configured dataset, generating the synthetic one first if that is what is asked.
+/// Installs the SIGBUS handler for the mapped files first. Bad training cases are skipped,
+/// each logged with its error (naming the file and the value) and counted in
+/// `uamt_skipped_cases_total`; see [`Dataset::open_skipping_bad`] for what is refused instead.
 pub fn open_dataset(cfg: &Config) -> Result<Dataset> {
+    open_configured(cfg, true)
+}
+
+/// Like [`open_dataset`], but never writes: a synthetic dataset that does not exist yet is an
+/// error instead of being generated. For configs that come from a file this program did not
+/// write itself (the config stored in a checkpoint given to `uamt eval`).
+pub fn open_existing_dataset(cfg: &Config) -> Result<Dataset> {
+    open_configured(cfg, false)
+}
+
+fn open_configured(cfg: &Config, generate: bool) -> Result<Dataset> {
+    uamt::data::sigbus::install_handler();
     let root = if cfg.data.dataset.as_os_str().is_empty() {
         let dir = &cfg.data.synth_dir;
         if !dir.join("dataset.json").exists() {
+            if !generate {
+                anyhow::bail!(
+                    "the config names the synthetic dataset in {}, which does not exist; give --dataset",
+                    dir.display()
+                );
+            }
             let s = &cfg.data.synth;
             tracing::info!(dir = %dir.display(), cases = s.cases, labelled = s.labelled, size = ?s.size, "generating the synthetic dataset");
             uamt::data::write_synth(dir, s, false)?;

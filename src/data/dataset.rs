@@ -4,6 +4,7 @@
 
 use super::error::{DataError, IoAt, Result};
 use super::nifti::{GzCache, NiftiVolume};
+use super::volume::Geometry;
 use crate::fsutil::write_atomic;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -126,6 +127,12 @@ impl Manifest {
         serde_json::from_str(&text).map_err(|e| DataError::bad(&path, format!("invalid manifest: {e}")))
     }
 
+    /// The number of classes label volumes may hold: one more than the largest value named in
+    /// `labels` (its keys are label values), or 256 when `labels` names none.
+    pub fn n_classes(&self) -> usize {
+        self.labels.keys().filter_map(|k| k.trim().parse::<u8>().ok()).map(|v| v as usize + 1).max().unwrap_or(256)
+    }
+
     /// Writes `<dir>/dataset.json` atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(MANIFEST);
@@ -189,8 +196,9 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Opens the dataset folder `root`: reads the manifest, maps every listed volume and checks
-    /// that each label matches its image's shape and that every labelled case has a label.
+    /// Opens the dataset folder `root`: reads the manifest, maps every listed volume and
+    /// validates every case (see [`Dataset::open_skipping_bad`] for the checks); any bad case is
+    /// an error.
     pub fn open(root: impl AsRef<Path>, opts: &DatasetOptions) -> Result<Self> {
         let (dataset, mut skipped) = Self::open_inner(root.as_ref(), opts, false)?;
         match skipped.pop() {
@@ -199,9 +207,19 @@ impl Dataset {
         }
     }
 
-    /// Like [`Dataset::open`], but a case whose volumes cannot be opened (missing, truncated,
-    /// corrupt, mismatched shapes) is left out and returned with its error instead of failing the
-    /// whole dataset. A manifest that cannot be read is still an error.
+    /// Like [`Dataset::open`], but a bad *training* case is left out and returned with its error
+    /// (naming the file and the value) instead of failing the whole dataset.
+    ///
+    /// Every case is checked, reading every voxel once (O(data), at open): its id is a plain
+    /// name (no `/`, `\\`, NUL, `.` or `..`); its image and label paths stay inside `root`
+    /// (after resolving symbolic links); the volumes open (header and size, see
+    /// [`NiftiVolume::open`]); image voxels are finite; label values are integers below the number
+    /// of classes the manifest's `labels` names (any 0..=255 when it names none); the label's
+    /// shape and affine agree with the image's.
+    ///
+    /// Refused outright, skipping mode or not: a manifest that cannot be read, a bad *test* case
+    /// (an evaluation silently missing cases would report wrong means), and a dataset left with
+    /// no labelled training case.
     pub fn open_skipping_bad(root: impl AsRef<Path>, opts: &DatasetOptions) -> Result<(Self, Vec<DataError>)> {
         Self::open_inner(root.as_ref(), opts, true)
     }
@@ -210,21 +228,28 @@ impl Dataset {
         let root = root.to_path_buf();
         let manifest = Manifest::read(&root)?;
         let cache = GzCache::Dir(opts.cache_dir.clone().unwrap_or_else(|| root.join(".cache")));
+        let base = std::fs::canonicalize(&root).at(&root)?;
+        let n_classes = manifest.n_classes();
         let mut ids = HashSet::new();
         let mut skipped = Vec::new();
-        let mut open_all = |entries: Vec<CaseEntry>, skipped: &mut Vec<DataError>| -> Result<Vec<Case>> {
-            let mut cases = Vec::new();
-            for e in entries {
-                match open_case(&root, e, &cache, &mut ids) {
-                    Ok(c) => cases.push(c),
-                    Err(err) if skip => skipped.push(err),
-                    Err(err) => return Err(err),
-                }
+        let mut training = Vec::new();
+        for e in manifest.training.clone() {
+            match open_case(&root, &base, e, &cache, &mut ids, n_classes) {
+                Ok(c) => training.push(c),
+                Err(err) if skip => skipped.push(err),
+                Err(err) => return Err(err),
             }
-            Ok(cases)
-        };
-        let training = open_all(manifest.training.clone(), &mut skipped)?;
-        let test = open_all(manifest.test.iter().map(TestEntry::to_case).collect(), &mut skipped)?;
+        }
+        if skip && !skipped.is_empty() && !training.iter().any(|c| c.labelled) {
+            return Err(DataError::bad(
+                root.join(MANIFEST),
+                format!("no labelled training case is left after skipping {} bad ones", skipped.len()),
+            ));
+        }
+        let mut test = Vec::new();
+        for e in manifest.test.iter().map(TestEntry::to_case) {
+            test.push(open_case(&root, &base, e, &cache, &mut ids, n_classes)?);
+        }
         Ok((Dataset { root, manifest, training, test }, skipped))
     }
 
@@ -239,10 +264,94 @@ impl Dataset {
     }
 }
 
-fn open_case(root: &Path, e: CaseEntry, cache: &GzCache, ids: &mut HashSet<String>) -> Result<Case> {
+/// Whether `id` can name a case: a plain file name (no separator, NUL, `.` or `..`, at most 200
+/// bytes), since outputs are written to `<folder>/<id>.<kind>`. `Err` says why not.
+pub fn check_case_id(id: &str) -> std::result::Result<(), String> {
+    if id.is_empty() {
+        return Err("the case id is empty".into());
+    }
+    if id == "." || id == ".." {
+        return Err(format!("case id `{id}` is not a plain name"));
+    }
+    if let Some(c) = id.chars().find(|&c| c == '/' || c == '\\' || c == '\0' || c.is_control()) {
+        return Err(format!("case id `{}` contains {c:?}; ids must be plain names", id.escape_debug()));
+    }
+    if id.len() > 200 {
+        return Err(format!("case id of {} bytes is longer than 200", id.len()));
+    }
+    Ok(())
+}
+
+/// `rel` (a manifest path) resolved inside the dataset folder `root` (canonical `base`), or an
+/// error naming the manifest when it is absolute, contains NUL, or leads outside (`..`, a
+/// symbolic link pointing out).
+fn inside(root: &Path, base: &Path, rel: &str, id: &str) -> Result<PathBuf> {
     let manifest = root.join(MANIFEST);
-    let image_path = root.join(&e.image);
-    let id = if e.id.is_empty() { super::nifti::stem(&image_path) } else { e.id.clone() };
+    let outside = || {
+        DataError::bad(&manifest, format!("case `{id}`: path `{}` is outside the dataset folder", rel.escape_debug()))
+    };
+    if rel.contains('\0') || Path::new(rel).is_absolute() {
+        return Err(outside());
+    }
+    let joined = root.join(rel);
+    let canonical = std::fs::canonicalize(&joined).at(&joined)?;
+    if !canonical.starts_with(base) {
+        return Err(outside());
+    }
+    Ok(joined)
+}
+
+/// Reads every voxel of `image` (and `label`) once, a z-slice at a time: image voxels must be
+/// finite, label values integers in `0..n_classes`.
+fn scan_voxels(image: &NiftiVolume, label: Option<&NiftiVolume>, n_classes: usize) -> Result<()> {
+    let [nx, ny, nz] = image.dims();
+    let slice = nx * ny;
+    let mut buf = vec![0f64; slice];
+    for z in 0..nz {
+        image.read_line(z * slice, 1, &mut buf)?;
+        if let Some((i, v)) = buf.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            let (x, y) = (i % nx, i / nx);
+            return Err(DataError::bad(image.path(), format!("voxel ({x}, {y}, {z}) is {v}, not a finite number")));
+        }
+    }
+    let Some(label) = label else { return Ok(()) };
+    let top = n_classes as f64;
+    for z in 0..nz {
+        label.read_line(z * slice, 1, &mut buf)?;
+        if let Some((i, v)) = buf.iter().enumerate().find(|(_, &v)| !(v.fract() == 0.0 && (0.0..top).contains(&v))) {
+            let (x, y) = (i % nx, i / nx);
+            return Err(DataError::bad(
+                label.path(),
+                format!("label value {v} at voxel ({x}, {y}, {z}) is not a class (0..{n_classes})"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether two affines agree to within 1e-3 of their entries' scale (rounding in float32
+/// headers), so that a label lies on its image's voxels.
+fn same_geometry(a: &Geometry, b: &Geometry) -> bool {
+    a.affine
+        .iter()
+        .flatten()
+        .zip(b.affine.iter().flatten())
+        .all(|(x, y)| (x - y).abs() <= 1e-3 * x.abs().max(y.abs()).max(1.0))
+}
+
+fn open_case(
+    root: &Path,
+    base: &Path,
+    e: CaseEntry,
+    cache: &GzCache,
+    ids: &mut HashSet<String>,
+    n_classes: usize,
+) -> Result<Case> {
+    let manifest = root.join(MANIFEST);
+    let derived = if e.id.is_empty() { super::nifti::stem(Path::new(&e.image)) } else { e.id.clone() };
+    check_case_id(&derived).map_err(|why| DataError::bad(&manifest, why))?;
+    let id = derived;
+    let image_path = inside(root, base, &e.image, &id)?;
     if !ids.insert(id.clone()) {
         return Err(DataError::bad(&manifest, format!("case `{id}` is listed twice")));
     }
@@ -253,7 +362,7 @@ fn open_case(root: &Path, e: CaseEntry, cache: &GzCache, ids: &mut HashSet<Strin
     let image = NiftiVolume::open(&image_path, cache)?;
     let label = match &e.label {
         Some(l) => {
-            let label = NiftiVolume::open(root.join(l), cache)?;
+            let label = NiftiVolume::open(inside(root, base, l, &id)?, cache)?;
             if label.dims() != image.dims() {
                 return Err(DataError::bad(
                     label.path(),
@@ -265,9 +374,22 @@ fn open_case(root: &Path, e: CaseEntry, cache: &GzCache, ids: &mut HashSet<Strin
                     ),
                 ));
             }
+            let (lg, ig) = (label.header().geometry, image.header().geometry);
+            if !same_geometry(&lg, &ig) {
+                return Err(DataError::bad(
+                    label.path(),
+                    format!(
+                        "label affine {:?} differs from image affine {:?} ({})",
+                        lg.affine,
+                        ig.affine,
+                        image_path.display()
+                    ),
+                ));
+            }
             Some(label)
         }
         None => None,
     };
+    scan_voxels(&image, label.as_ref(), n_classes)?;
     Ok(Case { id, image, label, labelled })
 }

@@ -2,7 +2,7 @@
 //! chunked) and `label` (uint8) in one file per case. Read into x-fastest [`Volume`]s.
 
 use super::error::{DataError, Result};
-use super::volume::Volume;
+use super::volume::{bounded_voxel_count, Volume, MAX_VOXELS};
 use hdf5::types::TypeDescriptor;
 use std::path::Path;
 
@@ -30,6 +30,10 @@ fn dataset3(file: &hdf5::File, path: &Path, name: &str, integer: bool) -> Result
     if dims.contains(&0) {
         return Err(DataError::bad(path, format!("dataset `{name}` has shape {shape:?} with an empty axis")));
     }
+    // The dataspace is checked before anything is read: a compressed dataset can declare far more
+    // than the file holds, and `read_raw` allocates what it declares.
+    bounded_voxel_count(dims, path)
+        .map_err(|_| DataError::bad(path, format!("dataset `{name}` shape {dims:?} exceeds {MAX_VOXELS} voxels")))?;
     let desc = ds
         .dtype()
         .and_then(|t| t.to_descriptor())

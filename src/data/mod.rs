@@ -16,6 +16,8 @@
 //! - [`import`]: UA-MT HDF5 and 2018 challenge NRRD importers; [`synth`]: synthetic cases.
 //! - [`augment`]: rot90 + flip + padded random crop, cut straight from the mapped file.
 //! - [`sampler`]: labelled-first batches, seeded per iteration, as tensors for the trainer.
+//! - [`sigbus`]: the handler that ends the process with a clear message when a mapped file is
+//!   truncated under it.
 //! - [`stats`]: what `uamt info` prints. [`error`]: [`DataError`].
 
 pub mod augment;
@@ -27,6 +29,7 @@ pub mod nifti;
 pub mod nrrd;
 pub mod resample;
 pub mod sampler;
+pub mod sigbus;
 pub mod stats;
 pub mod synth;
 pub mod volume;

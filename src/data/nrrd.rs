@@ -4,7 +4,7 @@
 
 use super::error::{DataError, IoAt, Result};
 use super::nifti::{decode_line, DType, Scale};
-use super::volume::{voxel_count, Geometry, Volume};
+use super::volume::{bounded_voxel_count, Geometry, Volume};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -153,6 +153,23 @@ fn geometry(f: &Fields, path: &Path) -> Result<Geometry> {
     Ok(g)
 }
 
+/// The detached data file `name` of the header `path`, which must stay inside the header's
+/// folder (no absolute path, no `..` leading out, no symbolic link pointing out).
+fn detached_path(path: &Path, name: &str) -> Result<PathBuf> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let outside = || DataError::bad(path, format!("`data file: {name}` points outside the folder {}", dir.display()));
+    if name.contains('\0') || Path::new(name).is_absolute() {
+        return Err(outside());
+    }
+    let joined = dir.join(name);
+    let base = std::fs::canonicalize(dir).at(dir)?;
+    let target = std::fs::canonicalize(&joined).at(&joined)?;
+    if !target.starts_with(&base) {
+        return Err(outside());
+    }
+    Ok(target)
+}
+
 /// Reads a 3-D NRRD file.
 pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
     let path = path.as_ref();
@@ -179,7 +196,7 @@ pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
         None if dtype.size() == 1 => false,
         other => return Err(DataError::bad(path, format!("bad or missing `endian` ({other:?})"))),
     };
-    let n = voxel_count(dims, "nrrd sizes")?;
+    let n = bounded_voxel_count(dims, path)?;
     let nbytes = n.checked_mul(dtype.size()).ok_or_else(|| DataError::bad(path, "sizes too large"))?;
     let encoding = required(&f.encoding, "encoding", path)?;
     let parse_skip = |v: &Option<String>, name: &str| -> Result<i64> {
@@ -195,7 +212,7 @@ pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
             return Err(DataError::bad(path, format!("multi-file `data file: {name}` not supported")));
         }
         Some(name) => {
-            let p = path.parent().unwrap_or(Path::new(".")).join(name);
+            let p = detached_path(path, name)?;
             let b = std::fs::read(&p).at(&p)?;
             Some((p, b))
         }
@@ -216,12 +233,20 @@ pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
     let raw: &[u8] = match encoding {
         "raw" => encoded,
         "gzip" | "gz" => {
+            // Never more than the sizes declare (bounded by MAX_VOXELS) plus the byte skip: one
+            // byte beyond is read only to refuse a stream that goes on (a gzip bomb).
+            let want = (nbytes as u64).saturating_add(byte_skip.max(0) as u64);
             let mut out = Vec::with_capacity(nbytes);
-            let limit = (nbytes as u64).saturating_add(byte_skip.max(0) as u64).saturating_add(1);
             flate2::read::MultiGzDecoder::new(encoded)
-                .take(limit)
+                .take(want.saturating_add(1))
                 .read_to_end(&mut out)
                 .map_err(|e| DataError::bad(data_path, format!("truncated or corrupt gzip data: {e}")))?;
+            if byte_skip >= 0 && out.len() as u64 > want {
+                return Err(DataError::bad(
+                    data_path,
+                    format!("gzip data decompresses to more than the {want} bytes the header declares; refused"),
+                ));
+            }
             decoded = out;
             &decoded
         }

@@ -265,7 +265,9 @@ impl PatchLoader {
         (idx, plans)
     }
 
-    /// Fills `host` with batch `iteration`, reusing its buffers.
+    /// Fills `host` with batch `iteration`, reusing its buffers. A case whose mapped file changed
+    /// length since the dataset was opened is an error naming it (see
+    /// [`crate::data::NiftiVolume::check_unchanged`]).
     pub fn fill(&self, iteration: u64, host: &mut HostBatch) -> Result<()> {
         let (idx, plans) = self.plan(iteration);
         let n = self.cfg.patch.iter().product::<usize>();
@@ -274,6 +276,12 @@ impl PatchLoader {
         host.labels.resize(l * n, 0);
         for (slot, p) in plans.iter().enumerate() {
             let case = &self.dataset.training[p.case];
+            // A file truncated in place would raise SIGBUS on the read: report it instead (the
+            // trainer skips the batch and counts it).
+            case.image.check_unchanged()?;
+            if let Some(label) = case.label.as_ref().filter(|_| slot < l) {
+                label.check_unchanged()?;
+            }
             extract(&case.image, &p.augment, self.cfg.patch, &mut host.images[slot * n..(slot + 1) * n])?;
             if slot < l {
                 let label = case.label.as_ref().ok_or_else(|| {

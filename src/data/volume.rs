@@ -16,6 +16,21 @@ pub struct Volume<T> {
     pub data: Vec<T>,
 }
 
+/// The most voxels a volume read from a file may have (2^30, 4 GiB as float32): every reader
+/// checks a header's shape against it (and against the bytes the file holds) before allocating.
+/// The 2018 LA volumes have about 2^25.
+pub const MAX_VOXELS: usize = 1 << 30;
+
+/// Number of voxels of `dims` as a file's header declares them, refused (naming `path`) when it
+/// overflows or exceeds [`MAX_VOXELS`].
+pub fn bounded_voxel_count(dims: [usize; 3], path: &std::path::Path) -> Result<usize> {
+    let n = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    match n {
+        Some(n) if n <= MAX_VOXELS => Ok(n),
+        _ => Err(DataError::bad(path, format!("shape {dims:?} exceeds the limit of {MAX_VOXELS} voxels"))),
+    }
+}
+
 /// Number of voxels of `dims`, or an error naming `what` if it overflows.
 pub fn voxel_count(dims: [usize; 3], what: &str) -> Result<usize> {
     dims.iter()

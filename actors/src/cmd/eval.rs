@@ -123,6 +123,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
         return Ok(compare_paths(p, r, args.spacing, args.empty, &mut |e| progress(&mut bar, e))?);
     }
     let open = |dir: &Path| {
+        uamt::data::sigbus::install_handler();
         Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()))
     };
     let (model, teacher, dataset, source, window) = if let Some(ck) = &args.checkpoint {
@@ -131,9 +132,11 @@ fn report(args: &Args) -> anyhow::Result<Report> {
             Some(p) => Config::load(p)?,
             None => Config::from_toml(&snap.config, ck)?,
         };
+        // A checkpoint may come from anywhere: its stored config's dataset is opened only if it
+        // exists; the synthetic dataset is never generated from it (train does that).
         let dataset = match &args.dataset {
             Some(d) => open(d)?,
-            None => crate::setup::open_dataset(&cfg)?,
+            None => crate::setup::open_existing_dataset(&cfg)?,
         };
         let teacher = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model, args.device, t, ck)).transpose()?;
         let (model, teacher) = if args.teacher {
@@ -173,6 +176,14 @@ fn report(args: &Args) -> anyhow::Result<Report> {
             }),
         }),
     };
+    if args.out.is_some() {
+        // Outputs are `<out>/<id>.<kind>`: every id must be a plain name (Dataset::open checks it
+        // already; checked again here, where the files are named).
+        for case in &dataset.test {
+            uamt::data::dataset::check_case_id(&case.id)
+                .map_err(|why| anyhow::anyhow!("refusing to write outputs: {why}"))?;
+        }
+    }
     let mut bar = crate::progress::Bar::new("evaluating");
     Ok(evaluate_dataset(&model, teacher.as_ref(), &dataset, &source.display().to_string(), &opts, &mut |e| {
         progress(&mut bar, e)

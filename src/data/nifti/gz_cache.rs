@@ -1,6 +1,7 @@
 //! `.nii.gz` files: decompressed whole, either into memory or once into a cache folder of `.nii`
 //! copies keyed by the source's path, size and modification time, then mapped like any `.nii`.
 
+use super::header::{parse_declared, HEADER_LEN};
 use super::stem;
 use crate::data::error::{DataError, IoAt, Result};
 use std::fs::{self, File};
@@ -31,21 +32,49 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// Decompresses the whole gzip file `gz`, naming it in any error.
+/// Decompresses the gzip file `gz` into `sink`, naming it in any error. The output is bounded
+/// by what the NIfTI header at its start declares (`vox_offset` plus the voxels, itself capped by
+/// [`crate::data::volume::MAX_VOXELS`]): decompression stops there, and a stream that goes on
+/// past it (a gzip bomb, or trailing garbage) is refused without being decompressed further.
 pub(super) fn gunzip(gz: &Path, mut sink: impl Write) -> Result<()> {
     let file = File::open(gz).at(gz)?;
     let mut dec = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file));
+    let corrupt = |e: std::io::Error| DataError::bad(gz, format!("truncated or corrupt gzip stream: {e}"));
+    let mut head = Vec::with_capacity(HEADER_LEN);
+    (&mut dec).take(HEADER_LEN as u64).read_to_end(&mut head).map_err(corrupt)?;
+    let (_, declared) = parse_declared(&head, gz)?;
+    let store = |e: std::io::Error| DataError::bad(gz, format!("cannot store the decompressed copy: {e}"));
+    sink.write_all(&head).map_err(store)?;
+    let mut left = declared.saturating_sub(head.len());
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match dec.read(&mut buf) {
-            Ok(0) => return Ok(()),
+    while left > 0 {
+        let want = left.min(buf.len());
+        let n = match dec.read(&mut buf[..want]) {
+            Ok(0) => break, // short: the header check on the copy reports the truncation
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(DataError::bad(gz, format!("truncated or corrupt gzip stream: {e}"))),
+            Err(e) => return Err(corrupt(e)),
         };
-        sink.write_all(&buf[..n])
-            .map_err(|e| DataError::bad(gz, format!("cannot store the decompressed copy: {e}")))?;
+        sink.write_all(&buf[..n]).map_err(store)?;
+        left -= n;
     }
+    if left == 0 {
+        let mut extra = [0u8; 1];
+        loop {
+            match dec.read(&mut extra) {
+                Ok(0) => break,
+                Ok(_) => {
+                    return Err(DataError::bad(
+                        gz,
+                        format!("decompresses to more than the {declared} bytes its header declares; refused"),
+                    ))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(corrupt(e)),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The cached `.nii` copy of `gz` in `dir`, decompressing it first if needed.

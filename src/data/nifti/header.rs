@@ -3,13 +3,17 @@
 //! the way nibabel chooses it.
 
 use crate::data::error::{DataError, Result};
-use crate::data::volume::{voxel_count, Geometry};
+use crate::data::volume::{bounded_voxel_count, Geometry};
 use std::path::Path;
 
 /// Size of a NIfTI-1 header.
 pub(super) const HEADER_LEN: usize = 348;
 /// Offset of the voxels in the files we write: the header plus the 4-byte extension flag.
 pub(super) const DATA_OFFSET: usize = 352;
+
+/// The largest `vox_offset` accepted (64 MiB of header extensions), so that a header can never
+/// declare more than `MAX_VOX_OFFSET + MAX_VOXELS * 8` bytes.
+const MAX_VOX_OFFSET: f32 = (1u32 << 26) as f32;
 
 /// Voxel data types this module reads (and writes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -150,8 +154,29 @@ fn header_geometry(h: &nifti::NiftiHeader, path: &Path) -> Result<Geometry> {
     }
 }
 
-/// Parses and validates the header at the start of `bytes`.
+/// Parses and validates the header at the start of `bytes`, and checks that `bytes` holds every
+/// voxel it declares.
 pub(super) fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
+    let (header, need) = parse_declared(bytes, path)?;
+    if bytes.len() < need {
+        return Err(DataError::bad(
+            path,
+            format!(
+                "truncated: the header promises {need} bytes ({:?} {} from offset {}), the file has {}",
+                header.dims,
+                header.dtype.name(),
+                header.vox_offset,
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(header)
+}
+
+/// Parses and validates the header at the start of `bytes` (only its first 348 bytes are
+/// needed) and returns it with the file length it declares (`vox_offset` plus the voxels),
+/// which is at most `vox_offset + MAX_VOXELS * 8`.
+pub(super) fn parse_declared(bytes: &[u8], path: &Path) -> Result<(Header, usize)> {
     let head = bytes.get(..HEADER_LEN).ok_or_else(|| {
         DataError::bad(path, format!("truncated: {} bytes, shorter than a NIfTI-1 header (348)", bytes.len()))
     })?;
@@ -191,25 +216,15 @@ pub(super) fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
     let offset = h.vox_offset;
     let vox_offset = if offset == 0.0 {
         DATA_OFFSET
-    } else if offset.fract() == 0.0 && offset >= HEADER_LEN as f32 && offset < 1e12 {
+    } else if offset.fract() == 0.0 && offset >= HEADER_LEN as f32 && offset < MAX_VOX_OFFSET {
         offset as usize
     } else {
         return Err(DataError::bad(path, format!("invalid vox_offset {offset}")));
     };
-    let need = voxel_count(dims, "nifti dims")?
+    let need = bounded_voxel_count(dims, path)?
         .checked_mul(dtype.size())
         .and_then(|n| n.checked_add(vox_offset))
         .ok_or_else(|| DataError::bad(path, format!("shape {dims:?} too large")))?;
-    if bytes.len() < need {
-        return Err(DataError::bad(
-            path,
-            format!(
-                "truncated: the header promises {need} bytes ({dims:?} {} from offset {vox_offset}), the file has {}",
-                dtype.name(),
-                bytes.len()
-            ),
-        ));
-    }
     let (slope, inter) = (h.scl_slope as f64, h.scl_inter as f64);
     let scale = if slope == 0.0 || !slope.is_finite() {
         Scale::IDENTITY
@@ -221,5 +236,5 @@ pub(super) fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
     let geometry = header_geometry(&h, path)?;
     let spacing = [h.pixdim[1] as f64, h.pixdim[2] as f64, h.pixdim[3] as f64];
     let big_endian = h.endianness == nifti::Endianness::Big;
-    Ok(Header { dims, dtype, spacing, geometry, scale, big_endian, vox_offset })
+    Ok((Header { dims, dtype, spacing, geometry, scale, big_endian, vox_offset }, need))
 }

@@ -31,8 +31,9 @@ use std::path::{Path, PathBuf};
 /// The voxel bytes of an opened file.
 #[derive(Debug)]
 enum Bytes {
-    /// A read-only mapping of a `.nii` file.
-    Mapped(Mmap),
+    /// A read-only mapping of a `.nii` file (for a `.nii.gz`, of its cached copy), with that
+    /// file's path.
+    Mapped(Mmap, PathBuf),
     /// A decompressed `.nii.gz` held in memory.
     Owned(Vec<u8>),
 }
@@ -40,7 +41,7 @@ enum Bytes {
 impl Bytes {
     fn as_slice(&self) -> &[u8] {
         match self {
-            Bytes::Mapped(m) => m,
+            Bytes::Mapped(m, _) => m,
             Bytes::Owned(v) => v,
         }
     }
@@ -128,6 +129,26 @@ impl NiftiVolume {
         })
     }
 
+    /// Checks that the mapped file still has the length it had when it was mapped, so that a
+    /// file truncated (or grown) in place since is reported as an error naming it instead of
+    /// killing the process with SIGBUS on the next read. Datasets must be replaced by rename,
+    /// never edited in place; this catches the common accident, not a truncation racing a read.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let Bytes::Mapped(map, file) = &self.bytes else { return Ok(()) };
+        let now = std::fs::metadata(file).at(file)?.len();
+        if now != map.len() as u64 {
+            return Err(DataError::bad(
+                file,
+                format!(
+                    "changed in place while mapped: {} bytes when opened, {now} now (replace dataset files by \
+                     rename, never edit them in place)",
+                    map.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The whole volume decoded to `T` (a copy; samplers read patches with [`Self::read_line`]).
     pub fn read<T: FromVoxel>(&self) -> Result<Volume<T>> {
         let mut data = vec![T::default(); self.len()];
@@ -165,7 +186,8 @@ fn map_file(path: &Path) -> Result<Bytes> {
     // SAFETY: the mapping is read-only and private to this process. Our writers never modify a
     // file in place (they write a new file and rename it over the old one, which leaves existing
     // mappings on the old inode intact); a foreign process truncating the file while mapped is
-    // outside what this program can defend against, as with every mmap-based reader.
+    // outside what this program can prevent: readers call `check_unchanged` first, and a
+    // truncation racing a read ends the process through the SIGBUS handler (`super::sigbus`).
     let map = unsafe { Mmap::map(&file) }.at(path)?;
-    Ok(Bytes::Mapped(map))
+    Ok(Bytes::Mapped(map, path.to_path_buf()))
 }
