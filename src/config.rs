@@ -101,11 +101,15 @@ pub struct QueueConfig {
     pub guidance: usize,
     /// Student parameters (the EMA's input) and snapshot requests waiting for the teacher.
     pub params: usize,
+    /// Unused since the EMA runs on the teacher's thread; accepted (and ignored) so that config
+    /// files and the configs stored in checkpoints of earlier versions still parse.
+    #[serde(default, skip_serializing)]
+    pub teacher_params: Option<usize>,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { batches: 4, loader_workers: 2, teacher: 2, guidance: 2, params: 2 }
+        QueueConfig { batches: 4, loader_workers: 2, teacher: 2, guidance: 2, params: 2, teacher_params: None }
     }
 }
 

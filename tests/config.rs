@@ -148,6 +148,13 @@ fn nan_and_infinity_are_refused_for_every_float_key() {
 }
 
 #[test]
+fn configs_of_earlier_versions_with_queues_teacher_params_still_parse() {
+    let c = Config::from_toml("[queues]\nteacher_params = 2\n", std::path::Path::new("old.toml")).unwrap();
+    assert_eq!(c.queues.params, Config::default().queues.params);
+    assert!(!c.to_toml().contains("teacher_params"), "not written any more");
+}
+
+#[test]
 fn sizes_past_their_bounds_are_refused_by_key() {
     for (text, key) in [
         ("[queues]\nbatches = 100000000000000", "queues.batches"),
