@@ -336,7 +336,7 @@ pub fn latest(dir: &Path) -> Option<(i64, PathBuf)> {
 
 /// The newest checkpoint of run `run_id` in `dir`.
 pub fn latest_of(dir: &Path, run_id: &str) -> Option<Entry> {
-    entries(dir).into_iter().filter(|e| e.run_id == run_id).next_back()
+    entries(dir).into_iter().rfind(|e| e.run_id == run_id)
 }
 
 /// Checks that checkpoints can be written into `dir` (creating it): a probe file is created and

@@ -14,6 +14,9 @@ use tch::{Kind, Tensor};
 /// and the most bytes an `.npz` may decompress to.
 pub const MAX_FILE_BYTES: u64 = 4 << 30;
 
+/// Named raw tensors, or why a file's content is refused.
+type Parsed = std::result::Result<Vec<(String, RawTensor)>, String>;
+
 /// The largest safetensors JSON header taken.
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
@@ -111,7 +114,7 @@ pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
 /// name for `.safetensors`). `.safetensors` or `.npz` by extension.
 pub fn read_raw(path: &Path) -> Result<Vec<(String, RawTensor)>> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let parse: fn(&[u8]) -> std::result::Result<Vec<(String, RawTensor)>, String> = match ext {
+    let parse: fn(&[u8]) -> Parsed = match ext {
         "safetensors" => parse_safetensors,
         "npz" => parse_npz_caught,
         _ => {
@@ -171,7 +174,7 @@ fn nbytes(shape: &[u64], elt: usize) -> Option<u64> {
 
 /// Parses a whole `.safetensors` file: an 8-byte little-endian header length, a JSON header
 /// `{name: {dtype, shape, data_offsets: [begin, end]}}`, then the data.
-pub fn parse_safetensors(bytes: &[u8]) -> std::result::Result<Vec<(String, RawTensor)>, String> {
+pub fn parse_safetensors(bytes: &[u8]) -> Parsed {
     if bytes.len() < 8 {
         return Err(format!("not a safetensors file: {} bytes, shorter than its header length", bytes.len()));
     }
@@ -223,14 +226,14 @@ pub fn parse_safetensors(bytes: &[u8]) -> std::result::Result<Vec<(String, RawTe
 }
 
 /// [`parse_npz`] with any panic inside the zip reader turned into an error.
-fn parse_npz_caught(bytes: &[u8]) -> std::result::Result<Vec<(String, RawTensor)>, String> {
+fn parse_npz_caught(bytes: &[u8]) -> Parsed {
     std::panic::catch_unwind(|| parse_npz(bytes))
         .unwrap_or_else(|_| Err("not a readable .npz (the zip reader failed on it)".to_string()))
 }
 
 /// Parses an `.npz` (a zip of `.npy` files, stored or deflated); at most [`MAX_FILE_BYTES`]
 /// decompressed in all.
-pub fn parse_npz(bytes: &[u8]) -> std::result::Result<Vec<(String, RawTensor)>, String> {
+pub fn parse_npz(bytes: &[u8]) -> Parsed {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| format!("not a readable .npz: {e}"))?;
     let mut budget = MAX_FILE_BYTES;
     let mut out = Vec::with_capacity(zip.len());
