@@ -36,6 +36,7 @@ pub enum Metric {
     CheckpointFailures,
     CheckpointSeconds,
     SkippedCases,
+    SkippedSteps,
     EvalRuns,
     EvalFailures,
     EvalScore,
@@ -43,7 +44,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, for describing them all at start-up and for the README table.
-    pub const ALL: [Metric; 23] = [
+    pub const ALL: [Metric; 24] = [
         Metric::Iterations,
         Metric::IterationSeconds,
         Metric::Loss,
@@ -64,6 +65,7 @@ impl Metric {
         Metric::CheckpointFailures,
         Metric::CheckpointSeconds,
         Metric::SkippedCases,
+        Metric::SkippedSteps,
         Metric::EvalRuns,
         Metric::EvalFailures,
         Metric::EvalScore,
@@ -92,6 +94,7 @@ impl Metric {
             Metric::CheckpointFailures => "uamt_checkpoint_failures_total",
             Metric::CheckpointSeconds => "uamt_checkpoint_write_seconds",
             Metric::SkippedCases => "uamt_skipped_cases_total",
+            Metric::SkippedSteps => "uamt_skipped_steps_total",
             Metric::EvalRuns => "uamt_eval_runs_total",
             Metric::EvalFailures => "uamt_eval_failures_total",
             Metric::EvalScore => "uamt_eval_score",
@@ -103,9 +106,8 @@ impl Metric {
         use Metric::*;
         match self {
             Iterations | QueuePushed | QueuePopped | QueueBlockedSeconds | StageBusySeconds | StageIdleSeconds
-            | StageItems | CheckpointWrites | CheckpointFailures | SkippedCases | EvalRuns | EvalFailures => {
-                MetricKind::Counter
-            }
+            | StageItems | CheckpointWrites | CheckpointFailures | SkippedCases | SkippedSteps | EvalRuns
+            | EvalFailures => MetricKind::Counter,
             IterationSeconds | CheckpointSeconds => MetricKind::Histogram,
             _ => MetricKind::Gauge,
         }
@@ -134,6 +136,7 @@ impl Metric {
             Metric::CheckpointFailures => "Checkpoint writes that failed (the previous checkpoints stay).",
             Metric::CheckpointSeconds => "Time to write one checkpoint.",
             Metric::SkippedCases => "Batches or cases skipped because their data could not be read.",
+            Metric::SkippedSteps => "Training steps whose SGD update was skipped because their loss or gradients were not finite (optim.on_nonfinite = \"skip\").",
             Metric::EvalRuns => "Evaluations finished; label source: periodic or watch.",
             Metric::EvalFailures => "Checkpoints that could not be evaluated (corrupt, unreadable).",
             Metric::EvalScore => "Mean evaluation score; labels metric (dice, jaccard, hd95, asd) and checkpoint (periodic or watch).",

@@ -119,6 +119,22 @@ pub struct OptimConfig {
     /// Seed of initialisation, sampling, augmentation, noise and dropout (the daemon's; the
     /// [`Trainer`] takes its seed as an argument).
     pub seed: u64,
+    /// What a step whose loss or gradients are not finite does: `stop` (the default; the run
+    /// ends with an error naming the iteration, found when the losses are read back, at no cost
+    /// per step) or `skip` (no SGD update for that step, counted; costs one device sync per step
+    /// for the check before the update).
+    pub on_nonfinite: NonFinite,
+}
+
+/// The `optim.on_nonfinite` policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinite {
+    /// End the run with an error naming the iteration.
+    #[default]
+    Stop,
+    /// Skip the step's SGD update and count it.
+    Skip,
 }
 
 impl Default for OptimConfig {
@@ -131,6 +147,7 @@ impl Default for OptimConfig {
             momentum: recipe::MOMENTUM,
             weight_decay: recipe::WEIGHT_DECAY,
             seed: recipe::SEED,
+            on_nonfinite: NonFinite::Stop,
         }
     }
 }
@@ -407,6 +424,9 @@ pub struct StepStats {
     pub threshold: f64,
     /// Learning rate used.
     pub lr: f64,
+    /// The step's loss or gradients were not finite and its SGD update was skipped
+    /// (`optim.on_nonfinite = "skip"` only; with `stop` nothing is checked here).
+    pub skipped: bool,
 }
 
 /// [`StepStats`] read back to the host.
@@ -620,7 +640,10 @@ impl Trainer {
         let lr = method::learning_rate(iter, cfg.optim.base_lr, cfg.optim.lr_step, cfg.optim.lr_gamma);
         Sgd::zero_grad(self.student.store());
         loss.f_backward()?;
-        self.opt.step(self.student.store(), lr)?;
+        let skipped = cfg.optim.on_nonfinite == NonFinite::Skip && !self.loss_and_grads_finite(&loss)?;
+        if !skipped {
+            self.opt.step(self.student.store(), lr)?;
+        }
         self.iter += 1;
         Ok(StepStats {
             iter,
@@ -633,6 +656,21 @@ impl Trainer {
             weight: if guidance.is_some() { weight } else { 0.0 },
             threshold,
             lr,
+            skipped,
+        })
+    }
+
+    /// Whether the loss and every gradient are finite (one read-back: a device sync).
+    fn loss_and_grads_finite(&self, loss: &Tensor) -> Result<bool> {
+        tch::no_grad(|| {
+            let mut all = loss.f_isfinite()?.f_all()?;
+            for p in self.student.store().trainable() {
+                let g = p.tensor.grad();
+                if g.defined() {
+                    all = all.f_logical_and(&g.f_isfinite()?.f_all()?)?;
+                }
+            }
+            Ok(all.f_int64_value(&[])? == 1)
         })
     }
 

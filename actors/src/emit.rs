@@ -116,6 +116,10 @@ pub fn checkpoint(ok: bool, seconds: f64) {
     }
 }
 
+pub fn skipped_step() {
+    counter!(Metric::SkippedSteps.as_str()).increment(1);
+}
+
 pub fn skipped_case() {
     counter!(Metric::SkippedCases.as_str()).increment(1);
 }

@@ -20,11 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tch::{Device, Tensor};
-use uamt::checkpoint::Snapshot;
 use uamt::config::Config;
 use uamt::data::Dataset;
 use uamt::eval::{self, EvalOptions, Report};
-use uamt::model::params::read_named;
 use uamt::model::VNet;
 
 /// Student weights to evaluate, taken after `iteration` steps.
@@ -58,8 +56,10 @@ pub struct Watch {
 
 impl Watch {
     /// Whether a file name is one the evaluator takes (not a temporary file of an atomic writer).
+    /// TorchScript `.ot` files are not: libtorch's deserialiser is no place for files of unknown
+    /// origin (evaluate one with `uamt eval --weights`).
     pub fn wanted(name: &str) -> bool {
-        !name.starts_with('.') && [".safetensors", ".npz", ".ot"].iter().any(|s| name.ends_with(s))
+        !name.starts_with('.') && [".safetensors", ".npz"].iter().any(|s| name.ends_with(s))
     }
 
     /// Given what a look at the folder found, the files to evaluate now: new or changed since
@@ -164,12 +164,12 @@ impl Evaluator {
         Ok(report)
     }
 
-    /// The student weights in a checkpoint, or a plain state dict (`.safetensors`, `.npz`, `.ot`).
+    /// The student weights in a checkpoint, or a plain state dict (`.safetensors`, `.npz`), read
+    /// as an untrusted file: regular files up to the size limit, every tensor checked (see
+    /// [`uamt::model::tensorfile`]); the names, shapes and kinds are checked again against the
+    /// model before anything is copied.
     fn weights_of(path: &Path) -> Result<Vec<(String, Tensor)>> {
-        match Snapshot::read(path) {
-            Ok(s) => Ok(s.student),
-            Err(ckpt_err) => read_named(path).map_err(|_| ckpt_err.into()),
-        }
+        Ok(uamt::checkpoint::read_student_weights(path)?)
     }
 
     /// Evaluates one file; any failure (a panic included) is returned as an error.
@@ -369,5 +369,6 @@ mod tests {
         assert!(Watch::wanted("ckpt-00000010.safetensors"));
         assert!(!Watch::wanted(".ckpt-00000010.safetensors.tmp-42"));
         assert!(!Watch::wanted("notes.txt"));
+        assert!(!Watch::wanted("model.ot"), "TorchScript is not read from a watched folder");
     }
 }

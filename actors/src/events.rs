@@ -45,6 +45,14 @@ pub enum Event<'a> {
         /// Why.
         error: &'a str,
     },
+    /// A step whose loss or gradients were not finite, its SGD update skipped
+    /// (`optim.on_nonfinite = "skip"`).
+    StepSkipped {
+        /// The iteration.
+        iteration: i64,
+        /// Its loss.
+        loss: f64,
+    },
     /// A periodic evaluation skipped because the evaluator was still busy.
     EvalSkipped {
         /// Steps done.
@@ -86,6 +94,9 @@ impl Sink for LogSink {
             Event::EvalSkipped { iteration } => {
                 tracing::info!(iteration, "the evaluator is still busy; skipping this periodic evaluation")
             }
+            Event::StepSkipped { iteration, loss } => {
+                tracing::warn!(iteration, loss, "non-finite loss or gradients: this step's update is skipped")
+            }
             Event::Step { .. } => {}
         }
     }
@@ -101,6 +112,7 @@ impl Sink for MetricsSink {
             Event::Progress { it_per_s, .. } => emit::it_per_second(it_per_s),
             Event::Checkpoint { seconds, .. } => emit::checkpoint(true, seconds),
             Event::CheckpointFailed { .. } => emit::checkpoint(false, 0.0),
+            Event::StepSkipped { .. } => emit::skipped_step(),
             Event::EvalSkipped { .. } => {}
         }
     }

@@ -3,8 +3,9 @@
 //! the tests; the environment checks (the configured device exists) happen here, at start-up.
 
 use anyhow::{Context, Result};
+use std::path::PathBuf;
 use std::sync::Arc;
-use uamt::checkpoint::{self, Snapshot};
+use uamt::checkpoint;
 use uamt::config::Config;
 use uamt::data::{Dataset, DatasetOptions, PatchLoader};
 use uamt::train::Trainer;
@@ -57,30 +58,89 @@ pub fn loader(cfg: &Config, dataset: Dataset) -> Result<PatchLoader> {
     Ok(PatchLoader::new(Arc::new(dataset), cfg.loader())?)
 }
 
-/// A fresh trainer on the configured device and precision, or the newest checkpoint's state
-/// when `resume`. Refuses a device this machine does not have.
-pub fn trainer(cfg: &Config, resume: bool) -> Result<Trainer> {
+/// How a training run starts with respect to the checkpoint folder.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Continue from the newest checkpoint in `checkpoint.dir` that fits the config.
+    pub resume: bool,
+    /// Continue from this checkpoint file.
+    pub resume_from: Option<PathBuf>,
+    /// Start a new run even though `checkpoint.dir` holds another run's checkpoints.
+    pub share_checkpoint_dir: bool,
+}
+
+/// A trainer ready to run, and the run it belongs to.
+#[derive(Debug)]
+pub struct Started {
+    /// Fresh, or restored from a checkpoint.
+    pub trainer: Trainer,
+    /// The run's id (kept when resuming).
+    pub run_id: String,
+    /// The checkpoint it was restored from.
+    pub resumed_from: Option<PathBuf>,
+}
+
+/// A fresh trainer on the configured device and precision. Refuses a device this machine does
+/// not have.
+fn fresh(cfg: &Config) -> Result<Trainer> {
     let device = cfg.device.resolve()?;
     let mut tr = Trainer::seeded(&cfg.model, cfg.step_config(), device, cfg.optim.seed)?;
     tr.set_precision(cfg.device.precision)?;
-    if resume {
-        match checkpoint::latest(&cfg.checkpoint.dir) {
-            Some((_, path)) => {
-                let snap = Snapshot::read(&path)?;
-                if snap.seed != cfg.optim.seed {
-                    tracing::warn!(
-                        checkpoint_seed = snap.seed,
-                        config_seed = cfg.optim.seed,
-                        "resuming with a different seed"
-                    );
-                }
-                snap.restore_into(&mut tr, &path)?;
-                tracing::info!(path = %path.display(), iteration = tr.iter, "resumed");
+    Ok(tr)
+}
+
+/// The start of a training run: checks that `checkpoint.dir` is writable, then resumes as
+/// `opts` asks (falling back past unusable checkpoints of the run, see
+/// [`checkpoint::resume_newest`]) or starts a new run with a new id; a new run refuses a folder
+/// holding another run's checkpoints unless `opts.share_checkpoint_dir`.
+pub fn start(cfg: &Config, opts: &StartOptions) -> Result<Started> {
+    let dir = &cfg.checkpoint.dir;
+    checkpoint::check_writable(dir).with_context(|| format!("checkpoint.dir `{}` is not writable", dir.display()))?;
+    let mut tr = fresh(cfg)?;
+    if let Some(file) = &opts.resume_from {
+        let r = checkpoint::resume_from(file, cfg, &mut tr).context("--resume-from")?;
+        tracing::info!(path = %r.path.display(), iteration = r.iteration, run = %r.run_id, "resumed");
+        return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path) });
+    }
+    if opts.resume {
+        match checkpoint::resume_newest(dir, cfg, &mut tr) {
+            Ok(Some(r)) => {
+                tracing::info!(path = %r.path.display(), iteration = r.iteration, run = %r.run_id, set_aside = r.set_aside.len(), "resumed");
+                return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path) });
             }
-            None => {
-                tracing::info!(dir = %cfg.checkpoint.dir.display(), "no checkpoint to resume from; starting afresh")
+            Ok(None) => tracing::info!(dir = %dir.display(), "no checkpoint to resume from; starting a new run"),
+            Err(e) if opts.share_checkpoint_dir => {
+                tracing::info!(error = %e, "nothing of this run to resume; starting a new run beside the others")
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(
+                    "--resume: no usable checkpoint (give --resume-from FILE, or --share-checkpoint-dir to start a new run beside these)",
+                ))
             }
         }
     }
-    Ok(tr)
+    let others = checkpoint::entries(dir);
+    if let Some(e) = others.last().filter(|_| !opts.share_checkpoint_dir) {
+        anyhow::bail!(
+            "checkpoint.dir `{}` already holds {} checkpoint(s) of another run (newest: {}); continue it with \
+             --resume, use another checkpoint.dir, or pass --share-checkpoint-dir to start a new run beside it \
+             (each run keeps and prunes only its own files)",
+            dir.display(),
+            others.len(),
+            e.path.display()
+        );
+    }
+    let run_id = checkpoint::new_run_id(cfg.optim.seed);
+    tracing::info!(run = %run_id, dir = %dir.display(), "new run");
+    Ok(Started { trainer: tr, run_id, resumed_from: None })
+}
+
+/// A trainer: fresh (no checkpoint folder involved, as benchmarks need), or when `resume` the
+/// newest fitting checkpoint's state as [`start`] finds it.
+pub fn trainer(cfg: &Config, resume: bool) -> Result<Trainer> {
+    if resume {
+        Ok(start(cfg, &StartOptions { resume: true, ..StartOptions::default() })?.trainer)
+    } else {
+        fresh(cfg)
+    }
 }

@@ -1,6 +1,7 @@
 //! The segmentation network and the named tensors it is made of.
 
 pub mod params;
+pub mod tensorfile;
 pub mod vnet;
 
 pub use params::{Param, ParamStore};

@@ -4,7 +4,7 @@
 
 use crate::{Error, Result};
 use std::path::Path;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// One named tensor of a model.
 #[derive(Debug)]
@@ -77,10 +77,10 @@ impl ParamStore {
         self.entries.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect()
     }
 
-    /// Copies values in place from `named` by name. Every tensor of the store must be present with
-    /// the same shape; `origin` names the source in errors. Extra names in `named` are errors too
-    /// unless `allow_extra` (a file may hold several models under prefixes handled by the caller).
-    pub fn load_named(&self, named: &[(String, Tensor)], origin: &Path, allow_extra: bool) -> Result<()> {
+    /// Checks that `named` fits the store: every tensor of the store present with the same shape
+    /// and a compatible kind (floating for floating, integer for integer); extra names are
+    /// errors unless `allow_extra`. Nothing is copied; `origin` names the source in errors.
+    pub fn check_named(&self, named: &[(String, Tensor)], origin: &Path, allow_extra: bool) -> Result<()> {
         let file_err = |why: String| Error::File { path: origin.to_path_buf(), why };
         if !allow_extra {
             if let Some((name, _)) = named.iter().find(|(n, _)| self.get(n).is_none()) {
@@ -93,27 +93,58 @@ impl ParamStore {
                 .find(|(n, _)| *n == p.name)
                 .map(|(_, t)| t)
                 .ok_or_else(|| file_err(format!("missing tensor `{}`", p.name)))?;
-            if src.size() != p.tensor.size() {
-                return Err(file_err(format!(
-                    "tensor `{}` has shape {:?}, the model expects {:?}",
-                    p.name,
-                    src.size(),
-                    p.tensor.size()
-                )));
+            check_fits(&p.name, src, &p.tensor).map_err(file_err)?;
+        }
+        Ok(())
+    }
+
+    /// Copies values in place from `named` by name, after [`ParamStore::check_named`] accepted
+    /// all of them (a refused file leaves the store untouched).
+    pub fn load_named(&self, named: &[(String, Tensor)], origin: &Path, allow_extra: bool) -> Result<()> {
+        self.check_named(named, origin, allow_extra)?;
+        for p in &self.entries {
+            if let Some((_, src)) = named.iter().find(|(n, _)| *n == p.name) {
+                let src = src.f_to_device(self.device)?.f_to_kind(p.tensor.kind())?;
+                tch::no_grad(|| p.tensor.shallow_clone().f_copy_(&src))?;
             }
-            let src = src.to_device(self.device).to_kind(p.tensor.kind());
-            tch::no_grad(|| p.tensor.shallow_clone().f_copy_(&src))?;
         }
         Ok(())
     }
 }
 
-/// Reads named tensors from an `.npz` or `.safetensors` file.
+/// Whether `kind` is a floating-point kind.
+fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
+}
+
+/// Whether `kind` is an integer kind.
+fn is_int(kind: Kind) -> bool {
+    matches!(kind, Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8)
+}
+
+/// Why `src` cannot be copied into `dst` (tensor `name`): a different shape or an incompatible
+/// kind (floating and integer kinds do not mix; booleans and complex numbers are refused).
+pub fn check_fits(name: &str, src: &Tensor, dst: &Tensor) -> std::result::Result<(), String> {
+    if src.size() != dst.size() {
+        return Err(format!("tensor `{name}` has shape {:?}, the model expects {:?}", src.size(), dst.size()));
+    }
+    let (s, d) = (src.kind(), dst.kind());
+    if !((is_float(s) && is_float(d)) || (is_int(s) && is_int(d))) {
+        return Err(format!("tensor `{name}` is {s:?}, the model expects {d:?}"));
+    }
+    Ok(())
+}
+
+/// Reads named tensors from a weights file: `.safetensors` or `.npz` through
+/// [`tensorfile::read`](super::tensorfile::read) (regular files up to the size limit, every
+/// shape and length checked), or tch's `.ot` (TorchScript serialization, parsed by libtorch:
+/// only for files the user names, never from a watched folder).
 pub fn read_named(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let err = |e: tch::TchError| Error::File { path: path.to_path_buf(), why: e.to_string() };
     match path.extension().and_then(|e| e.to_str()) {
-        Some("npz") => Tensor::read_npz(path).map_err(err),
-        Some("safetensors") => Tensor::read_safetensors(path).map_err(err),
-        _ => Tensor::load_multi(path).map_err(err),
+        Some("npz" | "safetensors") => super::tensorfile::read(path),
+        _ => {
+            super::tensorfile::check_regular(path)?;
+            Tensor::load_multi(path).map_err(|e| Error::File { path: path.to_path_buf(), why: e.to_string() })
+        }
     }
 }

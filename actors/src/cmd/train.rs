@@ -5,7 +5,7 @@ use crate::control::{Controls, Phase, StatusBoard};
 use crate::evaluator::Evaluator;
 use crate::http::{HttpServerHandle, HttpState};
 use crate::pipeline::{self, Run};
-use crate::setup::{loader, open_dataset, trainer};
+use crate::setup::{loader, open_dataset, start, StartOptions};
 use crate::supervisor::{StartEval, Supervisor, TrainingEnded};
 use actix::Actor;
 use anyhow::{Context, Result};
@@ -20,9 +20,18 @@ pub struct Args {
     /// Config file (TOML); without one, the built-in demo.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Continue from the newest checkpoint in the config's checkpoint folder.
+    /// Continue from the newest checkpoint in `checkpoint.dir` that fits the config (same
+    /// architecture, method and seed); newer unusable files of that run are renamed to
+    /// `*.rejected` and the previous good one is used.
     #[arg(long)]
     pub resume: bool,
+    /// Continue from this checkpoint file (it must fit the config); the run keeps its run id.
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    pub resume_from: Option<PathBuf>,
+    /// Start a new run even though `checkpoint.dir` holds another run's checkpoints (each run
+    /// keeps and prunes only its own files).
+    #[arg(long)]
+    pub share_checkpoint_dir: bool,
     /// Override `optim.iterations`.
     #[arg(long)]
     pub iterations: Option<i64>,
@@ -137,6 +146,13 @@ fn train(
     board: StatusBoard,
     supervisor: &actix::Addr<Supervisor>,
 ) -> Result<pipeline::Outcome> {
+    // The checkpoint folder first (writable, whose run), before any time goes into the data.
+    let opts = StartOptions {
+        resume: args.resume,
+        resume_from: args.resume_from.clone(),
+        share_checkpoint_dir: args.share_checkpoint_dir,
+    };
+    let started = start(&cfg, &opts)?;
     let dataset = open_dataset(&cfg)?;
     tracing::info!(
         labelled = dataset.labelled().len(),
@@ -145,8 +161,8 @@ fn train(
         "dataset open"
     );
     let loader = loader(&cfg, dataset)?;
-    let trainer = trainer(&cfg, args.resume)?;
-    let mut run = Run::new(cfg.clone(), device, loader, trainer);
+    let mut run = Run::new(cfg.clone(), device, loader, started.trainer);
+    run.run_id = started.run_id;
     run.controls = controls;
     run.max_steps = args.stop_after;
     run.sinks = crate::events::standard();

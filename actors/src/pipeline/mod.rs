@@ -102,6 +102,8 @@ pub struct Run {
     pub eval: Option<Box<dyn FnMut(EvalRequest) -> bool + Send>>,
     /// A stage to fail on purpose (lifecycle tests).
     pub fault: Option<fault::Fault>,
+    /// The run's id, in every checkpoint and its name (`""`: the names of format version 1).
+    pub run_id: String,
 }
 
 impl Run {
@@ -121,6 +123,7 @@ impl Run {
             sinks: Vec::new(),
             eval: None,
             fault: None,
+            run_id: String::new(),
         }
     }
 }
@@ -203,6 +206,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
             every: cfg.checkpoint.every,
             keep: cfg.checkpoint.keep,
             config_toml: cfg.to_toml(),
+            run_id: run.run_id.clone(),
         },
         log_every: cfg.telemetry.log_every,
         readback_every: cfg.telemetry.readback_interval(run.device),

@@ -118,7 +118,22 @@ pub struct CheckpointPlan {
     pub keep: usize,
     /// The run's config as TOML, stored in each checkpoint.
     pub config_toml: String,
+    /// The run's id, stored in each checkpoint and its name; retention prunes only its files.
+    pub run_id: String,
 }
+
+/// The state to checkpoint holds a NaN or an infinity: the run cannot go on (whatever
+/// `optim.on_nonfinite` says), and the older checkpoints stay the newest.
+#[derive(Debug)]
+pub struct NonFiniteState(pub String);
+
+impl std::fmt::Display for NonFiniteState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NonFiniteState {}
 
 /// How a learner's run ended.
 pub struct Learned {
@@ -232,6 +247,7 @@ impl Learner {
             if want_ckpt {
                 match self.write_checkpoint(up) {
                     Ok(path) => last_checkpoint = Some((done, path)),
+                    Err(e) if e.is::<NonFiniteState>() => return Err(e),
                     Err(e) if done == self.end => return Err(e.context("the final checkpoint failed")),
                     Err(_) => {} // reported as an event; the previous ones are intact
                 }
@@ -247,10 +263,23 @@ impl Learner {
         Ok(Learned { student: self.student, reports, last_checkpoint: last_checkpoint.map(|c| c.1), stopped })
     }
 
-    /// Reads the pending steps' numbers back in one copy and reports them.
+    /// Reads the pending steps' numbers back in one copy and reports them. A non-finite loss
+    /// of a step that was not skipped (`optim.on_nonfinite = "stop"`) ends the run here, before
+    /// any later checkpoint, with an error naming the iteration.
     fn read_back(&mut self, pending: &mut Vec<(StepStats, f64)>, reports: &mut Vec<StepReport>) -> Result<()> {
         let (stats, seconds): (Vec<StepStats>, Vec<f64>) = pending.drain(..).unzip();
-        for (r, seconds) in StepStats::read_back(&stats)?.into_iter().zip(seconds) {
+        let skipped: Vec<bool> = stats.iter().map(|s| s.skipped).collect();
+        for ((r, seconds), skipped) in StepStats::read_back(&stats)?.into_iter().zip(seconds).zip(skipped) {
+            if skipped {
+                self.emit(Event::StepSkipped { iteration: r.iter, loss: r.loss });
+            } else if !r.loss.is_finite() {
+                return Err(anyhow!(
+                    "the loss of iteration {} is {} (optim.on_nonfinite = \"stop\"): training stopped; \
+                     the checkpoints written before it are kept",
+                    r.iter,
+                    r.loss
+                ));
+            }
             self.emit(Event::Step { report: &r, seconds });
             reports.push(r);
         }
@@ -268,13 +297,22 @@ impl Learner {
             let snap = Snapshot {
                 iteration,
                 seed: self.student.seed,
+                run_id: c.run_id.clone(),
                 config: c.config_toml.clone(),
                 student,
                 teacher,
                 momentum,
             };
+            if let Some(name) = snap.non_finite() {
+                return Err(NonFiniteState(format!(
+                    "after iteration {}, `{name}` holds a NaN or an infinity: training stopped, no checkpoint written \
+                     (the older ones are kept)",
+                    iteration - 1
+                ))
+                .into());
+            }
             let path = snap.write_atomic(&c.dir)?;
-            for old in checkpoint::prune(&c.dir, c.keep) {
+            for old in checkpoint::prune(&c.dir, c.keep, &c.run_id) {
                 tracing::debug!(path = %old.display(), "old checkpoint removed");
             }
             Ok(path)
