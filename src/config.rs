@@ -340,11 +340,14 @@ pub struct TelemetryConfig {
     /// reading every step would stall the student's queue. 0: automatic (every step on the
     /// CPU, where reading costs nothing; every 10 on CUDA).
     pub readback_every: i64,
+    /// `GET /healthz` answers 503 when training has recorded no step for this many seconds (a
+    /// stage that hangs); keep it above the slowest step times `readback_every`.
+    pub stall_after_s: u64,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { listen: "127.0.0.1:9184".into(), log_every: 20, readback_every: 0 }
+        TelemetryConfig { listen: "127.0.0.1:9184".into(), log_every: 20, readback_every: 0, stall_after_s: 600 }
     }
 }
 
@@ -368,6 +371,7 @@ impl TelemetryConfig {
             ));
         }
         check::range(&k("log_every"), self.log_every, 1, i64::MAX)?;
+        check::range(&k("stall_after_s"), self.stall_after_s, 1, 7 * 24 * 3600)?;
         check::range(&k("readback_every"), self.readback_every, 0, i64::MAX).map_err(|_| {
             Error::invalid(k("readback_every"), format!("must be >= 0 (0: automatic), got {}", self.readback_every))
         })

@@ -508,3 +508,38 @@ fn should_open_msd_style_manifests_and_check_label_shapes() {
     assert!(msg.contains("labelsTr/la_003.nii.gz") && msg.contains("differs"), "{msg}");
     let _ = NiftiVolume::open(dir.join("imagesTs/la_001.nii.gz"), &GzCache::Memory).unwrap();
 }
+
+#[test]
+fn should_import_h5_at_half_resolution_with_block_means_nearest_labels_and_the_field_of_view_kept() {
+    let dir = TempDir::new("h5-down");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let dims = [8, 6, 4];
+    let case = tiny_case(dims);
+    write_h5_case(&src.join("a.h5"), &case).unwrap();
+    write_h5_case(&src.join("b.h5"), &case).unwrap();
+    write_list(&src.join("train.list"), &["a"]);
+    write_list(&src.join("test.list"), &["b"]);
+    let out = dir.join("out");
+    let mut opts = H5Import::new(&src, &out);
+    opts.common.labelled = 1;
+    opts.resample_to = Some([1.25; 3]);
+    import_h5(&opts).unwrap();
+    let ds = Dataset::open(&out, &DatasetOptions::default()).unwrap();
+    let c = &ds.training[0];
+    let v = c.image.read_f32().unwrap();
+    assert_eq!(v.dims, [4, 3, 2]);
+    // Each output voxel is the mean of its 2 x 2 x 2 block.
+    let at = |x: usize, y: usize, z: usize| case.image.get(x, y, z).unwrap() as f64;
+    let block: f64 = (0..8).map(|k| at(2 + (k & 1), 2 + ((k >> 1) & 1), (k >> 2) & 1)).sum::<f64>() / 8.0;
+    assert!((v.get(1, 1, 0).unwrap() as f64 - block).abs() < 1e-5);
+    // 1.25 mm voxels whose field of view starts where the 0.625 mm one did (half a new voxel
+    // minus half an old one after the old origin).
+    let g = c.image.header().geometry;
+    assert!(g.spacing().iter().all(|s| (s - 1.25).abs() < 1e-9), "{:?}", g.spacing());
+    assert!((g.affine[0][3] - 0.3125).abs() < 1e-9, "{:?}", g.affine);
+    // Labels keep their values (nearest neighbour, no blending).
+    let l = c.label.as_ref().unwrap().read_labels().unwrap();
+    assert_eq!(l.dims, [4, 3, 2]);
+    assert!(l.data.iter().all(|&x| x <= 1));
+}

@@ -3,47 +3,34 @@
 //! (even by a panic inside libtorch) leaves training running and later files are evaluated;
 //! SIGUSR1 before training starts is harmless; a second SIGTERM forces the exit.
 
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{Daemon, TempDir};
 use tch::Tensor;
 use uamt::checkpoint;
 
-fn tempdir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lifecycle-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// Sends `sig` to the daemon.
+fn signal(d: &Daemon, sig: i32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: plain libc call on our own child.
+    assert_eq!(unsafe { kill(d.id() as i32, sig) }, 0);
 }
 
-/// Kills the daemon if a test fails before it exits.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Daemon {
-    fn signal(&self, sig: i32) {
-        extern "C" {
-            fn kill(pid: i32, sig: i32) -> i32;
+/// Waits for the daemon to exit, at most `secs`.
+fn wait_exit(d: &mut Daemon, secs: u64) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = d.child().try_wait().unwrap() {
+            return s;
         }
-        // SAFETY: plain libc call on our own child.
-        assert_eq!(unsafe { kill(self.0.id() as i32, sig) }, 0);
-    }
-
-    fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(secs), "the daemon did not exit within {secs} s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert!(t0.elapsed() < Duration::from_secs(secs), "the daemon did not exit within {secs} s");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -72,7 +59,7 @@ fn start(config: &Path, dir: &Path, env: &[(&str, &str)]) -> Daemon {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Daemon(cmd.spawn().unwrap())
+    Daemon::new(cmd.spawn().unwrap())
 }
 
 /// The daemon's log without colour escapes (were there any).
@@ -109,7 +96,7 @@ fn watch_section(dir: &Path) -> String {
 #[test]
 fn a_failing_stage_exits_non_zero_within_30_s_naming_it_with_and_without_a_watched_folder() {
     for (name, watching) in [("fail-plain", false), ("fail-watch", true)] {
-        let dir = tempdir(name);
+        let dir = TempDir::new(name);
         std::fs::create_dir_all(dir.join("watch")).unwrap();
         let extra = if watching { watch_section(&dir) } else { String::new() };
         // teacher_lag = 1 runs the pipeline (its own teacher thread) on a CPU too.
@@ -121,7 +108,7 @@ fn a_failing_stage_exits_non_zero_within_30_s_naming_it_with_and_without_a_watch
         let mut d = start(&cfg, &dir, &[("UAMT_FAULT", "teacher@3")]);
         wait_for("training", 240, || log(&dir).contains("training"));
         let t0 = Instant::now();
-        let status = d.wait_exit(120);
+        let status = wait_exit(&mut d, 120);
         assert!(!status.success(), "{name}: the run must fail");
         assert_ne!(status.code(), Some(101), "{name}: no panic exit");
         let log = log(&dir);
@@ -132,7 +119,7 @@ fn a_failing_stage_exits_non_zero_within_30_s_naming_it_with_and_without_a_watch
 
 #[test]
 fn an_evaluation_that_fails_leaves_training_running_and_the_next_file_is_evaluated() {
-    let dir = tempdir("evalfail");
+    let dir = TempDir::new("evalfail");
     std::fs::create_dir_all(dir.join("watch")).unwrap();
     let cfg = write_config(&dir, 100_000, 3, &watch_section(&dir));
     let mut d = start(&cfg, &dir, &[]);
@@ -149,24 +136,24 @@ fn an_evaluation_that_fails_leaves_training_running_and_the_next_file_is_evaluat
     wait_for("the good file's report", 180, || dir.join("reports/b-good/report.json").exists());
     let before = checkpoint::latest(&dir.join("ckpt")).unwrap().0;
     wait_for("training to go on", 120, || checkpoint::latest(&dir.join("ckpt")).unwrap().0 > before);
-    assert!(d.0.try_wait().unwrap().is_none(), "the daemon must keep running");
-    d.signal(SIGTERM);
-    assert!(d.wait_exit(120).success());
+    assert!(d.child().try_wait().unwrap().is_none(), "the daemon must keep running");
+    signal(&d, SIGTERM);
+    assert!(wait_exit(&mut d, 120).success());
 }
 
 #[test]
 fn sigusr1_before_training_is_harmless_and_a_second_sigterm_forces_the_exit() {
-    let dir = tempdir("signals");
+    let dir = TempDir::new("signals");
     let cfg = write_config(&dir, 100_000, 0, "");
     let mut d = start(&cfg, &dir, &[]);
     // As soon as the daemon logs anything, its handlers are installed.
     wait_for("the first log line", 60, || !log(&dir).is_empty());
-    d.signal(SIGUSR1);
+    signal(&d, SIGUSR1);
     wait_for("a training step", 240, || log(&dir).contains("iteration="));
-    assert!(d.0.try_wait().unwrap().is_none(), "SIGUSR1 must not kill the daemon");
-    d.signal(SIGTERM);
-    d.signal(SIGTERM);
-    let status = d.wait_exit(60);
+    assert!(d.child().try_wait().unwrap().is_none(), "SIGUSR1 must not kill the daemon");
+    signal(&d, SIGTERM);
+    signal(&d, SIGTERM);
+    let status = wait_exit(&mut d, 60);
     // Either the step and its checkpoint finished within the grace (exit 0) or the forced exit
     // (130); never a hang.
     assert!(status.success() || status.code() == Some(130), "{status:?}");

@@ -2,8 +2,12 @@
 //! losses and weights bit for bit (CPU, fp32); a resumed run continues exactly; queues apply
 //! backpressure.
 
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use support::TempDir;
 use tch::Device;
 use uamt::checkpoint::{self, Snapshot};
 use uamt::config::Config;
@@ -95,7 +99,7 @@ fn assert_same_reports(what: &str, a: &[StepReport], b: &[StepReport]) {
 
 #[test]
 fn pipeline_with_teacher_lag_0_equals_the_sequential_loop() {
-    let dir = tempdir("lag0");
+    let dir = TempDir::new("pipeline-lag0");
     for (method, n) in [(Method::Uamt, 5), (Method::MeanTeacher, 3), (Method::Supervised, 3)] {
         let c = config(&dir, method, n);
         let (seq, seq_reports) = sequential(&c, fresh_trainer(&c), n);
@@ -110,7 +114,7 @@ fn pipeline_with_teacher_lag_0_equals_the_sequential_loop() {
 fn reading_the_numbers_back_every_few_steps_reports_every_step_the_same() {
     // As on a GPU, where the step's scalars stay on the device and come back in one copy every
     // `readback_every` steps (here 4 of 7: one read after step 4, the rest at the end).
-    let dir = tempdir("readback");
+    let dir = TempDir::new("pipeline-readback");
     let mut c = config(&dir, Method::Uamt, 7);
     c.telemetry.log_every = 100;
     let every_step = pipelined(&c, fresh_trainer(&c), false);
@@ -123,7 +127,7 @@ fn reading_the_numbers_back_every_few_steps_reports_every_step_the_same() {
 
 #[test]
 fn the_daemons_sequential_mode_equals_the_sequential_step() {
-    let dir = tempdir("seqmode");
+    let dir = TempDir::new("pipeline-seqmode");
     for (method, n) in [(Method::Uamt, 4), (Method::Supervised, 2)] {
         let c = config(&dir, method, n);
         let (seq, seq_reports) = sequential(&c, fresh_trainer(&c), n);
@@ -135,7 +139,7 @@ fn the_daemons_sequential_mode_equals_the_sequential_step() {
 
 #[test]
 fn teacher_lag_1_trains_with_an_older_teacher_the_same_in_both_modes() {
-    let dir = tempdir("lag1");
+    let dir = TempDir::new("pipeline-lag1");
     let mut c = config(&dir, Method::Uamt, 5);
     c.method.teacher_lag = 1;
     let out = pipelined(&c, fresh_trainer(&c), false);
@@ -155,7 +159,7 @@ fn teacher_lag_1_trains_with_an_older_teacher_the_same_in_both_modes() {
 
 #[test]
 fn a_failing_stage_ends_the_run_with_an_error_naming_it() {
-    let dir = tempdir("fault");
+    let dir = TempDir::new("pipeline-fault");
     let c = config(&dir, Method::Uamt, 50);
     for (mode, stage) in [(Mode::Pipelined, "teacher"), (Mode::Pipelined, "dispatcher"), (Mode::Sequential, "teacher")]
     {
@@ -173,7 +177,7 @@ fn a_failing_stage_ends_the_run_with_an_error_naming_it() {
 
 #[test]
 fn a_stop_request_ends_with_a_final_checkpoint() {
-    let dir = tempdir("stop");
+    let dir = TempDir::new("pipeline-stop");
     let mut c = config(&dir, Method::Uamt, 1000);
     c.checkpoint.every = 0;
     for mode in [Mode::Pipelined, Mode::Sequential] {
@@ -200,7 +204,7 @@ fn a_stop_request_ends_with_a_final_checkpoint() {
 
 #[test]
 fn resuming_from_a_checkpoint_continues_exactly() {
-    let dir = tempdir("resume");
+    let dir = TempDir::new("pipeline-resume");
     let mut c = config(&dir, Method::Uamt, 6);
     c.checkpoint.every = 3;
     c.checkpoint.keep = 5;
@@ -239,11 +243,4 @@ fn a_full_queue_blocks_its_producer_until_the_consumer_takes() {
     assert!(blocked >= 0.15, "the producer should have waited ~0.2 s, waited {blocked}");
     assert_eq!(rx.recv().unwrap().0, 2);
     assert!(rx.recv().is_err(), "closed once the producer is gone");
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("pipeline-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

@@ -232,12 +232,15 @@ pub struct H5Import {
     pub spacing: [f64; 3],
     /// Highest label value accepted.
     pub max_label: u8,
+    /// Resample every case to this voxel spacing (mm): the image trilinearly, the label by
+    /// nearest neighbour, the geometry kept (`None`: as stored).
+    pub resample_to: Option<[f64; 3]>,
 }
 
 impl H5Import {
-    /// The defaults for `src` and `out`: 16 labelled, 0.625 mm, labels 0..=1, `.nii`.
+    /// The defaults for `src` and `out`: 16 labelled, 0.625 mm, labels 0..=1, `.nii`, no resampling.
     pub fn new(src: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
-        H5Import { common: ImportCommon::new(src, out), spacing: [0.625; 3], max_label: 1 }
+        H5Import { common: ImportCommon::new(src, out), spacing: [0.625; 3], max_label: 1, resample_to: None }
     }
 }
 
@@ -280,7 +283,16 @@ pub fn import_h5_with(opts: &H5Import, progress: Progress<'_>) -> Result<ImportR
         let path = find_h5(&c.src, id).ok_or_else(|| DataError::bad(&c.src, format!("case `{id}` disappeared")))?;
         let case = read_h5_case(&path, opts.max_label)?;
         let entry = entry_for(id, is_test, labelled, ext(c.gzip));
-        write_case(staging.dir(), &entry, &case.image, &case.label, &geometry)?;
+        match opts.resample_to {
+            Some(target) => {
+                let (image, label, g) =
+                    crate::data::resample::resample_case(&case.image, Some(&case.label), &geometry, target)
+                        .map_err(|e| DataError::bad(&path, e.to_string()))?;
+                let label = label.ok_or_else(|| DataError::bad(&path, "label lost in resampling"))?;
+                write_case(staging.dir(), &entry, &image, &label, &g)?;
+            }
+            None => write_case(staging.dir(), &entry, &case.image, &case.label, &geometry)?,
+        }
         tracing::debug!(case = %id, dims = ?case.image.dims, test = is_test, "imported");
         if is_test {
             test.push(entry)
@@ -289,8 +301,9 @@ pub fn import_h5_with(opts: &H5Import, progress: Progress<'_>) -> Result<ImportR
         }
         progress(n + 1, total, id);
     }
+    let resampled = opts.resample_to.map_or(String::new(), |t| format!("; resampled to {t:?} mm"));
     let description = format!(
-        "imported from UA-MT HDF5 files in {}; spacing {:?} mm (assumed, the HDF5 files carry none)",
+        "imported from UA-MT HDF5 files in {}; spacing {:?} mm (assumed, the HDF5 files carry none){resampled}",
         c.src.display(),
         opts.spacing
     );

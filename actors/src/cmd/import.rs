@@ -62,6 +62,13 @@ pub struct H5Args {
     /// Highest label value accepted.
     #[arg(long, default_value_t = 1)]
     pub max_label: u8,
+    /// Resample by this factor (2: half the resolution, LA 0.625 -> 1.25 mm): images
+    /// trilinearly, labels by nearest neighbour, the geometry updated.
+    #[arg(long, conflicts_with = "to_spacing")]
+    pub downsample: Option<f64>,
+    /// Resample to this voxel spacing in mm (one value or X,Y,Z).
+    #[arg(long, value_parser = parse_spacing)]
+    pub to_spacing: Option<[f64; 3]>,
 }
 
 /// Arguments of `uamt import nrrd`.
@@ -127,10 +134,19 @@ pub fn log_report(r: &ImportReport) {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut bar = crate::progress::Bar::new("importing");
     let report = match args.source {
-        Source::H5(a) => import_h5_with(
-            &H5Import { common: a.common.into(), spacing: a.spacing, max_label: a.max_label },
-            &mut |d, t, id| bar.update(d, t, id),
-        )?,
+        Source::H5(a) => {
+            let resample_to = match (a.downsample, a.to_spacing) {
+                (Some(f), _) if !(f.is_finite() && f > 0.0) => {
+                    anyhow::bail!("--downsample must be a positive factor, got {f}")
+                }
+                (Some(f), _) => Some(a.spacing.map(|s| s * f)),
+                (None, t) => t,
+            };
+            import_h5_with(
+                &H5Import { common: a.common.into(), spacing: a.spacing, max_label: a.max_label, resample_to },
+                &mut |d, t, id| bar.update(d, t, id),
+            )?
+        }
         Source::Nrrd(a) => {
             let margin = a.margin.map_or(Margin::REFERENCE, Margin::Fixed);
             import_nrrd_with(

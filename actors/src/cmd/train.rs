@@ -66,9 +66,6 @@ pub fn resolve_config(args: &Args) -> Result<Config> {
     Ok(cfg)
 }
 
-/// Training without a recorded step for this long makes `/healthz` answer 503.
-const STALL_AFTER: Duration = Duration::from_secs(600);
-
 /// Starts the HTTP control plane if configured; writes its address to `addr_file`. The server
 /// stops when the returned handle is dropped.
 pub fn telemetry(
@@ -107,7 +104,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let device = cfg.device.resolve()?;
     let controls = Controls::new();
-    let board = StatusBoard::new(cfg.optim.iterations, STALL_AFTER);
+    let board = StatusBoard::new(cfg.optim.iterations, Duration::from_secs(cfg.telemetry.stall_after_s));
     let failure = Arc::new(std::sync::Mutex::new(None));
     let watching = !cfg.eval.watch_dir.as_os_str().is_empty();
     let system = actix::System::new();
