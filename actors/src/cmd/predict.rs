@@ -156,7 +156,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for (i, f) in files.iter().enumerate() {
         let case = predict_file(&model, teacher.as_ref(), f, &prep, &args.out, &opts)
             .with_context(|| format!("segmenting {}", f.display()))?;
-        let ml: f64 = case.volume_ml.values().sum();
+        let ml = case.volume_ml.values().sum::<f64>() + 0.0; // + 0.0: an empty sum is -0.0
         let line = format!("{}: {:.2} ml -> {}", case.id, ml, case.labels.display());
         if bar.is_terminal() {
             bar.update(i + 1, files.len(), &line);
