@@ -69,7 +69,7 @@ pub fn normalize(image: &mut Volume<f32>, how: Normalization, path: &Path) -> Re
         Normalization::Foreground => moments(image, |x| x != 0.0),
     }
     .ok_or_else(|| DataError::bad(path, "no non-zero voxels to normalise over"))?;
-    if !(stats.std > 0.0) {
+    if stats.std <= 0.0 || stats.std.is_nan() {
         return Err(DataError::bad(path, "the image is constant over the normalised region (standard deviation 0)"));
     }
     for x in &mut image.data {
