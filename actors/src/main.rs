@@ -35,13 +35,18 @@ enum Command {
     Train(cmd::train::Args),
     /// Print shape, data type, spacing, orientation and intensity statistics of volumes.
     Info(cmd::info::Args),
-    /// Import a dataset (UA-MT HDF5 or the 2018 challenge's NRRD layout) into a dataset folder.
+    /// Import a dataset (UA-MT HDF5, the 2018 challenge's NRRD layout, or a raw MSD / nnU-Net
+    /// NIfTI folder) into a dataset folder.
     Import(cmd::import::Args),
     /// Generate a synthetic LA-like dataset.
     Synth(cmd::synth::Args),
     /// Segmentation metrics (Dice, Jaccard, 95% Hausdorff, ASD) between label volumes, or of a
     /// weights file on a dataset's test split.
     Eval(cmd::eval::Args),
+    /// Label maps of new images (no label needed), in each input's own geometry.
+    Predict(cmd::predict::Args),
+    /// A checkpoint's weights under the reference PyTorch V-Net's state_dict names.
+    Export(cmd::export::Args),
 }
 
 /// Installs the global subscriber: level from RUST_LOG (default info), lines on stderr.
@@ -66,5 +71,7 @@ fn main() -> anyhow::Result<()> {
         Command::Import(a) => cmd::import::run(a),
         Command::Synth(a) => cmd::synth::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Predict(a) => cmd::predict::run(a),
+        Command::Export(a) => cmd::export::run(a),
     }
 }

@@ -14,6 +14,8 @@
 //! - [`nrrd`], [`h5`]: the readers the importers need.
 //! - [`dataset`]: the dataset folder (`dataset.json`, `imagesTr/`, `labelsTr/`, ...).
 //! - [`import`]: UA-MT HDF5 and 2018 challenge NRRD importers; [`synth`]: synthetic cases.
+//! - [`import_raw`]: raw MSD / nnU-Net folders (normalisation from [`normalize`], resampling,
+//!   crop, the labelled split), recorded in `preprocessing.json` for `uamt predict`.
 //! - [`augment`]: rot90 + flip + padded random crop, cut straight from the mapped file.
 //! - [`sampler`]: labelled-first batches, seeded per iteration, as tensors for the trainer.
 //! - [`sigbus`]: the handler that ends the process with a clear message when a mapped file is
@@ -25,7 +27,9 @@ pub mod dataset;
 pub mod error;
 pub mod h5;
 pub mod import;
+pub mod import_raw;
 pub mod nifti;
+pub mod normalize;
 pub mod nrrd;
 pub mod resample;
 pub mod sampler;

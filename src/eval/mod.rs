@@ -7,6 +7,7 @@
 //!   exact Euclidean distance transform they rest on.
 //! - [`report`]: per-case results, mean and std, JSON / CSV / table.
 //! - [`picture`]: a PNG of a few axial slices per case.
+//! - [`predict`]: label maps of new, unlabelled images in their own geometry (`uamt predict`).
 //! - [`compare`]: metrics between label files made elsewhere.
 //! - here: [`evaluate_dataset`], the whole evaluation of a model on a dataset's test split, and
 //!   [`model_from_named`], building the model from named tensors (a weights file, a checkpoint).
@@ -19,6 +20,7 @@ pub mod edt;
 pub mod infer;
 pub mod metrics;
 pub mod picture;
+pub mod predict;
 pub mod report;
 
 pub use compare::{compare_files, compare_paths};

@@ -23,6 +23,8 @@ pub mod stream {
     pub const SYNTH: u64 = 4;
     /// The crop margins of one imported case.
     pub const MARGIN: u64 = 5;
+    /// The labelled subset drawn by a raw import's `--labelled` fraction.
+    pub const LABELLED_SUBSET: u64 = 6;
 }
 
 impl Rng {

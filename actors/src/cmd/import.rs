@@ -20,6 +20,9 @@ pub enum Source {
     /// The 2018 challenge layout: `<ID>/lgemri.nrrd` and `<ID>/laendo.nrrd` (label 255), with
     /// the reference preprocessing (z-score, crop x/y to the label box plus a margin).
     Nrrd(NrrdArgs),
+    /// A raw Medical Segmentation Decathlon or nnU-Net folder (`dataset.json`, `imagesTr`,
+    /// `labelsTr`, `imagesTs`) with normalisation, resampling, crop and the labelled split.
+    Nifti(super::import_raw::NiftiArgs),
 }
 
 /// Options shared by both importers.
@@ -151,6 +154,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 &mut |d, t, id| bar.update(d, t, id),
             )?
         }
+        Source::Nifti(a) => super::import_raw::run_nifti(a, &mut |d, t, id| bar.update(d, t, id))?,
     };
     log_report(&report);
     Ok(())

@@ -2,7 +2,10 @@
 
 pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod import;
+pub mod import_raw;
 pub mod info;
+pub mod predict;
 pub mod synth;
 pub mod train;

@@ -1,0 +1,128 @@
+//! Segmenting new images that have no label (`uamt predict`): the preprocessing recorded at
+//! import (normalisation, resampling) is applied to the raw image, the sliding window runs on
+//! the network's grid, and the class probabilities are taken back to the input's own grid, so
+//! the label map has the input's shape, affine and orientation. Optional probability and
+//! uncertainty maps (same grid) and a PNG overlay.
+
+use super::infer::{largest_component, mc_uncertainty, sliding_window, InferOptions, McOptions};
+use super::picture::{case_picture, PictureOptions};
+use crate::data::import_raw::{labels_in_grid, Preprocessing};
+use crate::data::nifti::stem;
+use crate::data::resample::resample_linear;
+use crate::data::{write_nifti, GzCache, NiftiVolume, Volume};
+use crate::model::VNet;
+use crate::Result;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// What `predict_file` writes besides the label map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictOptions {
+    /// The sliding window.
+    pub infer: InferOptions,
+    /// Write `<id>.prob.nii.gz` (foreground probability) and `<id>.uncertainty.nii.gz`.
+    pub maps: bool,
+    /// Monte-Carlo passes for the uncertainty map (`None`: the entropy of the prediction).
+    pub mc: Option<McOptions>,
+    /// Write `<id>.png`.
+    pub picture: bool,
+    /// Write `.nii.gz` (else `.nii`).
+    pub gzip: bool,
+}
+
+/// One segmented image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PredictedCase {
+    /// The case name (the input's file stem).
+    pub id: String,
+    /// The input image.
+    pub input: PathBuf,
+    /// The label map written.
+    pub labels: PathBuf,
+    /// Its shape (the input's).
+    pub dims: [usize; 3],
+    /// Voxel size in mm (the input's).
+    pub spacing: [f64; 3],
+    /// The input's orientation codes (`RAS`, `LPS`, ...), kept by the label map.
+    pub orientation: String,
+    /// The grid the network saw (after resampling).
+    pub network_dims: [usize; 3],
+    /// Segmented volume per non-background class value, in millilitres.
+    pub volume_ml: std::collections::BTreeMap<String, f64>,
+}
+
+/// Segments the NIfTI image `input` and writes `<id>.label.nii[.gz]` (and the optional outputs)
+/// into `out`. `teacher`, when given, draws the Monte-Carlo uncertainty.
+pub fn predict_file(
+    model: &VNet,
+    teacher: Option<&VNet>,
+    input: &Path,
+    prep: &Preprocessing,
+    out: &Path,
+    opts: &PredictOptions,
+) -> Result<PredictedCase> {
+    let file = NiftiVolume::open(input, &GzCache::Memory)?;
+    let geometry = file.header().geometry;
+    let raw = file.read_f32()?;
+    let (net_image, _) = prep.apply(&raw, &geometry, input)?;
+    let image_t = net_image.to_tensor()?;
+    let pred = sliding_window(model, &image_t, &opts.infer)?;
+    let dims = raw.dims;
+    let resampled = net_image.dims != dims;
+    let labels = if resampled {
+        let classes = pred.probabilities.size()[0];
+        let probs: Vec<Volume<f32>> =
+            (0..classes).map(|c| Volume::<f32>::from_tensor(&pred.probabilities.get(c))).collect::<Result<_, _>>()?;
+        let (_, labels) = labels_in_grid(&probs, dims)?;
+        match opts.infer.largest_component {
+            Some(conn) => largest_component(&labels, conn),
+            None => labels,
+        }
+    } else {
+        pred.label_volume()?
+    };
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::Io { path: out.to_path_buf(), source: e })?;
+    let id = stem(input);
+    let ext = if opts.gzip { ".nii.gz" } else { ".nii" };
+    let path = |kind: &str| out.join(format!("{id}.{kind}{ext}"));
+    let label_path = path("label");
+    write_nifti(&label_path, &labels, &geometry)?;
+    let back = |v: Volume<f32>| if resampled { resample_linear(&v, dims) } else { Ok(v) };
+    let mut uncertainty = None;
+    if opts.maps || opts.picture {
+        let u = match &opts.mc {
+            Some(mc) => mc_uncertainty(teacher.unwrap_or(model), &image_t, &opts.infer, mc)?,
+            None => pred.entropy(),
+        };
+        uncertainty = Some(back(Volume::<f32>::from_tensor(&u)?)?);
+    }
+    if opts.maps {
+        let fg = back(Volume::<f32>::from_tensor(&(1.0 - pred.probabilities.get(0)))?)?;
+        write_nifti(path("prob"), &fg, &geometry)?;
+        if let Some(u) = &uncertainty {
+            write_nifti(path("uncertainty"), u, &geometry)?;
+        }
+    }
+    if opts.picture {
+        let pic = case_picture(&raw, None, &labels, uncertainty.as_ref(), &PictureOptions::default())?;
+        pic.write_png(&out.join(format!("{id}.png")))?;
+    }
+    let a = &geometry.affine;
+    let det = a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+        + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]);
+    let mut counts = std::collections::BTreeMap::<u8, usize>::new();
+    for &l in labels.data.iter().filter(|&&l| l != 0) {
+        *counts.entry(l).or_default() += 1;
+    }
+    let volume_ml = counts.into_iter().map(|(c, n)| (c.to_string(), n as f64 * det.abs() / 1000.0)).collect();
+    Ok(PredictedCase {
+        id,
+        input: input.to_path_buf(),
+        labels: label_path,
+        dims,
+        spacing: geometry.spacing(),
+        orientation: geometry.orientation(),
+        network_dims: net_image.dims,
+        volume_ml,
+    })
+}
