@@ -123,6 +123,16 @@ pub struct Split {
 }
 
 impl Split {
+    /// Every case in import order, training cases first: (id, is a test case, is labelled).
+    pub fn cases(&self) -> impl Iterator<Item = (&String, bool, bool)> {
+        let labelled = self.labelled;
+        self.train
+            .iter()
+            .enumerate()
+            .map(move |(i, id)| (id, false, i < labelled))
+            .chain(self.test.iter().map(|id| (id, true, false)))
+    }
+
     /// Reads `train_list` and `test_list` (the latter optional) and checks `labelled` and overlaps.
     pub fn from_lists(train_list: &Path, test_list: Option<&Path>, labelled: usize) -> Result<Self> {
         let train = read_list(train_list)?;
@@ -272,12 +282,7 @@ pub fn import_h5_with(opts: &H5Import, progress: Progress<'_>) -> Result<ImportR
     let staging = Staging::new(&c.out, c.force)?;
     let geometry = Geometry::from_spacing(opts.spacing);
     let (mut training, mut test) = (Vec::new(), Vec::new());
-    let cases = split
-        .train
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (id, false, i < split.labelled))
-        .chain(split.test.iter().map(|id| (id, true, false)));
+    let cases = split.cases();
     let total = split.train.len() + split.test.len();
     for (n, (id, is_test, labelled)) in cases.enumerate() {
         let path = find_h5(&c.src, id).ok_or_else(|| DataError::bad(&c.src, format!("case `{id}` disappeared")))?;
@@ -483,12 +488,7 @@ pub fn import_nrrd_with(opts: &NrrdImport, progress: Progress<'_>) -> Result<Imp
     locate_all(&split, listed, |id| label_of(id).is_file().then(|| label_of(id)), "laendo.nrrd")?;
     let staging = Staging::new(&c.out, c.force)?;
     let (mut training, mut test) = (Vec::new(), Vec::new());
-    let cases = split
-        .train
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (id, false, i < split.labelled))
-        .chain(split.test.iter().map(|id| (id, true, false)));
+    let cases = split.cases();
     for (n, (id, is_test, labelled)) in cases.enumerate() {
         let image = read_nrrd(image_of(id))?;
         let label = read_nrrd(label_of(id))?;
