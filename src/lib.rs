@@ -27,6 +27,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod footprint;
 pub mod fsutil;
 pub mod gpu;
 pub mod method;

@@ -504,7 +504,9 @@ fn should_open_msd_style_manifests_and_check_label_shapes() {
     // A label whose shape differs from its image is refused, naming the label file.
     let other = Volume::new([4, 4, 3], vec![0u8; 48]).unwrap();
     uamt::data::write_nifti(dir.join("labelsTr/la_003.nii.gz"), &other, &g).unwrap();
-    let msg = Dataset::open(dir.path(), &DatasetOptions { cache_dir: Some(dir.join("c2")) }).unwrap_err().to_string();
+    let msg = Dataset::open(dir.path(), &DatasetOptions { cache_dir: Some(dir.join("c2")), ..Default::default() })
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("labelsTr/la_003.nii.gz") && msg.contains("differs"), "{msg}");
     let _ = NiftiVolume::open(dir.join("imagesTs/la_001.nii.gz"), &GzCache::Memory).unwrap();
 }

@@ -243,6 +243,16 @@ fn labels_outside_the_classes_and_nan_voxels_skip_the_training_case() {
     });
     let (ds, skipped) = Dataset::open_skipping_bad(&root, &DatasetOptions::default()).unwrap();
     assert_eq!((ds.training.len(), skipped.len()), (3, 1));
+    // ... but not for a two-class model: the manifest is refused, naming the model's key.
+    let two = DatasetOptions { model_classes: Some(2), ..DatasetOptions::default() };
+    assert_names(&err(Dataset::open_skipping_bad(&root, &two)), &root.join("dataset.json"), "model.n_classes");
+    // A manifest that names no classes allows any value, except beyond the model's classes.
+    edit_manifest(&root, |m| m.labels.clear());
+    let (ds, _) = Dataset::open_skipping_bad(&root, &DatasetOptions::default()).unwrap();
+    assert_eq!(ds.training.len(), 3, "values 0..=255 when nothing says otherwise");
+    let (ds, skipped) = Dataset::open_skipping_bad(&root, &two).unwrap();
+    assert_eq!((ds.training.len(), skipped.len()), (2, 2));
+    assert_names(&skipped[0].to_string(), &l1, "label value 2");
 }
 
 #[test]

@@ -44,8 +44,9 @@ fn open_configured(cfg: &Config, generate: bool) -> Result<Dataset> {
     } else {
         cfg.data.dataset.clone()
     };
-    let (dataset, skipped) = Dataset::open_skipping_bad(&root, &DatasetOptions::default())
-        .with_context(|| format!("opening dataset {}", root.display()))?;
+    let opts = DatasetOptions { model_classes: Some(cfg.model.n_classes as usize), ..DatasetOptions::default() };
+    let (dataset, skipped) =
+        Dataset::open_skipping_bad(&root, &opts).with_context(|| format!("opening dataset {}", root.display()))?;
     for e in &skipped {
         crate::emit::skipped_case();
         tracing::warn!(error = %e, "case skipped");

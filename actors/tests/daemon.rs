@@ -325,6 +325,51 @@ fn la_reproduce_runs_the_protocol_at_tiny_scale_and_resumes() {
 }
 
 #[test]
+fn la_cpu_runs_the_reduced_protocol_at_tiny_scale_in_pieces() {
+    let la = la_dir();
+    assert!(la.join("train.list").exists(), "the LA data are expected at {}", la.display());
+    let work = TempDir::new("daemon-la-cpu");
+    let run = |methods: &str| {
+        let out = Command::new(repo().join("ops/la-cpu"))
+            .args(["--tiny", "--threads", "1", "--bin", bin(), "--methods", methods, "--data"])
+            .arg(&la)
+            .arg("--work")
+            .arg(work.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        (String::from_utf8_lossy(&out.stdout).to_string(), err)
+    };
+    // A first piece: the supervised baseline alone.
+    let (table, log) = run("supervised");
+    assert!(log.contains("training supervised (seed 1)"), "{log}");
+    assert!(
+        table.contains("| V-Net, 16 labelled | paper (GPU, full protocol) | 86.03 | 76.06 | 14.26 | 3.51"),
+        "{table}"
+    );
+    assert!(table.contains("student at 1.25 mm, 1 seed(s)"), "{table}");
+    // The rest: the finished piece is not trained or evaluated again.
+    let (table, log) = run("supervised mean_teacher uamt supervised_all");
+    assert!(!log.contains("training supervised (seed 1)") && !log.contains("evaluating supervised (seed 1)"), "{log}");
+    for m in ["mean_teacher", "uamt", "supervised_all"] {
+        assert!(log.contains(&format!("training {m} (seed 1) from iteration 0 of 12")), "{log}");
+    }
+    assert!(table.contains("| UA-MT, 16 + 64 | paper (GPU, full protocol) | 88.88 | 80.21 | 7.32 | 2.26"), "{table}");
+    assert_eq!(table.matches("teacher upsampled to 0.625 mm").count(), 2, "mean teacher and UA-MT: {table}");
+    assert!(table.contains("V-Net, all 80 labelled") && table.contains("training wall time"), "{table}");
+    // The original-resolution evaluation scores the original labels: 8 times the voxels.
+    let report = |res: &str| -> serde_json::Value {
+        let p = work.join(format!("uamt-s1/eval-student-{res}.json"));
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let voxels = |r: &serde_json::Value| r["cases"][0]["reference_voxels"].as_f64().unwrap();
+    let ratio = voxels(&report("full")) / voxels(&report("half"));
+    assert!((6.0..10.0).contains(&ratio), "label voxels at 0.625 mm / at 1.25 mm = {ratio}");
+    assert_eq!(checkpoint::latest(&work.join("uamt-s1/checkpoints")).unwrap().0, 12);
+}
+
+#[test]
 fn a_corrupt_case_is_logged_counted_and_skipped() {
     let dir = TempDir::new("daemon-badcase");
     let cfg = write_config(&dir, 100_000, 0, "");

@@ -365,3 +365,61 @@ fn a_checkpoint_trained_for_a_gpu_evaluates_on_the_cpu_with_device_cpu() {
         run(&["--checkpoint", ck.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--device", "cpu", "--json"]);
     assert_eq!(json(&o)["cases"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_model_run_at_a_coarser_voxel_size_is_scored_in_the_image_s_own_grid() {
+    let dir = tmp("network-spacing");
+    let (data, out) = (dir.join("data"), dir.join("out"));
+    let cfg = SynthConfig { cases: 1, labelled: 1, test: 1, size: [40, 36, 20], ..SynthConfig::default() };
+    write_synth(&data, &cfg, false).unwrap();
+    tch::manual_seed(5);
+    let model = VNet::new(&VNetConfig { n_filters: 4, ..VNetConfig::default() }, Device::Cpu).unwrap();
+    let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
+    let case = &dataset.test[0];
+    let geometry = case.image.header().geometry;
+    let coarse = geometry.spacing().map(|s| 2.0 * s);
+    let infer = InferOptions { patch: [16, 16, 16], stride: [8, 8, 8], batch_size: 2, largest_component: None };
+    let opts = EvalOptions {
+        infer: infer.clone(),
+        network_spacing: Some(coarse),
+        outputs: Some(uamt::eval::Outputs {
+            dir: out.clone(),
+            nifti: true,
+            pictures: false,
+            picture: Default::default(),
+            uncertainty: None,
+        }),
+        ..EvalOptions::default()
+    };
+    let report = evaluate_dataset(&model, None, &dataset, "w", &opts, &mut |_| {}).unwrap();
+    assert_eq!(report.cases.len(), 1, "{:?}", report.failures);
+
+    // What the option promises, composed from the library's parts: the image resampled to the
+    // coarse grid, the sliding window there, the probabilities back in the image's grid.
+    let image = case.image.read_f32().unwrap();
+    let (small, _, _) = uamt::data::resample::resample_case(&image, None, &geometry, coarse).unwrap();
+    assert_eq!(small.dims, [20, 18, 10], "the network sees half as many voxels per axis");
+    let pred = uamt::eval::sliding_window(&model, &small.to_tensor().unwrap(), &infer).unwrap();
+    let want_labels = pred.labels_in(image.dims, None).unwrap();
+    let want_prob =
+        uamt::data::resample::resample_linear(&Volume::<f32>::from_tensor(&pred.foreground()).unwrap(), image.dims)
+            .unwrap();
+
+    let open =
+        |kind: &str| NiftiVolume::open(out.join(format!("{}.{kind}.nii.gz", case.id)), &GzCache::Memory).unwrap();
+    for kind in ["label", "prob", "uncertainty"] {
+        let v = open(kind);
+        assert_eq!(v.dims(), image.dims, "{kind}: the image's own shape");
+        assert_eq!(v.header().geometry, geometry, "{kind}: the image's own affine");
+    }
+    let labels = open("label").read_labels().unwrap();
+    assert_eq!(labels.data, want_labels.data, "labels: argmax of the upsampled probabilities");
+    let prob = open("prob").read_f32().unwrap();
+    let worst = prob.data.iter().zip(&want_prob.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-5, "foreground probability upsampled from the coarse grid (off by {worst})");
+    // Scored against the full-resolution label with the image's spacing.
+    let reference = case.label.as_ref().unwrap().read_labels().unwrap();
+    let m = case_metrics(&labels, &reference, case.image.header().spacing, EmptyPolicy::Zeros).unwrap();
+    assert_eq!(m.dice, report.cases[0].metrics.dice);
+    assert_eq!(m.reference_voxels, report.cases[0].metrics.reference_voxels);
+}

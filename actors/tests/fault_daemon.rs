@@ -176,3 +176,67 @@ fn non_finite_weights_stop_the_run_naming_the_iteration_without_a_checkpoint() {
         assert!(Snapshot::read(&path).unwrap().non_finite().is_none(), "{} is not finite", path.display());
     }
 }
+
+/// A UA-MT config of `patch` and `filters` on a synthetic dataset of `size` under `dir`.
+fn sized_config(dir: &Path, patch: [usize; 3], filters: usize, size: [usize; 3], iterations: i64) -> PathBuf {
+    let text = format!(
+        "[data]\nsynth_dir = \"{synth}\"\npatch = {patch:?}\n[data.synth]\ncases = 4\nlabelled = 2\ntest = 1\n\
+         size = {size:?}\n[model]\nn_filters = {filters}\n[optim]\niterations = {iterations}\n[device]\n\
+         device = \"cpu\"\nthreads = 1\n[checkpoint]\ndir = \"{ckpt}\"\nevery = 0\n[telemetry]\nlisten = \"\"\n",
+        synth = dir.join("synth").display(),
+        ckpt = dir.join("ckpt").display(),
+    );
+    let p = dir.join("run.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn a_config_that_cannot_fit_is_refused_at_start_saying_how_much_it_needs() {
+    let dir = TempDir::new("fault-memory");
+    let cfg = sized_config(&dir, [512, 512, 256], 256, [40, 40, 24], 3);
+    let t0 = Instant::now();
+    let (ok, code, err) = run(&cfg, &[]);
+    assert!(!ok && code != Some(101) && code != Some(134), "{code:?}: {err}");
+    assert!(err.contains("needs about") && err.contains("GiB") && err.contains("available"), "{err}");
+    assert!(err.contains("model.n_filters") && err.contains("data.patch"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "refused before anything is allocated or generated");
+    assert!(!dir.join("synth").exists(), "nothing was generated");
+}
+
+/// Peak resident memory (`VmHWM`) of a process, in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+#[test]
+fn the_memory_estimate_covers_what_a_run_uses_without_overstating_it() {
+    let dir = TempDir::new("fault-memory-estimate");
+    let cfg_path = sized_config(&dir, [64, 64, 48], 8, [72, 72, 56], 3);
+    let cfg = uamt::config::Config::load(&cfg_path).unwrap();
+    let estimate = uamt::footprint::Footprint::of(&cfg);
+    let mut child = Command::new(bin())
+        .args(["train", "--config"])
+        .arg(&cfg_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // VmHWM only grows: its last reading before the exit is the run's peak (to a poll's accuracy).
+    let mut peak = 0;
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if let Some(p) = peak_rss(child.id()) {
+            peak = peak.max(p);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "the run did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.wait().unwrap().success());
+    let (est, gib) = (estimate.total(), |b: u64| b as f64 / (1u64 << 30) as f64);
+    assert!(peak > 0);
+    assert!(est >= peak, "estimate {:.2} GiB below the measured peak {:.2} GiB", gib(est), gib(peak));
+    assert!(est <= 3 * peak, "estimate {:.2} GiB more than 3x the measured peak {:.2} GiB", gib(est), gib(peak));
+}

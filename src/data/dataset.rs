@@ -180,6 +180,9 @@ pub struct Case {
 pub struct DatasetOptions {
     /// Where `.nii.gz` volumes are decompressed to (default `<dataset>/.cache`).
     pub cache_dir: Option<PathBuf>,
+    /// The number of classes of the model that will use the dataset: label values must be below
+    /// it, and a manifest naming more classes is refused. `None`: only the manifest's count.
+    pub model_classes: Option<usize>,
 }
 
 /// An opened dataset folder: every volume mapped, shapes checked.
@@ -229,7 +232,17 @@ impl Dataset {
         let manifest = Manifest::read(&root)?;
         let cache = GzCache::Dir(opts.cache_dir.clone().unwrap_or_else(|| root.join(".cache")));
         let base = std::fs::canonicalize(&root).at(&root)?;
-        let n_classes = manifest.n_classes();
+        let mut n_classes = manifest.n_classes();
+        if let Some(m) = opts.model_classes {
+            let named = manifest.n_classes();
+            if !manifest.labels.is_empty() && named > m {
+                return Err(DataError::bad(
+                    root.join(MANIFEST),
+                    format!("its `labels` name {named} classes but the model has {m} (model.n_classes)"),
+                ));
+            }
+            n_classes = n_classes.min(m);
+        }
         let mut ids = HashSet::new();
         let mut skipped = Vec::new();
         let mut training = Vec::new();

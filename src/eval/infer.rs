@@ -201,6 +201,24 @@ impl Prediction {
     pub fn label_volume(&self) -> Result<Volume<u8>> {
         Ok(Volume::from_tensor(&self.labels)?)
     }
+
+    /// The labels in a grid of shape `dims` covering the same field of view: the class
+    /// probabilities resampled there (trilinear), their argmax, then the optional
+    /// largest-component step. [`Prediction::label_volume`] when `dims` is the prediction's own.
+    pub fn labels_in(&self, dims: [usize; 3], largest: Option<Connectivity>) -> Result<Volume<u8>> {
+        let own = self.labels.size();
+        if own.iter().zip(dims).all(|(&a, b)| a as usize == b) {
+            return self.label_volume();
+        }
+        let classes = self.probabilities.size()[0];
+        let probs: Vec<Volume<f32>> =
+            (0..classes).map(|c| Volume::<f32>::from_tensor(&self.probabilities.get(c))).collect::<Result<_, _>>()?;
+        let (_, labels) = crate::data::import_raw::labels_in_grid(&probs, dims)?;
+        Ok(match largest {
+            Some(conn) => largest_component(&labels, conn),
+            None => labels,
+        })
+    }
 }
 
 /// Segments `image` (`[X, Y, Z]`, any device, any float kind) with `model` by sliding window.

@@ -31,6 +31,7 @@ pub use metrics::{case_metrics, CaseMetrics, EmptyPolicy};
 pub use picture::{case_picture, Picture, PictureOptions};
 pub use report::{CaseFailure, CaseResult, Report, Stat, Summary};
 
+use crate::data::resample::{resample_case, resample_linear};
 use crate::data::{write_nifti, Case, Dataset, Volume};
 use crate::model::{params::read_named, VNet, VNetConfig};
 use crate::{Error, Result};
@@ -65,6 +66,11 @@ pub struct EvalOptions {
     pub empty: EmptyPolicy,
     /// Files to write per case, if any.
     pub outputs: Option<Outputs>,
+    /// Run the network at this voxel size (mm): each image whose own voxel size differs is
+    /// resampled to it (trilinear), and the class probabilities are taken back to the image's
+    /// own grid (trilinear, then argmax), where the metrics and outputs are computed. A model
+    /// trained at a reduced resolution is so scored against the original labels. `None`: as is.
+    pub network_spacing: Option<[f64; 3]>,
 }
 
 /// Progress: one case done (or failed).
@@ -129,10 +135,19 @@ pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &E
         .ok_or_else(|| Error::invalid("dataset", format!("test case `{}` has no label to compare with", case.id)))?;
     let reference = label.read_labels()?;
     let image = case.image.read_f32()?;
-    let image_t = image.to_tensor()?;
-    let pred = sliding_window(model, &image_t, &opts.infer)?;
-    let labels = pred.label_volume()?;
     let header = case.image.header();
+    let own = header.geometry.spacing();
+    let net_image = match opts.network_spacing {
+        Some(s) if s.iter().zip(own).any(|(a, b)| (a - b).abs() > 1e-6 * b) => {
+            resample_case(&image, None, &header.geometry, s)?.0
+        }
+        _ => image.clone(),
+    };
+    let image_t = net_image.to_tensor()?;
+    let pred = sliding_window(model, &image_t, &opts.infer)?;
+    let labels = pred.labels_in(image.dims, opts.infer.largest_component)?;
+    // Maps made on the network's grid, in the image's.
+    let back = |v: Volume<f32>| if v.dims == image.dims { Ok(v) } else { resample_linear(&v, image.dims) };
     let metrics = case_metrics(&labels, &reference, header.spacing, opts.empty)?;
     if let Some(out) = &opts.outputs {
         std::fs::create_dir_all(&out.dir).map_err(|e| Error::Io { path: out.dir.clone(), source: e })?;
@@ -140,11 +155,11 @@ pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &E
             Some(mc) => mc_uncertainty(teacher.unwrap_or(model), &image_t, &opts.infer, mc)?,
             None => pred.entropy(),
         };
-        let uncertainty = Volume::<f32>::from_tensor(&uncertainty)?;
+        let uncertainty = back(Volume::<f32>::from_tensor(&uncertainty)?)?;
         if out.nifti {
             let file = |kind: &str| out.dir.join(format!("{}.{kind}.nii.gz", case.id));
             write_nifti(file("label"), &labels, &header.geometry)?;
-            write_nifti(file("prob"), &Volume::<f32>::from_tensor(&pred.foreground())?, &header.geometry)?;
+            write_nifti(file("prob"), &back(Volume::<f32>::from_tensor(&pred.foreground())?)?, &header.geometry)?;
             write_nifti(file("uncertainty"), &uncertainty, &header.geometry)?;
         }
         if out.pictures {

@@ -4,9 +4,9 @@
 //! the label map has the input's shape, affine and orientation. Optional probability and
 //! uncertainty maps (same grid) and a PNG overlay.
 
-use super::infer::{largest_component, mc_uncertainty, sliding_window, InferOptions, McOptions};
+use super::infer::{mc_uncertainty, sliding_window, InferOptions, McOptions};
 use super::picture::{case_picture, PictureOptions};
-use crate::data::import_raw::{labels_in_grid, Preprocessing};
+use crate::data::import_raw::Preprocessing;
 use crate::data::nifti::stem;
 use crate::data::resample::resample_linear;
 use crate::data::{write_nifti, GzCache, NiftiVolume, Volume};
@@ -69,18 +69,7 @@ pub fn predict_file(
     let pred = sliding_window(model, &image_t, &opts.infer)?;
     let dims = raw.dims;
     let resampled = net_image.dims != dims;
-    let labels = if resampled {
-        let classes = pred.probabilities.size()[0];
-        let probs: Vec<Volume<f32>> =
-            (0..classes).map(|c| Volume::<f32>::from_tensor(&pred.probabilities.get(c))).collect::<Result<_, _>>()?;
-        let (_, labels) = labels_in_grid(&probs, dims)?;
-        match opts.infer.largest_component {
-            Some(conn) => largest_component(&labels, conn),
-            None => labels,
-        }
-    } else {
-        pred.label_volume()?
-    };
+    let labels = pred.labels_in(dims, opts.infer.largest_component)?;
     std::fs::create_dir_all(out).map_err(|e| crate::Error::Io { path: out.to_path_buf(), source: e })?;
     let id = stem(input);
     let ext = if opts.gzip { ".nii.gz" } else { ".nii" };

@@ -412,6 +412,41 @@ impl VNet {
         })
     }
 
+    /// The number of trainable parameters a V-Net of `config` has, computed without building it
+    /// (for the memory estimate of a config that may be too big to build). Saturating.
+    pub fn parameter_count(config: &VNetConfig) -> u64 {
+        let nf = config.n_filters.max(0) as u64;
+        let norm = if config.normalization == Normalization::Batchnorm { 2 } else { 0 };
+        // (convs, c_in, c_out, kernel volume) per block, in registration order.
+        let conv = |n: u64, c_in: u64, c_out: u64, k: u64| {
+            let first = c_in.saturating_mul(c_out).saturating_mul(k) + c_out + norm * c_out;
+            let rest = c_out.saturating_mul(c_out).saturating_mul(k) + c_out + norm * c_out;
+            first.saturating_add((n.saturating_sub(1)).saturating_mul(rest))
+        };
+        let c = config.n_channels.max(0) as u64;
+        let blocks = [
+            conv(1, c, nf, 27),
+            conv(1, nf, 2 * nf, 8),
+            conv(2, 2 * nf, 2 * nf, 27),
+            conv(1, 2 * nf, 4 * nf, 8),
+            conv(3, 4 * nf, 4 * nf, 27),
+            conv(1, 4 * nf, 8 * nf, 8),
+            conv(3, 8 * nf, 8 * nf, 27),
+            conv(1, 8 * nf, 16 * nf, 8),
+            conv(3, 16 * nf, 16 * nf, 27),
+            conv(1, 16 * nf, 8 * nf, 8),
+            conv(3, 8 * nf, 8 * nf, 27),
+            conv(1, 8 * nf, 4 * nf, 8),
+            conv(3, 4 * nf, 4 * nf, 27),
+            conv(1, 4 * nf, 2 * nf, 8),
+            conv(2, 2 * nf, 2 * nf, 27),
+            conv(1, 2 * nf, nf, 8),
+            conv(1, nf, nf, 27),
+        ];
+        let out = nf.saturating_mul(config.n_classes.max(0) as u64) + config.n_classes.max(0) as u64;
+        blocks.iter().fold(out, |a, &b| a.saturating_add(b))
+    }
+
     /// Runs every forward pass under bfloat16 autocast (convolutions in bf16 on the tensor cores,
     /// BatchNorm and the losses in float32: the logits are returned as float32), or not.
     pub fn set_bf16(&mut self, on: bool) {

@@ -80,6 +80,12 @@ pub struct Args {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run the network at this voxel size in mm (one value or X,Y,Z), e.g. the one it was trained
+    /// at: images of another voxel size are resampled to it and the prediction is taken back to
+    /// their own grid, where it is scored (a model trained at half resolution against the
+    /// original labels). Default: each image as it is.
+    #[arg(long, value_parser = parse_spacing, conflicts_with = "prediction")]
+    pub network_spacing: Option<[f64; 3]>,
     /// Write report.json and report.csv here; with --weights or --checkpoint also per case the
     /// predicted labels, foreground probability and uncertainty (NIfTI) and a PNG of a few slices.
     #[arg(long)]
@@ -166,6 +172,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
     let opts = EvalOptions {
         infer,
         empty: args.empty,
+        network_spacing: args.network_spacing,
         outputs: args.out.as_ref().map(|dir| Outputs {
             dir: dir.clone(),
             nifti: true,

@@ -112,6 +112,15 @@ pub fn run(args: Args) -> Result<()> {
         tracing::info!("no --config: running the built-in demo (synthetic data, CPU)");
     }
     let device = cfg.device.resolve()?;
+    // What the config needs, refused now if this machine cannot hold it (on a GPU the device's
+    // free memory cannot be asked here; the estimate is logged, the allocator's error is clean).
+    let footprint = uamt::footprint::Footprint::of(&cfg);
+    if device == tch::Device::Cpu {
+        if let Some(available) = uamt::footprint::available_memory() {
+            footprint.check(available, "this machine")?;
+        }
+    }
+    tracing::info!(estimate = %footprint.describe(), "memory");
     let controls = Controls::new();
     let board = StatusBoard::new(cfg.optim.iterations, Duration::from_secs(cfg.telemetry.stall_after_s));
     let failure = Arc::new(std::sync::Mutex::new(None));
