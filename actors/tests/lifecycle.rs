@@ -158,3 +158,56 @@ fn sigusr1_before_training_is_harmless_and_a_second_sigterm_forces_the_exit() {
     // (130); never a hang.
     assert!(status.success() || status.code() == Some(130), "{status:?}");
 }
+
+/// The highest `iteration=N` the daemon logged.
+fn last_logged_iteration(text: &str) -> Option<i64> {
+    text.lines()
+        .filter(|l| l.contains("training"))
+        .filter_map(|l| l.split("iteration=").nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .max()
+}
+
+#[test]
+fn sigterm_at_random_points_always_leaves_a_final_checkpoint_to_resume_from() {
+    let dir = TempDir::new("signals-random");
+    let cfg = write_config(&dir, 100_000, 0, "");
+    let ckpt = dir.join("ckpt");
+    // A restart loop under a supervisor that kills at random: start (resuming), SIGTERM after a
+    // random delay (start-up, data generation, model building or mid-step), check, repeat.
+    let mut state = 0x2545f4914f6cdd1du64;
+    let mut before = 0;
+    for trial in 0..6 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let delay = Duration::from_millis(100 + state % 3000);
+        let _ = std::fs::remove_file(dir.join("log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uamt"));
+        cmd.args(["train", "--resume", "--config"]).arg(&cfg).current_dir(dir.path()).stdout(Stdio::null());
+        cmd.stderr(std::fs::File::create(dir.join("log")).unwrap());
+        let mut d = Daemon::new(cmd.spawn().unwrap());
+        wait_for("the first log line", 60, || !log(&dir).is_empty());
+        std::thread::sleep(delay);
+        signal(&d, SIGTERM);
+        let status = wait_exit(&mut d, 120);
+        let text = log(&dir);
+        assert!(status.success(), "trial {trial} ({delay:?}): {status:?}\n{text}");
+        let latest = checkpoint::latest(&ckpt).map(|(it, _)| it).unwrap_or(0);
+        assert!(latest >= before, "trial {trial}: the newest checkpoint went back from {before} to {latest}");
+        if let Some(done) = last_logged_iteration(&text) {
+            assert!(
+                latest >= done,
+                "trial {trial} ({delay:?}): logged iteration {done}, newest checkpoint {latest}\n{text}"
+            );
+        }
+        if latest > 0 {
+            let (_, path) = checkpoint::latest(&ckpt).unwrap();
+            let snap = checkpoint::Snapshot::read(&path).unwrap();
+            assert_eq!(snap.iteration, latest);
+        }
+        eprintln!("trial {trial}: SIGTERM after {delay:?}, newest checkpoint {latest}");
+        before = latest;
+    }
+    assert!(before > 0, "six runs of up to 3 s made no step at all");
+}
