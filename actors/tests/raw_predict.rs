@@ -360,15 +360,34 @@ fn exported_weights_load_into_the_reference_vnet_with_the_same_logits() {
     let xf = t.join("x.f32");
     let data: Vec<f32> = Vec::try_from(&x.flatten(0, -1)).unwrap();
     std::fs::write(&xf, data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-    let yf = t.join("y.f32");
-    let status = Command::new(python())
-        .arg(repo().join("tests/oracle/raw_import.py"))
-        .args(["logits", s(&out), "4", s(&xf), "1,1,32,32,16", s(&yf)])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let theirs = Tensor::from_slice(&read_f32(&yf)).view([1, 2, 32, 32, 16]);
-    let err = (&ours - &theirs).abs().max().double_value(&[]);
-    let scale = theirs.abs().max().double_value(&[]);
-    assert!(err <= 1e-5 * scale.max(1.0), "logits differ by {err} (scale {scale})");
+    // The same weights in PyTorch's own format, under README's file names.
+    let readme_st = t.join("tiny-teacher.safetensors");
+    std::fs::copy(&out, &readme_st).unwrap();
+    let pt = t.join("tiny-teacher.pt");
+    ok(&["export", "--checkpoint", s(&ck), "--teacher", "--out", s(&pt)]);
+    let readme = repo().join("README.md");
+    // Our own safetensors reader, then README's two snippets verbatim (safetensors' load_file,
+    // torch.load with weights_only=True).
+    for (weights, snippet) in [(&out, None), (&readme_st, Some(&readme)), (&pt, Some(&readme))] {
+        let yf = t.join("y.f32");
+        let _ = std::fs::remove_file(&yf);
+        let mut cmd = Command::new(python());
+        cmd.arg(repo().join("tests/oracle/raw_import.py")).args([
+            "logits",
+            s(weights),
+            "4",
+            s(&xf),
+            "1,1,32,32,16",
+            s(&yf),
+        ]);
+        if let Some(r) = snippet {
+            cmd.arg(r);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}: {}", weights.display(), String::from_utf8_lossy(&o.stderr));
+        let theirs = Tensor::from_slice(&read_f32(&yf)).view([1, 2, 32, 32, 16]);
+        let err = (&ours - &theirs).abs().max().double_value(&[]);
+        let scale = theirs.abs().max().double_value(&[]);
+        assert!(err <= 1e-5 * scale.max(1.0), "{}: logits differ by {err} (scale {scale})", weights.display());
+    }
 }

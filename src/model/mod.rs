@@ -2,6 +2,7 @@
 
 pub mod params;
 pub mod tensorfile;
+pub mod torchsave;
 pub mod vnet;
 
 pub use params::{Param, ParamStore};

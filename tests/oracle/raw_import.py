@@ -119,12 +119,42 @@ def read_safetensors(path):
     return out
 
 
-def logits(weights, nf, x_path, shape, out):
+def readme_vnet(n_channels=1, n_classes=2, n_filters=16, normalization="batchnorm", has_dropout=False):
+    """The reference V-Net under UA-MT's networks/vnet.py signature, as README's snippets call it."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from uamt_oracle import VNet
+    assert normalization == "batchnorm"
+    return VNet(n_channels=n_channels, n_classes=n_classes, nf=n_filters, has_dropout=has_dropout)
+
+
+def readme_snippets(readme):
+    """The ```python blocks of README.md that load exported weights."""
+    text = open(readme).read()
+    blocks = text.split("```python\n")[1:]
+    return [b.split("```")[0] for b in blocks if "load_state_dict" in b]
+
+
+def logits(weights, nf, x_path, shape, out, readme=None):
+    """Logits of the reference V-Net loaded with WEIGHTS: by this module's own reader, or (README
+    given) by running README's snippet for that file type verbatim in WEIGHTS' folder."""
     import torch
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from uamt_oracle import VNet
-    net = VNet(nf=int(nf))
-    net.load_state_dict(read_safetensors(weights), strict=True)
+    if readme:
+        ext = os.path.splitext(weights)[1]
+        snippets = [s for s in readme_snippets(readme) if ext in s]
+        assert len(snippets) == 1, f"README has {len(snippets)} snippets loading a {ext} file"
+        scope = {"VNet": readme_vnet}
+        cwd = os.getcwd()
+        os.chdir(os.path.dirname(os.path.abspath(weights)))
+        try:
+            exec(snippets[0], scope)
+        finally:
+            os.chdir(cwd)
+        net = scope["net"]
+    else:
+        net = VNet(nf=int(nf))
+        net.load_state_dict(read_safetensors(weights), strict=True)
     net.eval()
     shape = [int(s) for s in shape.split(",")]
     x = torch.from_numpy(np.fromfile(x_path, dtype="<f4").reshape(shape))
@@ -140,6 +170,6 @@ if __name__ == "__main__":
     elif cmd == "dump":
         dump(sys.argv[2], sys.argv[3:])
     elif cmd == "logits":
-        logits(*sys.argv[2:7])
+        logits(*sys.argv[2:8])
     else:
         sys.exit(f"unknown command {cmd}")

@@ -1,5 +1,6 @@
 //! `uamt export`: a checkpoint's student (or teacher) weights under the reference PyTorch
-//! V-Net's `state_dict` names, as safetensors (or `.npz`), written atomically.
+//! V-Net's `state_dict` names, as safetensors, a PyTorch-native `.pt` (what `torch.save` of the
+//! `state_dict` writes; `torch.load(f, weights_only=True)` reads it) or `.npz`, written atomically.
 
 use anyhow::Context;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ pub struct Args {
     /// Export the teacher (the EMA weights) instead of the student.
     #[arg(long)]
     pub teacher: bool,
-    /// Output file: `.safetensors` (default format) or `.npz`.
+    /// Output file: `.safetensors` (the default format), `.pt` / `.pth` (PyTorch's own) or `.npz`.
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -26,9 +27,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         snap.student
     };
-    let npz = args.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"));
+    let ext = args.out.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let (npz, pt) = (ext == "npz", ext == "pt" || ext == "pth");
     uamt::fsutil::replace_atomic(&args.out, |tmp| -> anyhow::Result<()> {
-        if npz {
+        if pt {
+            let file = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            uamt::model::torchsave::write_state_dict(&named, std::io::BufWriter::new(file), &args.out)?;
+        } else if npz {
             // write_npz wants the final extension; the temporary name keeps it.
             tch::Tensor::write_npz(&named, tmp)?;
         } else {
