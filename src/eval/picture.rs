@@ -1,8 +1,13 @@
 //! A picture per case to look at: a few axial slices, one row each. Left panel: the image in
 //! grey (windowed to its 0.5-99.5 % intensity percentiles) with the reference contour in green
 //! and the prediction contour in red. Right panel (when an uncertainty map is given): the
-//! uncertainty as a heat map (black -> red -> yellow -> white, 0 to ln C) with the contour of
+//! uncertainty as a heat map (black -> red -> yellow -> white, 0 to ln C nats) with the contour of
 //! the mask `uncertainty < threshold` (where UA-MT's consistency counts) in cyan.
+//!
+//! The picture says what it shows: a header names the contours in their colours, the view
+//! (axial, x to the right, y up) and, over the uncertainty panel, a colour bar from 0 to the
+//! saturation value in nats and the mask's threshold; each row is labelled with its slice
+//! (`Z 23/44`: slice 23 of 44, counted from 0). Text is drawn with a small built-in bitmap font.
 //!
 //! Orientation: x to the right, y upwards (anterior up for RAS volumes), slices along z. The
 //! slices are spread evenly over the z range of the reference's foreground (the prediction's
@@ -21,6 +26,73 @@ const MASK: [u8; 3] = [0, 230, 230];
 const GAP: [u8; 3] = [40, 40, 40];
 /// Pixels between panels and rows.
 const GAP_PX: usize = 4;
+const TEXT: [u8; 3] = [235, 235, 235];
+const LABEL_BOX: [u8; 3] = [0, 0, 0];
+/// Text is the font's 3x5 cells enlarged this many times.
+const TEXT_SCALE: usize = 2;
+/// Height of one line of text with its spacing, in pixels.
+const LINE_PX: usize = 8 * TEXT_SCALE;
+
+/// A 3x5 bitmap font: five rows of three bits (4 = left column) per character.
+fn glyph(c: char) -> [u8; 5] {
+    match c.to_ascii_uppercase() {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 2, 2, 2],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        'A' => [2, 5, 7, 5, 5],
+        'B' => [6, 5, 6, 5, 6],
+        'C' => [3, 4, 4, 4, 3],
+        'D' => [6, 5, 5, 5, 6],
+        'E' => [7, 4, 6, 4, 7],
+        'F' => [7, 4, 6, 4, 4],
+        'G' => [3, 4, 5, 5, 3],
+        'H' => [5, 5, 7, 5, 5],
+        'I' => [7, 2, 2, 2, 7],
+        'J' => [1, 1, 1, 5, 2],
+        'K' => [5, 5, 6, 5, 5],
+        'L' => [4, 4, 4, 4, 7],
+        'M' => [5, 7, 7, 5, 5],
+        'N' => [6, 5, 5, 5, 5],
+        'O' => [2, 5, 5, 5, 2],
+        'P' => [6, 5, 6, 4, 4],
+        'Q' => [2, 5, 5, 6, 3],
+        'R' => [6, 5, 6, 5, 5],
+        'S' => [3, 4, 2, 1, 6],
+        'T' => [7, 2, 2, 2, 2],
+        'U' => [5, 5, 5, 5, 7],
+        'V' => [5, 5, 5, 5, 2],
+        'W' => [5, 5, 7, 7, 5],
+        'X' => [5, 5, 2, 5, 5],
+        'Y' => [5, 5, 2, 2, 2],
+        'Z' => [7, 1, 2, 4, 7],
+        '.' => [0, 0, 0, 0, 2],
+        ',' => [0, 0, 0, 2, 4],
+        ':' => [0, 2, 0, 2, 0],
+        '=' => [0, 7, 0, 7, 0],
+        '<' => [1, 2, 4, 2, 1],
+        '>' => [4, 2, 1, 2, 4],
+        '/' => [1, 1, 2, 4, 4],
+        '(' => [2, 4, 4, 4, 2],
+        ')' => [2, 1, 1, 1, 2],
+        '-' => [0, 0, 7, 0, 0],
+        '+' => [0, 2, 7, 2, 0],
+        '%' => [5, 1, 2, 4, 5],
+        ' ' => [0; 5],
+        _ => [7, 5, 5, 5, 7], // unknown: a box
+    }
+}
+
+/// Width in pixels of `text` drawn by [`Picture::text`].
+fn text_width(text: &str) -> usize {
+    text.chars().count() * 4 * TEXT_SCALE
+}
 
 /// What a picture shows.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +134,40 @@ impl Picture {
     fn set(&mut self, u: usize, v: usize, c: [u8; 3]) {
         let i = 3 * (u + self.width * v);
         self.rgb[i..i + 3].copy_from_slice(&c);
+    }
+
+    /// Draws `text` with its top-left corner at `(u, v)` (clipped to the picture); returns the
+    /// column after it.
+    fn text(&mut self, u: usize, v: usize, text: &str, c: [u8; 3]) -> usize {
+        let mut x = u;
+        for ch in text.chars() {
+            for (row, bits) in glyph(ch).iter().enumerate() {
+                for col in 0..3 {
+                    if bits & (4 >> col) == 0 {
+                        continue;
+                    }
+                    for dy in 0..TEXT_SCALE {
+                        for dx in 0..TEXT_SCALE {
+                            let (pu, pv) = (x + col * TEXT_SCALE + dx, v + row * TEXT_SCALE + dy);
+                            if pu < self.width && pv < self.height {
+                                self.set(pu, pv, c);
+                            }
+                        }
+                    }
+                }
+            }
+            x += 4 * TEXT_SCALE;
+        }
+        x
+    }
+
+    /// Fills the rectangle `[u, u + w) x [v, v + h)` (clipped).
+    fn rect(&mut self, u: usize, v: usize, w: usize, h: usize, c: [u8; 3]) {
+        for pv in v..(v + h).min(self.height) {
+            for pu in u..(u + w).min(self.width) {
+                self.set(pu, pv, c);
+            }
+        }
     }
 
     /// The pixel at column `u`, row `v`.
@@ -198,21 +304,48 @@ pub fn case_picture(
     let (pw, ph) = (dims[0] * scale, dims[1] * scale);
     let panels = if uncertainty.is_some() { 2 } else { 1 };
     let width = panels * pw + (panels + 1) * GAP_PX;
-    let height = zs.len() * ph + (zs.len() + 1) * GAP_PX;
+    let header = 2 * LINE_PX + GAP_PX;
+    let height = header + zs.len() * ph + (zs.len() + 1) * GAP_PX;
     let mut pic = Picture::filled(width, height, GAP);
+    // The header: which contour is which and the view over the left panel; the colour bar, its
+    // scale in nats and the mask's threshold over the right one.
+    let (u, v) = (GAP_PX, GAP_PX);
+    let mut x = u;
+    if reference.is_some() {
+        x = pic.text(x, v, "REFERENCE", REFERENCE);
+        x = pic.text(x, v, "  ", TEXT);
+    }
+    pic.text(x, v, "PREDICTION", PREDICTION);
+    pic.text(u, v + LINE_PX, &format!("AXIAL Z/{}, X RIGHT, Y UP", dims[2]), TEXT);
+    if uncertainty.is_some() {
+        let u = 2 * GAP_PX + pw;
+        let x = pic.text(u, v, "UNCERTAINTY, NATS  ", TEXT);
+        pic.text(x, v, &format!("U<{:.2}", opts.threshold), MASK);
+        let x = pic.text(u, v + LINE_PX, "0 ", TEXT);
+        let top = format!(" {:.2}", opts.max_uncertainty);
+        let bar = pw.saturating_sub(x - u + text_width(&top)).max(8);
+        for i in 0..bar {
+            let t = i as f64 / (bar - 1) as f64;
+            pic.rect(x + i, v + LINE_PX, 1, 5 * TEXT_SCALE, heat(t));
+        }
+        pic.text(x + bar, v + LINE_PX, &top, TEXT);
+    }
     let (lo, hi) = window(image);
     let grey = |i: usize| {
         let g = (((image.data[i] - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8;
         [g, g, g]
     };
     for (row, &z) in zs.iter().enumerate() {
-        let v0 = GAP_PX + row * (ph + GAP_PX);
+        let v0 = header + GAP_PX + row * (ph + GAP_PX);
         let left = Panel { u0: GAP_PX, v0, scale, dims, z };
         left.paint(&mut pic, grey);
         if let Some(r) = reference {
             left.contour(&mut pic, |i| r.data[i] != 0, REFERENCE);
         }
         left.contour(&mut pic, |i| prediction.data[i] != 0, PREDICTION);
+        let label = format!("Z {z}/{}", dims[2]);
+        pic.rect(GAP_PX, v0, text_width(&label) + 2 * TEXT_SCALE, 7 * TEXT_SCALE, LABEL_BOX);
+        pic.text(GAP_PX + TEXT_SCALE, v0 + TEXT_SCALE, &label, TEXT);
         if let Some(u) = uncertainty {
             let right = Panel { u0: 2 * GAP_PX + pw, v0, scale, dims, z };
             right.paint(&mut pic, |i| heat(u.data[i] as f64 / opts.max_uncertainty));
@@ -225,6 +358,64 @@ pub fn case_picture(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pixels of colour `c` in the rectangle `[u, u + w) x [v, v + h)`.
+    fn count(p: &Picture, (u, v, w, h): (usize, usize, usize, usize), c: [u8; 3]) -> usize {
+        (v..v + h).flat_map(|y| (u..u + w).map(move |x| (x, y))).filter(|&(x, y)| p.get(x, y) == c).count()
+    }
+
+    #[test]
+    fn the_picture_says_what_it_shows() {
+        let dims = [32, 24, 10];
+        let image = Volume::new(dims, (0..dims.iter().product::<usize>()).map(|i| i as f32).collect()).unwrap();
+        let mut label = Volume::<u8>::zeros(dims);
+        for z in 3..7 {
+            for y in 8..16 {
+                for x in 10..20 {
+                    let i = label.index(x, y, z);
+                    label.data[i] = 1;
+                }
+            }
+        }
+        let unc = Volume::new(dims, vec![0.3f32; dims.iter().product()]).unwrap();
+        let opts = PictureOptions::default();
+        let p = case_picture(&image, Some(&label), &label, Some(&unc), &opts).unwrap();
+        let scale = 256 / 32;
+        let pw = 32 * scale;
+        let header = 2 * LINE_PX + GAP_PX;
+        assert_eq!(p.width, 2 * pw + 3 * GAP_PX);
+        assert_eq!(p.height, header + 3 * 24 * scale + 4 * GAP_PX);
+        // The legend names the contours in their colours, the bar runs black to white in nats.
+        let line1 = (GAP_PX, GAP_PX, pw, 5 * TEXT_SCALE);
+        assert!(count(&p, line1, REFERENCE) > 20 && count(&p, line1, PREDICTION) > 20);
+        let right = (2 * GAP_PX + pw, GAP_PX, pw, 5 * TEXT_SCALE);
+        assert!(count(&p, right, TEXT) > 50 && count(&p, right, MASK) > 10, "title and threshold");
+        let bar_row = GAP_PX + LINE_PX + 1;
+        let bar: Vec<[u8; 3]> = (2 * GAP_PX + pw..p.width).map(|u| p.get(u, bar_row)).collect();
+        let first = bar.iter().position(|&c| c == heat(0.0)).expect("the bar starts black");
+        assert!(bar[first..].contains(&heat(1.0)), "and ends white");
+        let reds = bar.iter().filter(|c| c[0] > 100 && c[1] < 60 && c[2] == 0).count();
+        assert!(reds > 5, "through red");
+        // Each row is labelled with its slice: different slices, different labels.
+        let row_label = |row: usize| {
+            let v0 = header + GAP_PX + row * (24 * scale + GAP_PX);
+            (0..7 * TEXT_SCALE)
+                .flat_map(|dv| (0..text_width("Z 00/10")).map(move |du| (du, dv)))
+                .map(|(du, dv)| p.get(GAP_PX + du, v0 + dv) == TEXT)
+                .collect::<Vec<bool>>()
+        };
+        let labels: Vec<_> = (0..3).map(row_label).collect();
+        assert!(labels.iter().all(|l| l.iter().filter(|&&b| b).count() > 20));
+        assert_ne!(labels[0], labels[1]);
+        assert_ne!(labels[1], labels[2]);
+    }
+
+    #[test]
+    fn every_character_of_the_font_is_distinct() {
+        let chars = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:=<>/()-+% ";
+        let glyphs: std::collections::HashSet<[u8; 5]> = chars.chars().map(glyph).collect();
+        assert_eq!(glyphs.len(), chars.chars().count());
+    }
 
     #[test]
     fn should_spread_slices_inside_the_extent() {
