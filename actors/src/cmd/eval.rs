@@ -4,18 +4,14 @@
 //! run by sliding window over a dataset's test split (`--weights` with `--dataset`).
 //! A table (or `--json`) on stdout, one progress line per case on stderr.
 
-use super::import::{parse_size, parse_spacing};
+use super::import::parse_spacing;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
-use tch::Device;
-use uamt::checkpoint::Snapshot;
-use uamt::config::Config;
 use uamt::data::{Dataset, DatasetOptions};
 use uamt::eval::{
-    compare_paths, evaluate_dataset, load_weights, model_from_named, CaseEvent, Connectivity, EmptyPolicy, EvalOptions,
-    InferOptions, McOptions, Outputs, PictureOptions, Report,
+    compare_paths, evaluate_dataset, load_weights, CaseEvent, EmptyPolicy, EvalOptions, InferOptions, McOptions,
+    Outputs, PictureOptions, Report,
 };
-use uamt::model::VNetConfig;
 use uamt::recipe;
 
 /// Arguments of `uamt eval`.
@@ -50,29 +46,8 @@ pub struct Args {
     /// Dataset folder whose test split is evaluated (with --checkpoint: instead of the config's).
     #[arg(long)]
     pub dataset: Option<PathBuf>,
-    /// V-Net filters at the first level.
-    #[arg(long, default_value_t = recipe::N_FILTERS)]
-    pub n_filters: i64,
-    /// Output classes.
-    #[arg(long, default_value_t = recipe::N_CLASSES)]
-    pub n_classes: i64,
-    /// Sliding-window patch X,Y,Z (each a multiple of 16); default the recipe's 112,112,80, or
-    /// the config's with --checkpoint.
-    #[arg(long, value_parser = parse_size)]
-    pub patch: Option<[usize; 3]>,
-    /// Sliding-window stride X,Y,Z; default the recipe's 18,18,4, or the config's with
-    /// --checkpoint.
-    #[arg(long, value_parser = parse_size)]
-    pub stride: Option<[usize; 3]>,
-    /// Windows per forward pass; default 4, or the config's with --checkpoint.
-    #[arg(long)]
-    pub batch: Option<usize>,
-    /// Keep only the largest connected component, with 6- or 26-connectivity (off by default).
-    #[arg(long)]
-    pub largest_component: Option<Connectivity>,
-    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
-    #[arg(long, default_value = "auto", value_parser = parse_device)]
-    pub device: Device,
+    #[command(flatten)]
+    pub net: super::net::NetArgs,
     /// How an empty prediction scores: `zeros` (the UA-MT reference) or `undefined` (distances
     /// left out of the means).
     #[arg(long, default_value = "zeros", value_parser = parse_empty)]
@@ -99,12 +74,6 @@ pub struct Args {
     /// Seed of the Monte-Carlo passes' noise and dropout.
     #[arg(long, default_value_t = 0)]
     pub mc_seed: u64,
-}
-
-/// The same rule as the config's `device.device`, checked now (a GPU that is not there is
-/// refused). The device in a checkpoint's stored config is not consulted: this one is used.
-fn parse_device(s: &str) -> Result<Device, String> {
-    uamt::config::DeviceConfig { device: s.into(), ..Default::default() }.resolve().map_err(|e| e.to_string())
 }
 
 fn parse_empty(s: &str) -> Result<EmptyPolicy, String> {
@@ -134,41 +103,23 @@ fn report(args: &Args) -> anyhow::Result<Report> {
         uamt::data::sigbus::install_handler();
         Dataset::open(dir, &DatasetOptions::default()).with_context(|| format!("opening dataset {}", dir.display()))
     };
+    let device = args.net.device;
     let (model, teacher, dataset, source, window) = if let Some(ck) = &args.checkpoint {
-        let snap = Snapshot::read(ck)?;
-        let cfg = match &args.config {
-            Some(p) => Config::load(p)?,
-            None => Config::from_toml(&snap.config, ck)?,
-        };
+        let c = super::net::from_checkpoint(ck, args.config.as_deref(), args.teacher, device)?;
         // A checkpoint may come from anywhere: its stored config's dataset is opened only if it
         // exists; the synthetic dataset is never generated from it (train does that).
         let dataset = match &args.dataset {
             Some(d) => open(d)?,
-            None => crate::setup::open_existing_dataset(&cfg)?,
+            None => crate::setup::open_existing_dataset(&c.config)?,
         };
-        let teacher = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model, args.device, t, ck)).transpose()?;
-        let (model, teacher) = if args.teacher {
-            let t = teacher.ok_or_else(|| {
-                anyhow::anyhow!("{}: --teacher, but this checkpoint has no teacher (supervised training)", ck.display())
-            })?;
-            (t, None) // the evaluated teacher also draws the uncertainty
-        } else {
-            (model_from_named(&cfg.model, args.device, &snap.student, ck)?, teacher)
-        };
-        (model, teacher, dataset, ck, cfg.eval.window)
+        (c.model, c.teacher, dataset, ck, c.config.eval.window)
     } else {
         let (Some(weights), Some(dir)) = (&args.weights, &args.dataset) else {
             anyhow::bail!("give --prediction and --reference, --weights and --dataset, or --checkpoint");
         };
-        let config = VNetConfig { n_filters: args.n_filters, n_classes: args.n_classes, ..VNetConfig::default() };
-        (load_weights(weights, &config, args.device)?, None, open(dir)?, weights, InferOptions::default())
+        (load_weights(weights, &args.net.weights_config(), device)?, None, open(dir)?, weights, InferOptions::default())
     };
-    let infer = InferOptions {
-        patch: args.patch.unwrap_or(window.patch),
-        stride: args.stride.unwrap_or(window.stride),
-        batch_size: args.batch.unwrap_or(window.batch_size),
-        largest_component: args.largest_component.or(window.largest_component),
-    };
+    let infer = args.net.window(&window);
     let opts = EvalOptions {
         infer,
         empty: args.empty,

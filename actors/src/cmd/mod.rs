@@ -6,6 +6,7 @@ pub mod export;
 pub mod import;
 pub mod import_raw;
 pub mod info;
+pub mod net;
 pub mod predict;
 pub mod synth;
 pub mod train;

@@ -2,18 +2,12 @@
 //! file, written in each input's own geometry (shape, affine, orientation), with the
 //! preprocessing recorded at import (`preprocessing.json`) applied and undone.
 
-use super::import::parse_size;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
-use tch::Device;
-use uamt::checkpoint::Snapshot;
-use uamt::config::Config;
 use uamt::data::import_raw::Preprocessing;
 use uamt::data::normalize::Normalization;
 use uamt::eval::predict::{predict_file, PredictOptions, PredictedCase};
-use uamt::eval::{load_weights, model_from_named, Connectivity, InferOptions, McOptions};
-use uamt::model::VNetConfig;
-use uamt::recipe;
+use uamt::eval::{load_weights, InferOptions, McOptions};
 
 /// Arguments of `uamt predict`.
 #[derive(Debug, clap::Args)]
@@ -53,37 +47,14 @@ pub struct Args {
     /// Seed of the Monte-Carlo passes.
     #[arg(long, default_value_t = 0)]
     pub mc_seed: u64,
-    /// V-Net filters at the first level (--weights).
-    #[arg(long, default_value_t = recipe::N_FILTERS)]
-    pub n_filters: i64,
-    /// Output classes (--weights).
-    #[arg(long, default_value_t = recipe::N_CLASSES)]
-    pub n_classes: i64,
-    /// Sliding-window patch X,Y,Z (multiples of 16); default the config's or 112,112,80.
-    #[arg(long, value_parser = parse_size)]
-    pub patch: Option<[usize; 3]>,
-    /// Sliding-window stride X,Y,Z.
-    #[arg(long, value_parser = parse_size)]
-    pub stride: Option<[usize; 3]>,
-    /// Windows per forward pass.
-    #[arg(long)]
-    pub batch: Option<usize>,
-    /// Keep only the largest connected component (6 or 26).
-    #[arg(long)]
-    pub largest_component: Option<Connectivity>,
-    /// `cpu`, `cuda`, `cuda:N`, or `auto`.
-    #[arg(long, default_value = "auto", value_parser = parse_device)]
-    pub device: Device,
+    #[command(flatten)]
+    pub net: super::net::NetArgs,
     /// Write `.nii` instead of `.nii.gz`.
     #[arg(long)]
     pub no_gzip: bool,
     /// Print a JSON summary (one object per case, volumes in millilitres) on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_device(s: &str) -> Result<Device, String> {
-    uamt::config::DeviceConfig { device: s.into(), ..Default::default() }.resolve().map_err(|e| e.to_string())
 }
 
 /// The NIfTI files `input` names (itself, or the folder's, sorted; hidden files skipped).
@@ -107,23 +78,14 @@ fn inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = args.net.device;
     let (model, teacher, window, dataset) = if let Some(ck) = &args.checkpoint {
-        let snap = Snapshot::read(ck)?;
-        let cfg = Config::from_toml(&snap.config, ck)?;
-        let teacher = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model, args.device, t, ck)).transpose()?;
-        let (model, teacher) = if args.teacher {
-            let t = teacher
-                .ok_or_else(|| anyhow::anyhow!("{}: --teacher, but this checkpoint has no teacher", ck.display()))?;
-            (t, None)
-        } else {
-            (model_from_named(&cfg.model, args.device, &snap.student, ck)?, teacher)
-        };
-        let ds = (!cfg.data.dataset.as_os_str().is_empty()).then(|| cfg.data.dataset.clone());
-        (model, teacher, cfg.eval.window, ds)
+        let c = super::net::from_checkpoint(ck, None, args.teacher, device)?;
+        let ds = (!c.config.data.dataset.as_os_str().is_empty()).then(|| c.config.data.dataset.clone());
+        (c.model, c.teacher, c.config.eval.window, ds)
     } else {
         let w = args.weights.as_ref().context("give --checkpoint or --weights")?;
-        let config = VNetConfig { n_filters: args.n_filters, n_classes: args.n_classes, ..VNetConfig::default() };
-        (load_weights(w, &config, args.device)?, None, InferOptions::default(), None)
+        (load_weights(w, &args.net.weights_config(), device)?, None, InferOptions::default(), None)
     };
     let prep = match args.dataset.as_ref().or(dataset.as_ref()) {
         Some(d) => Preprocessing::read(d)?,
@@ -134,12 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Preprocessing { normalization: args.normalize, ..Preprocessing::default() }
     });
     let opts = PredictOptions {
-        infer: InferOptions {
-            patch: args.patch.unwrap_or(window.patch),
-            stride: args.stride.unwrap_or(window.stride),
-            batch_size: args.batch.unwrap_or(window.batch_size),
-            largest_component: args.largest_component.or(window.largest_component),
-        },
+        infer: args.net.window(&window),
         maps: args.maps,
         mc: (args.mc_passes > 0).then(|| McOptions {
             passes: args.mc_passes,

@@ -1,0 +1,99 @@
+//! What `uamt eval` and `uamt predict` share: the network's shape for a bare weights file, the
+//! sliding window, the device, and the loading of a checkpoint's student or teacher.
+
+use super::import::parse_size;
+use std::path::Path;
+use tch::Device;
+use uamt::checkpoint::Snapshot;
+use uamt::config::Config;
+use uamt::eval::{model_from_named, Connectivity, InferOptions};
+use uamt::model::{VNet, VNetConfig};
+use uamt::recipe;
+
+/// The network and its sliding window (flattened into a subcommand's arguments).
+#[derive(Debug, clap::Args)]
+pub struct NetArgs {
+    /// V-Net filters at the first level (for --weights; a checkpoint says its own).
+    #[arg(long, default_value_t = recipe::N_FILTERS)]
+    pub n_filters: i64,
+    /// Output classes (for --weights; a checkpoint says its own).
+    #[arg(long, default_value_t = recipe::N_CLASSES)]
+    pub n_classes: i64,
+    /// Sliding-window patch X,Y,Z (each a multiple of 16); default the recipe's 112,112,80, or
+    /// the config's with --checkpoint.
+    #[arg(long, value_parser = parse_size)]
+    pub patch: Option<[usize; 3]>,
+    /// Sliding-window stride X,Y,Z; default the recipe's 18,18,4, or the config's with
+    /// --checkpoint.
+    #[arg(long, value_parser = parse_size)]
+    pub stride: Option<[usize; 3]>,
+    /// Windows per forward pass; default 4, or the config's with --checkpoint.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Keep only the largest connected component, with 6- or 26-connectivity (off by default).
+    #[arg(long)]
+    pub largest_component: Option<Connectivity>,
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available). The device in a checkpoint's
+    /// stored config is not consulted: this one is used.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// The same rule as the config's `device.device`, checked now (a GPU that is not there is
+/// refused).
+fn parse_device(s: &str) -> Result<Device, String> {
+    uamt::config::DeviceConfig { device: s.into(), ..Default::default() }.resolve().map_err(|e| e.to_string())
+}
+
+impl NetArgs {
+    /// The sliding window: these arguments where given, else `defaults` (a config's).
+    pub fn window(&self, defaults: &InferOptions) -> InferOptions {
+        InferOptions {
+            patch: self.patch.unwrap_or(defaults.patch),
+            stride: self.stride.unwrap_or(defaults.stride),
+            batch_size: self.batch.unwrap_or(defaults.batch_size),
+            largest_component: self.largest_component.or(defaults.largest_component),
+        }
+    }
+
+    /// The V-Net of a bare weights file.
+    pub fn weights_config(&self) -> VNetConfig {
+        VNetConfig { n_filters: self.n_filters, n_classes: self.n_classes, ..VNetConfig::default() }
+    }
+}
+
+/// A checkpoint's model on a device.
+pub struct FromCheckpoint {
+    /// The model that segments: the student, or the teacher when asked for.
+    pub model: VNet,
+    /// The model whose Monte-Carlo uncertainty is drawn: the checkpoint's teacher when the
+    /// student segments (`None`: the segmenting model's own).
+    pub teacher: Option<VNet>,
+    /// The config stored in the checkpoint (or the one given instead).
+    pub config: Config,
+}
+
+/// Reads checkpoint `ck` (untrusted: every parse fallible) and builds its student, or with
+/// `teacher` its teacher, on `device`; `config` replaces the stored config.
+pub fn from_checkpoint(
+    ck: &Path,
+    config: Option<&Path>,
+    teacher: bool,
+    device: Device,
+) -> anyhow::Result<FromCheckpoint> {
+    let snap = Snapshot::read(ck)?;
+    let cfg = match config {
+        Some(p) => Config::load(p)?,
+        None => Config::from_toml(&snap.config, ck)?,
+    };
+    let t = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model, device, t, ck)).transpose()?;
+    let (model, teacher) = if teacher {
+        let t = t.ok_or_else(|| {
+            anyhow::anyhow!("{}: --teacher, but this checkpoint has no teacher (supervised training)", ck.display())
+        })?;
+        (t, None) // the teacher segments and also draws the uncertainty
+    } else {
+        (model_from_named(&cfg.model, device, &snap.student, ck)?, t)
+    };
+    Ok(FromCheckpoint { model, teacher, config: cfg })
+}
