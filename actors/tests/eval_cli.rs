@@ -166,6 +166,28 @@ fn should_match_folders_by_name_and_say_what_is_missing() {
 }
 
 #[test]
+fn a_folder_written_by_predict_is_scored_by_its_label_maps() {
+    let dir = tmp("predict-folder");
+    let (pd, rd) = (dir.join("pred"), dir.join("ref"));
+    std::fs::create_dir_all(&pd).unwrap();
+    std::fs::create_dir_all(&rd).unwrap();
+    let (dims, g) = ([12, 12, 8], Geometry::from_spacing([1.0; 3]));
+    let (a, b) = (cube(dims, [2, 2, 1], 5), cube(dims, [4, 2, 1], 5));
+    write_nifti(pd.join("x.label.nii.gz"), &a, &g).unwrap();
+    write_nifti(pd.join("x.prob.nii.gz"), &Volume::<f32>::zeros(dims), &g).unwrap();
+    write_nifti(pd.join("x.uncertainty.nii.gz"), &Volume::<f32>::zeros(dims), &g).unwrap();
+    write_nifti(pd.join("y.label.nii.gz"), &b, &g).unwrap();
+    write_nifti(rd.join("x.nii"), &a, &g).unwrap();
+    write_nifti(rd.join("y.nii.gz"), &a, &g).unwrap();
+    let report = json(&run(&["--prediction", pd.to_str().unwrap(), "--reference", rd.to_str().unwrap(), "--json"]));
+    let ids: Vec<&str> = report["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["x", "y"]);
+    assert!(report["failures"].as_array().is_none_or(|f| f.is_empty()), "maps are not predictions: {report}");
+    assert_eq!(num(&report["cases"][0]["dice"]), 1.0);
+    assert!((num(&report["cases"][1]["dice"]) - 0.6).abs() < 1e-12, "5-cubes shifted by 2: 3/5 overlap");
+}
+
+#[test]
 fn should_evaluate_a_weights_file_on_a_dataset() {
     let dir = tmp("weights");
     let (data, out) = (dir.join("data"), dir.join("out"));

@@ -1,5 +1,7 @@
 //! Metrics between label volumes made elsewhere: two NIfTI files, or two folders of them matched
-//! by file name (the stem without `.nii` / `.nii.gz`, so `a.nii.gz` matches `a.nii`).
+//! by file name (the stem without `.nii` / `.nii.gz`, so `a.nii.gz` matches `a.nii`). A folder
+//! written by `uamt predict` or `uamt eval --out` is understood as it is: its `<case>.label.nii.gz`
+//! files are the predictions of `<case>`, its probability and uncertainty maps are left aside.
 
 use super::metrics::{case_metrics, CaseMetrics, EmptyPolicy};
 use super::report::{CaseFailure, CaseResult, Report};
@@ -44,6 +46,17 @@ fn nifti_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(out)
 }
 
+/// The prediction files of `dir` by case: [`nifti_files`], except that in a folder holding
+/// `<case>.label.nii[.gz]` files (what `uamt predict` and `uamt eval --out` write) those are the
+/// predictions, named `<case>`, and the `.prob` / `.uncertainty` maps beside them are skipped.
+fn prediction_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    let all = nifti_files(dir)?;
+    if !all.keys().any(|k| k.ends_with(".label")) {
+        return Ok(all);
+    }
+    Ok(all.into_iter().filter_map(|(k, p)| k.strip_suffix(".label").map(|c| (c.to_string(), p))).collect())
+}
+
 /// A prediction file and the reference file it is scored against.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pair {
@@ -63,7 +76,7 @@ pub fn pair_paths(prediction: &Path, reference: &Path) -> Result<(Vec<Pair>, Vec
             Ok((vec![Pair { id: stem(reference), prediction: prediction.into(), reference: reference.into() }], vec![]))
         }
         (true, true) => {
-            let (preds, refs) = (nifti_files(prediction)?, nifti_files(reference)?);
+            let (preds, refs) = (prediction_files(prediction)?, nifti_files(reference)?);
             let mut pairs = Vec::new();
             let mut lone = Vec::new();
             for (id, r) in &refs {
