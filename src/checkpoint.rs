@@ -349,6 +349,44 @@ pub fn check_writable(dir: &Path) -> Result<()> {
     std::fs::remove_file(&probe).map_err(io)
 }
 
+/// The exclusive right to write run `run_id`'s checkpoints in a folder, held while it lives (an
+/// advisory `flock` on `<dir>/.run-<run id>.lock`, released by the kernel when the process ends,
+/// however it ends).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+    /// The lock file.
+    pub path: PathBuf,
+}
+
+/// Takes [`RunLock`] for `run_id` in `dir`, or says which process holds it: two processes training
+/// (resuming) the same run would interleave and prune each other's checkpoints.
+pub fn lock_run(dir: &Path, run_id: &str) -> Result<RunLock> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(format!(".run-{run_id}.lock"));
+    let io = |source| Error::Io { path: path.clone(), source };
+    let mut file =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared with the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        let who = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+        return Err(Error::File {
+            path,
+            why: format!(
+                "run {run_id} is being trained by another process{who}; stop it first or use another checkpoint.dir"
+            ),
+        });
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(RunLock { _file: file, path })
+}
+
 /// Renames a checkpoint that cannot be used to `<name>.rejected` (kept for inspection, ignored
 /// by [`entries`]); returns the new path.
 pub fn set_aside(path: &Path) -> Result<PathBuf> {

@@ -79,6 +79,8 @@ pub struct Started {
     pub run_id: String,
     /// The checkpoint it was restored from.
     pub resumed_from: Option<PathBuf>,
+    /// This process's exclusive right to the run's checkpoints (held until dropped).
+    pub lock: checkpoint::RunLock,
 }
 
 /// A fresh trainer on the configured device and precision. Refuses a device this machine does
@@ -100,14 +102,16 @@ pub fn start(cfg: &Config, opts: &StartOptions) -> Result<Started> {
     let mut tr = fresh(cfg)?;
     if let Some(file) = &opts.resume_from {
         let r = checkpoint::resume_from(file, cfg, &mut tr).context("--resume-from")?;
+        let lock = checkpoint::lock_run(dir, &r.run_id)?;
         tracing::info!(path = %r.path.display(), iteration = r.iteration, run = %r.run_id, "resumed");
-        return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path) });
+        return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path), lock });
     }
     if opts.resume {
         match checkpoint::resume_newest(dir, cfg, &mut tr) {
             Ok(Some(r)) => {
+                let lock = checkpoint::lock_run(dir, &r.run_id)?;
                 tracing::info!(path = %r.path.display(), iteration = r.iteration, run = %r.run_id, set_aside = r.set_aside.len(), "resumed");
-                return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path) });
+                return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path), lock });
             }
             Ok(None) => tracing::info!(dir = %dir.display(), "no checkpoint to resume from; starting a new run"),
             Err(e) if opts.share_checkpoint_dir => {
@@ -132,8 +136,9 @@ pub fn start(cfg: &Config, opts: &StartOptions) -> Result<Started> {
         );
     }
     let run_id = checkpoint::new_run_id(cfg.optim.seed);
+    let lock = checkpoint::lock_run(dir, &run_id)?;
     tracing::info!(run = %run_id, dir = %dir.display(), "new run");
-    Ok(Started { trainer: tr, run_id, resumed_from: None })
+    Ok(Started { trainer: tr, run_id, resumed_from: None, lock })
 }
 
 /// A trainer: fresh (no checkpoint folder involved, as benchmarks need), or when `resume` the

@@ -157,6 +157,42 @@ fn a_second_run_is_refused_the_folder_unless_shared_and_then_each_keeps_its_own(
 }
 
 #[test]
+fn a_run_being_trained_cannot_be_resumed_by_a_second_process() {
+    let dir = TempDir::new("fault-lock");
+    let cfg = write_config(&dir, 2, 1, "", "");
+    let (ok, _, err) = run(&cfg, &[]);
+    assert!(ok, "{err}");
+    // Process A resumes the run for a long stretch; B tries to resume the same run meanwhile.
+    let mut a = Daemon::new(
+        Command::new(bin())
+            .args(["train", "--resume", "--iterations", "100000", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("a.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("A to resume", 120, || std::fs::read_to_string(dir.join("a.log")).unwrap_or_default().contains("resumed"));
+    let (ok, code, err) = run(&cfg, &["--resume", "--iterations", "100000"]);
+    assert!(!ok && code != Some(101) && code != Some(134), "{err}");
+    assert!(err.contains("being trained by another process") && err.contains(&format!("pid {}", a.id())), "{err}");
+    assert!(a.child().try_wait().unwrap().is_none(), "A goes on");
+    // Once A has stopped, the run resumes again.
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: plain libc call on our own child.
+    assert_eq!(unsafe { kill(a.id() as i32, 15) }, 0);
+    let t0 = Instant::now();
+    while a.child().try_wait().unwrap().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "A did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, _, err) = run(&cfg, &["--resume", "--iterations", "3"]);
+    assert!(ok, "{err}");
+}
+
+#[test]
 fn an_unwritable_checkpoint_folder_is_named_at_start() {
     let dir = TempDir::new("fault-unwritable");
     std::fs::write(dir.join("file"), b"").unwrap();

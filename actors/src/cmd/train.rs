@@ -170,6 +170,8 @@ fn train(
         "dataset open"
     );
     let loader = loader(&cfg, dataset)?;
+    // Held until training (and its final checkpoint) is over: no other process resumes this run.
+    let _lock = started.lock;
     let mut run = Run::new(cfg.clone(), device, loader, started.trainer);
     run.run_id = started.run_id;
     run.controls = controls;
