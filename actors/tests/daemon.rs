@@ -367,6 +367,21 @@ fn la_cpu_runs_the_reduced_protocol_at_tiny_scale_in_pieces() {
     let ratio = voxels(&report("full")) / voxels(&report("half"));
     assert!((6.0..10.0).contains(&ratio), "label voxels at 0.625 mm / at 1.25 mm = {ratio}");
     assert_eq!(checkpoint::latest(&work.join("uamt-s1/checkpoints")).unwrap().0, 12);
+    // --report prints the same table and trains or evaluates nothing, even for a seed not run.
+    let out = Command::new(repo().join("ops/la-cpu"))
+        .args(["--tiny", "--report", "--seeds", "1 2", "--methods", "supervised mean_teacher uamt supervised_all"])
+        .args(["--bin", bin(), "--data"])
+        .arg(&la)
+        .arg("--work")
+        .arg(work.path())
+        .output()
+        .unwrap();
+    let (report, log) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !log.contains("training") && !log.contains("evaluating"), "{log}");
+    assert_eq!(report.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>(), {
+        table.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>()
+    });
+    assert!(!work.join("uamt-s2").exists(), "no seed-2 run was started");
 }
 
 #[test]
