@@ -137,13 +137,13 @@ pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &E
     let image = case.image.read_f32()?;
     let header = case.image.header();
     let own = header.geometry.spacing();
-    let net_image = match opts.network_spacing {
+    let resampled = match opts.network_spacing {
         Some(s) if s.iter().zip(own).any(|(a, b)| (a - b).abs() > 1e-6 * b) => {
-            resample_case(&image, None, &header.geometry, s)?.0
+            Some(resample_case(&image, None, &header.geometry, s)?.0)
         }
-        _ => image.clone(),
+        _ => None,
     };
-    let image_t = net_image.to_tensor()?;
+    let image_t = resampled.as_ref().unwrap_or(&image).to_tensor()?;
     let pred = sliding_window(model, &image_t, &opts.infer)?;
     let labels = pred.labels_in(image.dims, opts.infer.largest_component)?;
     // Maps made on the network's grid, in the image's.
