@@ -20,7 +20,10 @@ use crate::train::Method;
 /// Bytes of one float32.
 const F32: u64 = 4;
 /// libtorch, its kernels' scratch, our threads, the mapped dataset's working set: a fixed allowance.
-pub const RUNTIME_BYTES: u64 = 768 << 20;
+/// The mapped library code alone counts 0.3-0.4 GiB of resident memory on a CPU run, more when
+/// the libraries were just installed and sit whole in the page cache (the kernel then maps more of
+/// them per fault); 0.75 GiB fell 0.04 GiB short of a fresh clone's peak in CI.
+pub const RUNTIME_BYTES: u64 = 1 << 30;
 
 /// Convolutions per encoder level (the recipe's V-Net).
 const ENCODER_CONVS: [u64; 5] = [1, 2, 3, 3, 3];
@@ -200,7 +203,7 @@ mod tests {
         // 4 patches of 112x112x80 with 16 filters: the published runs used an 11 GB GPU.
         assert!((3.0..11.0).contains(&total), "{}", full.describe());
         let demo = Footprint::of(&Config::demo());
-        assert!(demo.total() < 1 << 30, "{}", demo.describe());
+        assert!(demo.total() - RUNTIME_BYTES < 1 << 30, "{}", demo.describe());
         assert!(demo.total() >= RUNTIME_BYTES);
     }
 
