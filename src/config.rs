@@ -159,6 +159,29 @@ pub struct DeviceConfig {
     /// teacher compute at the same time; on a GPU libtorch's default). Oversubscribed OpenMP
     /// threads are very slow, so keep threads x busy stages <= cores.
     pub threads: usize,
+    /// The teacher's passes of an iteration (the target pass and each Monte-Carlo forward) run
+    /// this many at once, each on its own thread with `threads / pass_workers` intra-op threads;
+    /// 0: automatic (on a CPU one pass per thread of the teacher's stage, each single-threaded:
+    /// whole passes side by side use a few cores better than one small pass's kernels split
+    /// across them; on a GPU one at a time). The logits do not depend on it beyond the thread
+    /// count's rounding; the BatchNorm running statistics agree to float rounding.
+    pub pass_workers: usize,
+    /// Memory layout of the activations: `contiguous` (libtorch's default), `channels_last`
+    /// (channels fastest, what oneDNN's fastest CPU convolutions want) or `auto` (channels-last
+    /// on a CPU from 8 filters up, where it measured faster; contiguous below and on a GPU).
+    pub layout: Layout,
+}
+
+/// The activations' memory layout (`device.layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// Channels-last where it pays (see [`DeviceConfig::channels_last`]).
+    Auto,
+    /// libtorch's default `[N, C, D, H, W]` strides.
+    Contiguous,
+    /// Channels fastest.
+    ChannelsLast,
 }
 
 impl Default for DeviceConfig {
@@ -168,6 +191,8 @@ impl Default for DeviceConfig {
             precision: Precision::Fp32,
             schedule: Schedule::Auto,
             threads: 0,
+            pass_workers: 0,
+            layout: Layout::Auto,
             streams: true,
         }
     }
@@ -239,6 +264,33 @@ impl DeviceConfig {
         }
     }
 
+    /// How the teacher's stage runs its passes (see `pass_workers`), given whether it computes
+    /// at the same time as the student (`overlapping`, as for [`DeviceConfig::stage_threads`]).
+    pub fn pass_workers(&self, overlapping: bool) -> crate::train::PassWorkers {
+        use crate::train::PassWorkers;
+        let threads = self.stage_threads(overlapping);
+        let workers = match (self.pass_workers, self.resolve()) {
+            (0, Ok(tch::Device::Cpu)) => threads,
+            (0, _) => 1,
+            (w, _) => w,
+        };
+        if workers <= 1 {
+            return PassWorkers::ONE;
+        }
+        PassWorkers { workers, threads: (threads / workers).max(1) }
+    }
+
+    /// Whether a network of `n_filters` on `device` runs channels-last (`layout`; `auto`: on a CPU from 8
+    /// filters up: measured 10-20 % faster at 8 filters and 40 % slower at 4 on a 2-core AMD
+    /// EPYC, see `benches/RESULTS.md`).
+    pub fn channels_last(&self, n_filters: i64, device: tch::Device) -> bool {
+        match self.layout {
+            Layout::Contiguous => false,
+            Layout::ChannelsLast => true,
+            Layout::Auto => n_filters >= 8 && device == tch::Device::Cpu,
+        }
+    }
+
     /// Checks the values without asking the hardware; errors name the key under `prefix`.
     pub fn validate(&self, prefix: &str) -> Result<()> {
         let k = |name| check::key(prefix, name);
@@ -249,7 +301,8 @@ impl DeviceConfig {
                 "tf32 is a CUDA setting (tensor cores); on the CPU use fp32 or bf16",
             ));
         }
-        check::range(&k("threads"), self.threads, 0, limits::THREADS)
+        check::range(&k("threads"), self.threads, 0, limits::THREADS)?;
+        check::range(&k("pass_workers"), self.pass_workers, 0, limits::THREADS)
     }
 
     /// The libtorch device, at start-up: a GPU that this machine (or this libtorch) does not

@@ -102,6 +102,13 @@ impl Footprint {
             let forwards = if cfg.method.kind == Method::Uamt { passes / repeats.max(1) } else { 1 }.max(1);
             let per_forward = if cfg.method.mc_batched && cfg.method.kind == Method::Uamt { forwards } else { 1 };
             let teacher_batch = ubs * if cfg.method.kind == Method::Uamt { repeats } else { 1 } * per_forward;
+            // Passes run side by side (`device.pass_workers`) each hold their own.
+            let at_once = if cfg.method.mc_batched {
+                1
+            } else {
+                cfg.device.pass_workers(false).workers.min(1 + forwards as usize)
+            } as u64;
+            let teacher_batch = teacher_batch * at_once;
             // Forward only: input, output and normalisation scratch at full resolution, plus the
             // skip connections kept for the decoder (1 + 2/8 + 4/64 + 8/512 of f channels).
             let live = (5.3 * (f * voxels) as f64) as u64;

@@ -21,6 +21,7 @@
 //! - [`recipe`]: the recipe's numbers, which every default reads.
 //! - [`gpu`]: bf16 autocast, TF32 and CUDA streams through a small C++ shim over libtorch.
 
+pub mod alloc;
 pub mod check;
 pub mod checkpoint;
 pub mod config;

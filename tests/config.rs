@@ -173,6 +173,8 @@ fn sizes_past_their_bounds_are_refused_by_key() {
         ("[eval]\npatch = [2048, 112, 80]", "eval.patch"),
         ("[eval]\nbatch_size = 100000", "eval.batch_size"),
         ("[device]\nthreads = 100000", "device.threads"),
+        ("[device]\npass_workers = 257", "device.pass_workers"),
+        ("[device]\nlayout = \"nhwc\"", "layout"),
     ] {
         let err = refused(text);
         assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");
@@ -222,4 +224,31 @@ fn a_config_naming_a_gpu_parses_on_any_machine_and_is_checked_at_start() {
     if gpus <= 7 {
         assert!(c.device.resolve().unwrap_err().to_string().contains("device.device"));
     }
+}
+
+#[test]
+fn teacher_passes_at_once_and_the_layout_follow_the_device_and_the_width() {
+    use uamt::config::{DeviceConfig, Layout};
+    use uamt::train::PassWorkers;
+    let cpu =
+        |threads, pass_workers| DeviceConfig { device: "cpu".into(), threads, pass_workers, ..Default::default() };
+    // Automatic: one single-threaded pass per thread of the stage.
+    assert_eq!(cpu(2, 0).pass_workers(false), PassWorkers { workers: 2, threads: 1 });
+    assert_eq!(cpu(4, 0).pass_workers(true), PassWorkers { workers: 4, threads: 1 });
+    assert_eq!(cpu(1, 0).pass_workers(false), PassWorkers::ONE);
+    // Asked for: the stage's threads shared out.
+    assert_eq!(cpu(4, 2).pass_workers(false), PassWorkers { workers: 2, threads: 2 });
+    assert_eq!(cpu(2, 1).pass_workers(false), PassWorkers::ONE);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let auto = cpu(0, 0).pass_workers(false);
+    assert_eq!(auto.workers.max(1), cores, "every core of the sequential loop's stage");
+    // Channels-last from 8 filters on a CPU unless the config says otherwise.
+    let dev = tch::Device::Cpu;
+    assert!(cpu(0, 0).channels_last(8, dev) && cpu(0, 0).channels_last(16, dev));
+    assert!(!cpu(0, 0).channels_last(4, dev));
+    assert!(!cpu(0, 0).channels_last(16, tch::Device::Cuda(0)), "not measured on a GPU: the default layout");
+    let with = |layout| DeviceConfig { layout, ..cpu(0, 0) };
+    assert!(with(Layout::ChannelsLast).channels_last(4, dev) && !with(Layout::Contiguous).channels_last(16, dev));
+    let c = Config::from_toml("[device]\nlayout = \"channels_last\"\npass_workers = 3", Path::new("h.toml")).unwrap();
+    assert_eq!((c.device.layout, c.device.pass_workers), (Layout::ChannelsLast, 3));
 }

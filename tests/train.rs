@@ -195,3 +195,74 @@ fn batched_monte_carlo_passes_equal_the_separate_ones_batchnorm_statistics_inclu
     let rm = |t: &Trainer| t.teacher.as_ref().unwrap().store().get("block_one.conv.1.running_mean").unwrap().copy();
     assert!(!rm(&fresh).allclose(&rm(&b), 1e-4, 1e-6, false));
 }
+
+#[test]
+fn passes_run_side_by_side_equal_those_run_in_turn_batchnorm_statistics_included() {
+    let (images, _) = batch(5);
+    let mut cfg = StepConfig::default(); // 1 target pass + 4 Monte-Carlo forwards
+    let (a, b) = (
+        Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 6).unwrap(),
+        Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 6).unwrap(),
+    );
+    let (ta, tb) = (a.teacher.as_ref().unwrap(), b.teacher.as_ref().unwrap());
+    let unl = a.unlabelled(&images);
+    let (t, mc) = StepRandom::draw_teacher(ta.config(), Device::Cpu, &cfg, 3, 7, &unl.size());
+    let t = t.unwrap();
+    // The same intra-op threads on both sides: one.
+    let before = tch::get_num_threads();
+    tch::set_num_threads(1);
+    let in_turn = uamt::train::teacher_passes(ta, &cfg, 7, &unl, &t, &mc).unwrap();
+    let workers = uamt::train::PassWorkers { workers: 3, threads: 1 };
+    let at_once = uamt::train::teacher_passes_on(tb, &cfg, 7, &unl, &t, &mc, workers).unwrap();
+    assert_eq!(tch::get_num_threads(), 1, "the calling thread's threads are restored");
+    tch::set_num_threads(before);
+    assert!(in_turn.target.equal(&at_once.target));
+    let (mi, ma) = (in_turn.mc.unwrap(), at_once.mc.unwrap());
+    assert_eq!(ma.size(), vec![16, 2, 32, 32, 16]);
+    assert!(mi.equal(&ma), "Monte-Carlo logits differ by {}", (&mi - &ma).abs().max().double_value(&[]));
+    // Running statistics folded in the passes' order, as the in-kernel updates left them.
+    for (p, q) in ta.store().buffers().zip(tb.store().buffers()) {
+        assert!(p.tensor.allclose(&q.tensor, 1e-6, 1e-7, false), "{}: {} vs {}", p.name, p.tensor, q.tensor);
+    }
+    assert_eq!(tb.store().get("block_one.conv.1.num_batches_tracked").unwrap().int64_value(&[]), 5);
+    // Mean Teacher: the target pass alone.
+    cfg.method.kind = Method::MeanTeacher;
+    let c = Trainer::seeded(&net(), cfg.clone(), Device::Cpu, 6).unwrap();
+    let out = uamt::train::teacher_passes_on(c.teacher.as_ref().unwrap(), &cfg, 7, &unl, &t, &[], workers).unwrap();
+    assert!(out.mc.is_none() && out.target.size() == in_turn.target.size());
+}
+
+#[test]
+fn channels_last_steps_equal_the_default_layout_s_to_rounding() {
+    let (images, labels) = batch(11);
+    let wide = VNetConfig { n_filters: 8, ..Default::default() };
+    for kind in [Method::Supervised, Method::Uamt] {
+        let cfg = StepConfig::of(kind);
+        let (mut a, mut b) = (
+            Trainer::seeded(&wide, cfg.clone(), Device::Cpu, 4).unwrap(),
+            Trainer::seeded(&wide, cfg.clone(), Device::Cpu, 4).unwrap(),
+        );
+        b.set_channels_last(true);
+        assert!(b.student.channels_last() && b.teacher.as_ref().is_none_or(|t| t.channels_last()));
+        let rnd = StepRandom::draw(&wide, Device::Cpu, &cfg, 2, 0, &images.size());
+        let (ya, yb) =
+            (a.student_forward(&images, &rnd.student).unwrap(), b.student_forward(&images, &rnd.student).unwrap());
+        assert!(yb.is_contiguous(), "the logits come back in the default layout for the losses");
+        let scale = ya.abs().max().double_value(&[]);
+        let lerr = (&ya - &yb).abs().max().double_value(&[]);
+        assert!(lerr <= 1e-4 * scale, "{kind:?}: logits {lerr:.3e} of {scale:.3e}");
+        let (sa, sb) = (a.step(&images, &labels, &rnd).unwrap(), b.step(&images, &labels, &rnd).unwrap());
+        let (la, lb) = (sa.loss.double_value(&[]), sb.loss.double_value(&[]));
+        assert!((la - lb).abs() <= 1e-5 * la.abs(), "{kind:?}: loss {la} vs {lb}");
+        // The gradients (the momentum buffers after one step) to the bound the golden tests hold
+        // this net's gradients to against PyTorch: other kernels sum in another order, and
+        // BatchNorm's gradients cancel heavily.
+        let gmax = a.opt.buffers().iter().map(|(_, g)| g.abs().max().double_value(&[])).fold(0.0, f64::max);
+        for ((name, ga), (_, gb)) in a.opt.buffers().iter().zip(b.opt.buffers()) {
+            let err = (ga - gb).abs().max().double_value(&[]) / gmax;
+            assert!(err <= 5e-3, "{kind:?}: gradient of {name}: {err:.2e} of the largest");
+        }
+        // The weights stay in the default layout, so checkpoints, SGD and the EMA do not change.
+        assert!(b.student.store().iter().all(|p| p.tensor.is_contiguous()));
+    }
+}

@@ -118,6 +118,7 @@ impl Evaluator {
         infer.validate("eval")?;
         let mut model = VNet::new(&config.model, device)?;
         model.set_bf16(config.device.precision == uamt::gpu::Precision::Bf16);
+        model.set_channels_last(config.device.channels_last(config.model.n_filters, device));
         Ok(Evaluator {
             model,
             config: config.clone(),

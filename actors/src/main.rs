@@ -62,6 +62,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
+    uamt::alloc::tune();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {

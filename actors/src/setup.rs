@@ -89,6 +89,7 @@ fn fresh(cfg: &Config) -> Result<Trainer> {
     let device = cfg.device.resolve()?;
     let mut tr = Trainer::seeded(&cfg.model, cfg.step_config(), device, cfg.optim.seed)?;
     tr.set_precision(cfg.device.precision)?;
+    tr.set_channels_last(cfg.device.channels_last(cfg.model.n_filters, device));
     Ok(tr)
 }
 

@@ -415,3 +415,46 @@ fn a_corrupt_case_is_logged_counted_and_skipped() {
         .collect();
     assert!(log.contains("case skipped") && log.contains("synth_004.nii"), "{log}");
 }
+
+#[test]
+fn bench_measures_the_peer_in_the_same_run_and_gives_every_setting_its_ratio() {
+    let dir = TempDir::new("daemon-bench-peer");
+    let cfg = write_config(&dir, 20, 0, "");
+    let h5 = dir.join("h5");
+    let pack = repo().join("benches/reference/la_pack.py");
+    let out = Command::new(python())
+        .arg(&pack)
+        .args(["synth", "--out", h5.to_str().unwrap(), "--cases", "4", "--size", "40,40,24"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let peer = repo().join("benches/reference/uamt_reference.py");
+    let bench = |extra: &[&str]| {
+        Command::new(bin())
+            .args(["bench", "pipeline", "--config", cfg.to_str().unwrap(), "--iterations", "2", "--warmup", "1"])
+            .args(["--lags", "0", "--depths", "1", "--workers", "1", "--peer", peer.to_str().unwrap()])
+            .args(["--peer-python", python().to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = bench(&["--peer-data", h5.to_str().unwrap(), "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let names: Vec<&str> = lines.iter().map(|l| l["setting"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 3, "{stdout}");
+    assert!(names[0].starts_with("peer: PyTorch reference, preloaded"), "{names:?}");
+    assert_eq!(&names[1..], ["sequential loop", "pipeline lag 0, workers 1, depth 1"]);
+    let peer_s = lines[0]["ms_per_iteration"].as_f64().unwrap();
+    assert!(peer_s > 0.0 && peer_s.is_finite());
+    for l in &lines {
+        let (ms, ratio) = (l["ms_per_iteration"].as_f64().unwrap(), l["speedup_vs_peer"].as_f64().unwrap());
+        assert!((ratio - peer_s / ms).abs() < 1e-9, "{l}");
+    }
+    // A peer that cannot run, or data without a train.list, is an error naming the option.
+    let out = bench(&["--peer-data", dir.join("nowhere").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--peer-data"), "{err}");
+}

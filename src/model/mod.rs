@@ -6,4 +6,4 @@ pub mod torchsave;
 pub mod vnet;
 
 pub use params::{Param, ParamStore};
-pub use vnet::{Dropout, DropoutMasks, Init, Normalization, VNet, VNetConfig};
+pub use vnet::{Dropout, DropoutMasks, Init, Normalization, PassStatistics, VNet, VNetConfig};

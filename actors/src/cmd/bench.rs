@@ -44,18 +44,95 @@ pub struct Args {
     /// Print one JSON object per setting instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also measure the peer in the same run: the reference PyTorch loop
+    /// (`benches/reference/uamt_reference.py`) with its cases preloaded and no loader workers,
+    /// at the same shapes, T, seed, device and thread count, once before and once after the
+    /// daemon's settings (the table shows their mean, and every setting's ratio to it).
+    #[arg(long)]
+    pub peer: Option<PathBuf>,
+    /// UA-MT HDF5 folder (with `train.list`) the peer reads its cases from.
+    #[arg(long, default_value = "../shared/data/la2018")]
+    pub peer_data: PathBuf,
+    /// The Python that runs the peer (default: `$UAMT_PYTHON`, else `python3`).
+    #[arg(long)]
+    pub peer_python: Option<PathBuf>,
 }
 
-/// One measured setting.
-fn line(json: bool, name: &str, secs: f64, baseline: Option<f64>) {
+/// The peer's command line for `cfg` (see `Args::peer`).
+fn peer_command(cfg: &Config, args: &Args, script: &std::path::Path) -> Result<std::process::Command> {
+    anyhow::ensure!(
+        cfg.method.kind == uamt::train::Method::Uamt,
+        "--peer: the reference loop trains UA-MT; this config's method is {:?}",
+        cfg.method.kind
+    );
+    anyhow::ensure!(script.is_file(), "--peer: {} is not a file", script.display());
+    let list = args.peer_data.join("train.list");
+    anyhow::ensure!(list.is_file(), "--peer-data: {} not found (a UA-MT HDF5 folder has a train.list)", list.display());
+    let ids = std::fs::read_to_string(&list)
+        .map_err(|e| anyhow::anyhow!("--peer-data: {}: {e}", list.display()))?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    anyhow::ensure!(
+        ids >= 2,
+        "--peer-data: {} lists {ids} case(s); the peer needs labelled and unlabelled ones",
+        list.display()
+    );
+    // The reference's split: the first 16 IDs labelled (fewer on a small folder), the rest not.
+    let labelled = 16.min(ids / 2);
+    let python = args
+        .peer_python
+        .clone()
+        .or_else(|| std::env::var_os("UAMT_PYTHON").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let device = cfg.device.resolve()?;
+    let [x, y, z] = cfg.data.loader.patch;
+    let (l, u) = (cfg.data.sampler.labelled_bs, cfg.unlabelled_bs());
+    let mut c = std::process::Command::new(python);
+    c.arg(script)
+        .arg("--data")
+        .arg(&args.peer_data)
+        .args(["--labelled", &labelled.to_string()])
+        .args(["--patch", &format!("{x},{y},{z}"), "--n-filters", &cfg.model.n_filters.to_string()])
+        .args(["--batch-size", &(l + u).to_string(), "--labelled-bs", &l.to_string()])
+        .args(["--T", &cfg.method.mc_passes.to_string(), "--seed", &cfg.optim.seed.to_string()])
+        .args(["--iterations", &args.iterations.to_string(), "--warmup", &args.warmup.to_string()])
+        .args(["--device", if device.is_cuda() { "cuda" } else { "cpu" }])
+        .args(["--threads", &cfg.device.stage_threads(false).to_string(), "--workers", "0", "--preload", "--json"])
+        .env("PYTHONWARNINGS", "ignore");
+    Ok(c)
+}
+
+/// Seconds per timed iteration of the peer (its mean over the timed iterations).
+fn peer(cmd: &mut std::process::Command) -> Result<f64> {
+    let out = cmd.output().map_err(|e| anyhow::anyhow!("--peer: cannot run {:?}: {e}", cmd.get_program()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        anyhow::bail!("--peer failed ({}): {}", out.status, tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+    }
+    let last = stdout.lines().rev().find(|l| l.trim_start().starts_with('{'));
+    let v: serde_json::Value =
+        serde_json::from_str(last.unwrap_or("")).map_err(|e| anyhow::anyhow!("--peer: no JSON result line ({e})"))?;
+    let ms = v["ms_per_iteration_mean"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("--peer: no ms_per_iteration_mean in {v}"))?;
+    anyhow::ensure!(v["finite"].as_bool() != Some(false), "--peer: the reference produced non-finite losses");
+    Ok(ms / 1e3)
+}
+
+/// One measured setting, with its ratios to the sequential loop and to the peer.
+fn line(json: bool, name: &str, secs: f64, baseline: Option<f64>, peer: Option<f64>) {
     if json {
         println!(
             "{}",
-            serde_json::json!({"setting": name, "ms_per_iteration": secs * 1e3, "iterations_per_second": 1.0 / secs, "speedup_vs_sequential": baseline.map(|b| b / secs)})
+            serde_json::json!({"setting": name, "ms_per_iteration": secs * 1e3, "iterations_per_second": 1.0 / secs,
+                "speedup_vs_sequential": baseline.map(|b| b / secs), "speedup_vs_peer": peer.map(|p| p / secs)})
         );
     } else {
-        let ratio = baseline.map_or("-".to_string(), |b| format!("{:.2}x", b / secs));
-        println!("{:<34} {:>9.1} {:>8.2} {:>10}", name, secs * 1e3, 1.0 / secs, ratio);
+        let ratio = |b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}x", b / secs));
+        println!("{:<44} {:>9.1} {:>8.2} {:>10} {:>10}", name, secs * 1e3, 1.0 / secs, ratio(baseline), ratio(peer));
     }
 }
 
@@ -150,16 +227,32 @@ pub fn run(args: Args) -> Result<()> {
     if args.what == What::Streams {
         return streams(&cfg, &args);
     }
+    let mut peer_cmd = args.peer.as_ref().map(|p| peer_command(&cfg, &args, p)).transpose()?;
+    let auto = pipeline::Mode::auto(&cfg, device);
     if !args.json {
         println!(
-        "pipeline benchmark: {:?}, patch {:?}, n_filters {}, {:?}, T {}, {} timed iterations after {} warm-up, device {:?}, threads per stage {} (with a lag: {})",
-        cfg.method.kind, cfg.data.loader.patch, cfg.model.n_filters, (cfg.data.sampler.labelled_bs, cfg.data.sampler.unlabelled_bs), cfg.method.mc_passes, args.iterations, args.warmup, device, cfg.device.stage_threads(false), cfg.device.stage_threads(true)
+        "pipeline benchmark: {:?}, patch {:?}, n_filters {}, {:?}, T {}, {} timed iterations after {} warm-up, device {:?}, threads per stage {} (with a lag: {}), layout {}, teacher passes at once {}",
+        cfg.method.kind, cfg.data.loader.patch, cfg.model.n_filters, (cfg.data.sampler.labelled_bs, cfg.data.sampler.unlabelled_bs), cfg.method.mc_passes, args.iterations, args.warmup, device, cfg.device.stage_threads(false), cfg.device.stage_threads(true),
+        if cfg.device.channels_last(cfg.model.n_filters, device) { "channels-last" } else { "contiguous" }, cfg.device.pass_workers(false).workers
         );
-        println!("{:<34} {:>9} {:>8} {:>10}", "setting", "ms/it", "it/s", "vs seq");
     }
-    let seq = if args.no_sequential { None } else { Some(sequential(&cfg, args.warmup, args.iterations)?) };
+    // Measure everything first (progress on stderr), then print the table.
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    let peer_before = peer_cmd.as_mut().map(|c| {
+        eprintln!("bench: the peer (before)");
+        peer(c)
+    });
+    let peer_before = peer_before.transpose()?;
+    let seq = if args.no_sequential {
+        None
+    } else {
+        eprintln!("bench: sequential loop");
+        Some(sequential(&cfg, args.warmup, args.iterations)?)
+    };
     if let Some(s) = seq {
-        line(args.json, "sequential loop", s, seq);
+        let is_default = auto == Mode::Sequential && !args.json;
+        let default = if is_default { " (the default here)" } else { "" };
+        rows.push((format!("sequential loop{default}"), s));
     }
     for &lag in &args.lags {
         for &workers in &args.workers {
@@ -172,13 +265,33 @@ pub fn run(args: Args) -> Result<()> {
                 c.queues.guidance = depth;
                 c.queues.params = depth.max(lag as usize + 1);
                 c.validate()?;
-                let s = pipelined(&c, args.warmup, args.iterations)?;
-                line(args.json, &format!("pipeline lag {lag}, workers {workers}, depth {depth}"), s, seq);
+                let name = format!("pipeline lag {lag}, workers {workers}, depth {depth}");
+                eprintln!("bench: {name}");
+                rows.push((name, pipelined(&c, args.warmup, args.iterations)?));
             }
         }
     }
-    if !args.json && seq.is_some() {
-        println!("(ratios > 1: the pipeline is faster than the sequential loop measured in this run)");
+    let peer_after = peer_cmd.as_mut().map(|c| {
+        eprintln!("bench: the peer (after)");
+        peer(c)
+    });
+    let peer_after = peer_after.transpose()?;
+    let peer_mean = match (peer_before, peer_after) {
+        (Some(a), Some(b)) => Some((a + b) / 2.0),
+        _ => None,
+    };
+    if !args.json {
+        println!("{:<44} {:>9} {:>8} {:>10} {:>10}", "setting", "ms/it", "it/s", "vs seq", "vs peer");
+    }
+    if let (Some(p), Some(a), Some(b)) = (peer_mean, peer_before, peer_after) {
+        let name = format!("peer: PyTorch reference, preloaded ({:.0} / {:.0})", a * 1e3, b * 1e3);
+        line(args.json, &name, p, seq, peer_mean);
+    }
+    for (name, s) in &rows {
+        line(args.json, name, *s, seq, peer_mean);
+    }
+    if !args.json {
+        println!("(ratios > 1: this setting is faster than the sequential loop / the peer measured in this run)");
     }
     Ok(())
 }

@@ -95,5 +95,11 @@ pub fn from_checkpoint(
     } else {
         (model_from_named(&cfg.model, device, &snap.student, ck)?, t)
     };
+    let (mut model, mut teacher) = (model, teacher);
+    let cl = cfg.device.channels_last(cfg.model.n_filters, device);
+    model.set_channels_last(cl);
+    if let Some(t) = &mut teacher {
+        t.set_channels_last(cl);
+    }
     Ok(FromCheckpoint { model, teacher, config: cfg })
 }

@@ -193,6 +193,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         cfg.optim.seed,
         lag,
         run.device,
+        cfg.device.pass_workers(run.mode == Mode::Pipelined && with_teacher && lag > 0),
     );
     let mask = mask::MaskComputer::new(run.trainer.cfg.clone(), run.trainer.student.config().n_classes);
     let dispatcher = dispatcher::Dispatcher::new(run.device, run.trainer.cfg.labelled_bs, with_teacher);

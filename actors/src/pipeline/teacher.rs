@@ -16,7 +16,7 @@ use tch::{Device, Tensor};
 use uamt::checkpoint::host_copy;
 use uamt::gpu::Ready;
 use uamt::model::{VNet, VNetConfig};
-use uamt::train::{self, StepConfig, StepRandom, TeacherOutput};
+use uamt::train::{self, PassWorkers, StepConfig, StepRandom, TeacherOutput};
 
 /// The teacher network and which EMA version it holds, plus the EMA inputs not folded in yet.
 pub struct TeacherState {
@@ -134,12 +134,14 @@ pub struct TeacherSampler {
     lag: i64,
     /// Where the randomness is drawn.
     device: Device,
+    /// How many passes run at once.
+    workers: PassWorkers,
 }
 
 impl TeacherSampler {
-    /// A sampler for `cfg` on a network shaped `net`.
-    pub fn new(cfg: StepConfig, net: VNetConfig, seed: u64, lag: i64, device: Device) -> Self {
-        TeacherSampler { cfg, net, seed, lag, device }
+    /// A sampler for `cfg` on a network shaped `net`, its passes run as `workers` says.
+    pub fn new(cfg: StepConfig, net: VNetConfig, seed: u64, lag: i64, device: Device, workers: PassWorkers) -> Self {
+        TeacherSampler { cfg, net, seed, lag, device, workers }
     }
 
     /// The student step whose EMA iteration `iter`'s passes use.
@@ -154,7 +156,7 @@ impl TeacherSampler {
         }
         let (t, mc) = StepRandom::draw_teacher(&self.net, self.device, &self.cfg, self.seed, iter, &unlabelled.size());
         let t = t.ok_or_else(|| anyhow!("teacher randomness missing (supervised method?)"))?;
-        Ok(train::teacher_passes(state.net(), &self.cfg, iter, unlabelled, &t, &mc)?)
+        Ok(train::teacher_passes_on(state.net(), &self.cfg, iter, unlabelled, &t, &mc, self.workers)?)
     }
 }
 
