@@ -163,8 +163,9 @@ pub struct DeviceConfig {
     /// this many at once, each on its own thread with `threads / pass_workers` intra-op threads;
     /// 0: automatic (on a CPU one pass per thread of the teacher's stage, each single-threaded:
     /// whole passes side by side use a few cores better than one small pass's kernels split
-    /// across them; on a GPU one at a time). The logits do not depend on it beyond the thread
-    /// count's rounding; the BatchNorm running statistics agree to float rounding.
+    /// across them). On a GPU one at a time, whatever it says. The logits do not depend on it
+    /// beyond the thread count's rounding; the BatchNorm running statistics agree to float
+    /// rounding.
     pub pass_workers: usize,
     /// Memory layout of the activations: `contiguous` (libtorch's default), `channels_last`
     /// (channels fastest, what oneDNN's fastest CPU convolutions want) or `auto` (channels-last
@@ -269,10 +270,12 @@ impl DeviceConfig {
     pub fn pass_workers(&self, overlapping: bool) -> crate::train::PassWorkers {
         use crate::train::PassWorkers;
         let threads = self.stage_threads(overlapping);
+        // On a GPU the passes stay on the stage's own thread and CUDA stream (a worker thread
+        // would queue its kernels on the default stream, outside the stage's event ordering).
         let workers = match (self.pass_workers, self.resolve()) {
             (0, Ok(tch::Device::Cpu)) => threads,
-            (0, _) => 1,
-            (w, _) => w,
+            (w, Ok(tch::Device::Cpu)) => w,
+            _ => 1,
         };
         if workers <= 1 {
             return PassWorkers::ONE;

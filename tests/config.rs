@@ -247,6 +247,10 @@ fn teacher_passes_at_once_and_the_layout_follow_the_device_and_the_width() {
     assert!(cpu(0, 0).channels_last(8, dev) && cpu(0, 0).channels_last(16, dev));
     assert!(!cpu(0, 0).channels_last(4, dev));
     assert!(!cpu(0, 0).channels_last(16, tch::Device::Cuda(0)), "not measured on a GPU: the default layout");
+    // On a GPU (or a GPU config on a machine without one) the passes stay on the stage's thread
+    // and stream, whatever the config asks.
+    let gpu = DeviceConfig { device: "cuda:0".into(), pass_workers: 4, threads: 4, ..Default::default() };
+    assert_eq!(gpu.pass_workers(false), PassWorkers::ONE);
     let with = |layout| DeviceConfig { layout, ..cpu(0, 0) };
     assert!(with(Layout::ChannelsLast).channels_last(4, dev) && !with(Layout::Contiguous).channels_last(16, dev));
     let c = Config::from_toml("[device]\nlayout = \"channels_last\"\npass_workers = 3", Path::new("h.toml")).unwrap();
