@@ -458,3 +458,26 @@ fn bench_measures_the_peer_in_the_same_run_and_gives_every_setting_its_ratio() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--peer-data"), "{err}");
 }
+
+#[test]
+fn gpu_check_runs_end_to_end_in_its_tiny_cpu_mode() {
+    let dir = TempDir::new("daemon-gpu-check");
+    let out = Command::new(repo().join("ops/gpu-check"))
+        .args(["--tiny", "--synth", "--uamt", bin(), "--python", python().to_str().unwrap()])
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // The reference against the daemon in one table, then the batched passes and the layouts.
+    assert!(stdout.contains("reference (PyTorch)") && stdout.contains("uamt sequential loop"), "{stdout}");
+    for section in ["mc_batched = false", "mc_batched = true", "layout = contiguous", "layout = channels_last"] {
+        assert!(stdout.contains(section), "no `{section}` section:\n{stdout}");
+    }
+    assert!(stdout.contains("layout channels-last") && stdout.contains("done; log in"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("gpu-check.json")).unwrap()).unwrap();
+    let samples = json["samples_ms"].as_object().unwrap();
+    assert!(samples.contains_key("reference (PyTorch)") && samples.contains_key("sequential loop"), "{json}");
+}
