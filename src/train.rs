@@ -435,16 +435,17 @@ pub fn teacher_passes_on(
     mc_rnd: &[PassRandom],
     workers: PassWorkers,
 ) -> Result<TeacherOutput> {
+    // The Monte-Carlo forwards UA-MT makes (none for the other methods), and their randomness.
+    let expect =
+        if cfg.method.kind == Method::Uamt { (cfg.method.mc_passes / cfg.method.mc_repeats) as usize } else { 0 };
+    if mc_rnd.len() != expect {
+        return Err(Error::invalid(
+            "mc_passes",
+            format!("{} Monte-Carlo pass randoms given, {expect} expected", mc_rnd.len()),
+        ));
+    }
     let parallel = workers.workers > 1 && !(cfg.method.mc_batched && mc_rnd.len() > 1);
     if parallel {
-        let expect =
-            if cfg.method.kind == Method::Uamt { (cfg.method.mc_passes / cfg.method.mc_repeats) as usize } else { 0 };
-        if mc_rnd.len() != expect {
-            return Err(Error::invalid(
-                "mc_passes",
-                format!("{} Monte-Carlo pass randoms given, {expect} expected", mc_rnd.len()),
-            ));
-        }
         let mut tasks = vec![PassTask::new(0, unlabelled, teacher_rnd)];
         if expect > 0 {
             let repeated = tch::no_grad(|| unlabelled.repeat([cfg.method.mc_repeats, 1, 1, 1, 1]));
@@ -462,15 +463,8 @@ pub fn teacher_passes_on(
         };
         let target =
             teacher.forward_with(&noisy(unlabelled, teacher_rnd), true, Dropout::Masks(&teacher_rnd.dropout))?;
-        if cfg.method.kind != Method::Uamt {
+        if expect == 0 {
             return Ok(TeacherOutput { iter, target, mc: None });
-        }
-        let expect = (cfg.method.mc_passes / cfg.method.mc_repeats) as usize;
-        if mc_rnd.len() != expect {
-            return Err(Error::invalid(
-                "mc_passes",
-                format!("{} Monte-Carlo pass randoms given, {expect} expected", mc_rnd.len()),
-            ));
         }
         let repeated = unlabelled.repeat([cfg.method.mc_repeats, 1, 1, 1, 1]);
         if cfg.method.mc_batched && mc_rnd.len() > 1 {
