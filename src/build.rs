@@ -4,7 +4,8 @@
 //! - Embeds libtorch's library directory as an rpath in every binary, test and bench, so nothing
 //!   has to set LD_LIBRARY_PATH.
 //! - In the core library, compiles `src/shim/uamt_torch.cpp` (bf16 autocast, TF32, CUDA streams
-//!   and events: what tch does not expose) against libtorch's headers.
+//!   and events: what tch does not expose) and `src/shim/uamt_dist.cpp` (c10d's TCPStore and
+//!   Gloo process group for data-parallel training) against libtorch's headers.
 //! - Where that libtorch has a CUDA backend (`libtorch_cuda.so`, as the `torch` wheels have),
 //!   links it with `--no-as-needed`: nothing in our code references its symbols, so the linker's
 //!   default `--as-needed` would drop it, libtorch would never load it, and `device = "cuda"`
@@ -38,7 +39,7 @@ fn main() {
 /// everything that uses it).
 fn shim(lib: &Path) {
     println!("cargo:rerun-if-changed=src/build.rs");
-    println!("cargo:rerun-if-changed=src/shim/uamt_torch.cpp");
+    println!("cargo:rerun-if-changed=src/shim");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = lib.parent().expect("libtorch's lib dir has a parent").join("include");
     // libtorch 2.x wheels use the C++11 ABI (as torch-sys assumes unless told otherwise).
@@ -52,6 +53,9 @@ fn shim(lib: &Path) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // ProcessGroupGloo.hpp includes Gloo's headers, which the wheel does not ship.
+        .include("src/shim/gloo_decl")
         .file("src/shim/uamt_torch.cpp")
+        .file("src/shim/uamt_dist.cpp")
         .compile("uamt_torch_shim");
 }

@@ -17,6 +17,10 @@ pub enum Error {
     /// A named tensor is missing from, or does not fit, a parameter file.
     #[error("{path}: {why}")]
     File { path: PathBuf, why: String },
+    /// A collective of data-parallel training failed or timed out (a rank died or stalled), or
+    /// the ranks disagree (see [`crate::dist`]).
+    #[error("distributed training: {0}")]
+    Distributed(String),
     /// Plain I/O, with the file it concerns.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

@@ -26,6 +26,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod footprint;

@@ -621,6 +621,9 @@ pub struct Trainer {
     pub iter: i64,
     /// Hyper-parameters.
     pub cfg: StepConfig,
+    /// Data-parallel training: buffers from rank 0 before each forward pass, gradients averaged
+    /// over the ranks after each backward pass (absent for a single process).
+    pub sync: Option<crate::dist::GradSync>,
 }
 
 impl Trainer {
@@ -667,7 +670,7 @@ impl Trainer {
             _ => Some(VNet::with_init(net, device, init(1))?),
         };
         let opt = Sgd::new(student.store(), cfg.optim.momentum, cfg.optim.weight_decay);
-        Ok(Trainer { student, teacher, opt, iter: 0, cfg })
+        Ok(Trainer { student, teacher, opt, iter: 0, cfg, sync: None })
     }
 
     /// Draws this iteration's randomness for a batch of `images_shape`.
@@ -726,6 +729,9 @@ impl Trainer {
         } else {
             images.shallow_clone()
         };
+        if let Some(sync) = &self.sync {
+            sync.before_forward(self.student.store())?;
+        }
         self.student.forward_with(&inputs, true, Dropout::Masks(&rnd.dropout)) // [b, C, X, Y, Z]
     }
 
@@ -761,6 +767,10 @@ impl Trainer {
         let lr = method::learning_rate(iter, cfg.optim.base_lr, cfg.optim.lr_step, cfg.optim.lr_gamma);
         Sgd::zero_grad(self.student.store());
         loss.f_backward()?;
+        if let Some(sync) = &mut self.sync {
+            // Every rank skips or steps alike: the finiteness check below sees the same means.
+            sync.after_backward(self.student.store())?;
+        }
         let skipped = cfg.optim.on_nonfinite == NonFinite::Skip && !self.loss_and_grads_finite(&loss)?;
         if !skipped {
             self.opt.step(self.student.store(), lr)?;
@@ -793,6 +803,12 @@ impl Trainer {
             }
             Ok(all.f_int64_value(&[])? == 1)
         })
+    }
+
+    /// Whether the ranks agreed to stop after the last step: `None` for a single process, where
+    /// the caller's own stop switch decides.
+    pub fn stop_agreed(&self) -> Option<bool> {
+        self.sync.as_ref().map(|s| s.agreed_stop())
     }
 
     /// Public form of the batch check, for pipelines that call the halves themselves.

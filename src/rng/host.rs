@@ -25,6 +25,8 @@ pub mod stream {
     pub const MARGIN: u64 = 5;
     /// The labelled subset drawn by a raw import's `--labelled` fraction.
     pub const LABELLED_SUBSET: u64 = 6;
+    /// The step randomness (noise, dropout) of one rank of a data-parallel run.
+    pub const RANK: u64 = 7;
 }
 
 impl Rng {

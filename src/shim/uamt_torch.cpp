@@ -56,6 +56,9 @@ extern "C" {
 
 const char* uamt_last_error() { return last_error; }
 
+// For the shim's other files (uamt_dist.cpp).
+void uamt_set_last_error(const char* what) { set_error(what); }
+
 // Turns bfloat16 autocast on for `cuda` (1) or the CPU (0) on this thread; `*was` receives
 // whether it was on before, for uamt_autocast_exit.
 int uamt_autocast_enter(int cuda, int* was) {

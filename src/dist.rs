@@ -1,0 +1,604 @@
+//! Data-parallel training on c10d, the engine of `torch.distributed`, through the C++ shim
+//! (`src/shim/uamt_dist.cpp`): a TCPStore for the rendezvous and Gloo process groups from the
+//! libtorch the binary already links.
+//!
+//! - [`Launch`]: who this process is, from torchrun's variables (`RANK`, `WORLD_SIZE`,
+//!   `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) or the config's `[distributed]` section.
+//! - [`World`]: the store and two process groups: one for the student's step (gradients, buffer
+//!   broadcasts, the stop vote; always called from the student's thread, in the same order on
+//!   every rank) and one for the teacher's checks (called from the teacher's thread), so that
+//!   the two threads never interleave collectives on one group.
+//! - [`GradSync`]: what DistributedDataParallel does around a step: the student's BatchNorm
+//!   buffers broadcast from rank 0 before the forward pass (`broadcast_buffers`), gradients
+//!   averaged over the ranks in buckets after the backward pass, and with the last bucket a vote
+//!   that makes every rank stop after the same step when any of them was asked to.
+//! - [`agree`]: the teacher's weights compared across ranks by checksum.
+//!
+//! Every collective waits at most `distributed.timeout_s`: a rank that dies ends the others'
+//! next collective with an error (its sockets close), one that stalls with a timeout; either way
+//! the error names the operation and the ranks, and the process exits non-zero instead of hanging.
+
+use crate::check;
+use crate::model::ParamStore;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tch::{Kind, Tensor};
+
+extern "C" {
+    fn uamt_last_error() -> *const c_char;
+    fn uamt_dist_store(
+        addr: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn uamt_dist_store_free(store: *mut c_void);
+    fn uamt_dist_group(
+        store: *mut c_void,
+        prefix: *const c_char,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn uamt_dist_group_free(group: *mut c_void);
+    fn uamt_dist_allreduce(group: *mut c_void, tensor: *mut c_void, op: c_int, timeout_ms: i64) -> c_int;
+    fn uamt_dist_broadcast(group: *mut c_void, tensor: *mut c_void, root: c_int, timeout_ms: i64) -> c_int;
+    fn uamt_dist_barrier(group: *mut c_void, timeout_ms: i64) -> c_int;
+}
+
+/// The most ranks a run may have (a sanity bound on `WORLD_SIZE`).
+pub const MAX_WORLD: usize = 4096;
+
+/// The collective library (`distributed.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Gloo, inside libtorch_cpu: CPU tensors over TCP. (NCCL is not built into this version.)
+    Gloo,
+}
+
+/// `[distributed]`: how ranks find each other and how they agree. The launch keys are read
+/// only where torchrun's variables are absent (the variables win, as in PyTorch).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// The collective library.
+    pub backend: Backend,
+    /// Longest wait of any collective and of the rendezvous, in seconds: a rank that dies or
+    /// stalls ends the job on every rank with an error within about this long.
+    pub timeout_s: f64,
+    /// Compare the teacher's weights across ranks every this many steps (0: never).
+    pub check_every: i64,
+    /// Gradient bucket size in MiB (one all-reduce per bucket).
+    pub bucket_mb: f64,
+    /// Broadcast rank 0's BatchNorm running statistics before every student forward pass, as
+    /// DistributedDataParallel's `broadcast_buffers` does.
+    pub broadcast_buffers: bool,
+    /// This process's rank when `RANK` is not set.
+    pub rank: Option<usize>,
+    /// The number of processes when `WORLD_SIZE` is not set.
+    pub world_size: Option<usize>,
+    /// This process's index on its host when `LOCAL_RANK` is not set (default: the rank).
+    pub local_rank: Option<usize>,
+    /// Rank 0's address when `MASTER_ADDR` is not set.
+    pub master_addr: Option<String>,
+    /// Rank 0's store port when `MASTER_PORT` is not set.
+    pub master_port: Option<u16>,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig {
+            backend: Backend::Gloo,
+            timeout_s: 300.0,
+            check_every: 100,
+            bucket_mb: 25.0,
+            broadcast_buffers: true,
+            rank: None,
+            world_size: None,
+            local_rank: None,
+            master_addr: None,
+            master_port: None,
+        }
+    }
+}
+
+impl DistConfig {
+    /// Checks the values; errors name the key under `prefix` (`distributed.timeout_s`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |name| check::key(prefix, name);
+        check::within(&k("timeout_s"), self.timeout_s, 0.1, 86_400.0)?;
+        check::range(&k("check_every"), self.check_every, 0, i64::MAX)?;
+        check::within(&k("bucket_mb"), self.bucket_mb, 0.001, 4096.0)?;
+        if let Some(w) = self.world_size {
+            check::range(&k("world_size"), w, 1, MAX_WORLD)?;
+        }
+        if let (Some(r), Some(w)) = (self.rank, self.world_size) {
+            if r >= w {
+                return Err(Error::invalid(k("rank"), format!("{r} is not below world_size {w}")));
+            }
+        }
+        if self.master_port == Some(0) {
+            return Err(Error::invalid(k("master_port"), "0 is not a port rank 0 can be reached on"));
+        }
+        Ok(())
+    }
+
+    /// The collective timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_s)
+    }
+}
+
+/// Who this process is in a data-parallel run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// 0 .. world.
+    pub rank: usize,
+    /// The number of processes.
+    pub world: usize,
+    /// The index among the processes on this host (offsets the metrics port).
+    pub local_rank: usize,
+    /// Rank 0's host, where the store listens.
+    pub addr: String,
+    /// The store's port.
+    pub port: u16,
+}
+
+impl Launch {
+    /// Reads torchrun's variables through `env` (the process environment in the daemon),
+    /// falling back to `cfg`. `None` for a single process (no world size, or 1). Errors name
+    /// the variable or key and the value.
+    pub fn resolve(cfg: &DistConfig, env: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
+        fn num<T: std::str::FromStr>(var: &str, v: &str) -> Result<T> {
+            v.trim()
+                .parse()
+                .map_err(|_| Error::invalid(var, format!("{v:?} is not a non-negative integer of its range")))
+        }
+        let from = |var: &str, key: Option<usize>| -> Result<Option<(usize, String)>> {
+            match env(var) {
+                Some(v) if !v.trim().is_empty() => Ok(Some((num(var, &v)?, var.to_string()))),
+                _ => Ok(key.map(|k| (k, format!("distributed.{}", var.to_lowercase())))),
+            }
+        };
+        let world = from("WORLD_SIZE", cfg.world_size)?;
+        let Some((world, world_src)) = world else { return Ok(None) };
+        if world == 0 || world > MAX_WORLD {
+            return Err(Error::invalid(world_src, format!("{world} is not between 1 and {MAX_WORLD}")));
+        }
+        if world == 1 {
+            return Ok(None);
+        }
+        let (rank, rank_src) = from("RANK", cfg.rank)?.ok_or_else(|| {
+            Error::invalid(
+                "RANK",
+                format!("WORLD_SIZE is {world} but this process's rank is not given (RANK or distributed.rank)"),
+            )
+        })?;
+        if rank >= world {
+            return Err(Error::invalid(rank_src, format!("{rank} is not below the world size {world}")));
+        }
+        let local_rank = from("LOCAL_RANK", cfg.local_rank)?.map_or(rank, |(l, _)| l);
+        let addr = match env("MASTER_ADDR").filter(|v| !v.trim().is_empty()) {
+            Some(a) => a.trim().to_string(),
+            None => cfg.master_addr.clone().filter(|a| !a.is_empty()).ok_or_else(|| {
+                Error::invalid(
+                    "MASTER_ADDR",
+                    "not set: rank 0's host is needed (MASTER_ADDR or distributed.master_addr)",
+                )
+            })?,
+        };
+        let port = match env("MASTER_PORT").filter(|v| !v.trim().is_empty()) {
+            Some(p) => num::<u16>("MASTER_PORT", &p)?,
+            None => cfg.master_port.ok_or_else(|| {
+                Error::invalid(
+                    "MASTER_PORT",
+                    "not set: rank 0's store port is needed (MASTER_PORT or distributed.master_port)",
+                )
+            })?,
+        };
+        if port == 0 {
+            return Err(Error::invalid("MASTER_PORT", "0 is not a port rank 0 can be reached on"));
+        }
+        Ok(Some(Launch { rank, world, local_rank, addr, port }))
+    }
+
+    /// Whether this process writes checkpoints and evaluates.
+    pub fn is_first(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// The seed of this rank's step randomness (noise, dropout): the run's seed mixed with the
+    /// rank, so ranks draw independently and any rank's draws can be recomputed.
+    pub fn draw_seed(&self, seed: u64) -> u64 {
+        crate::rng::key(seed, &[crate::rng::stream::RANK, self.rank as u64])
+    }
+}
+
+/// Reduction of [`Group::all_reduce`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduce {
+    /// Elementwise sum.
+    Sum,
+    /// Elementwise minimum.
+    Min,
+    /// Elementwise maximum.
+    Max,
+}
+
+/// The last error of the shim, as text.
+fn last_error() -> String {
+    // SAFETY: the shim keeps a NUL-terminated thread-local message.
+    let msg = unsafe { CStr::from_ptr(uamt_last_error()) }.to_string_lossy();
+    let first = msg.lines().next().unwrap_or("").trim().to_string();
+    if first.is_empty() {
+        "unknown error".into()
+    } else {
+        first
+    }
+}
+
+/// The rendezvous store (rank 0 serves it).
+#[derive(Debug)]
+struct Store(*mut c_void);
+
+// SAFETY: c10d's TCPStore is safe to use from several threads; the handle is only freed on drop.
+unsafe impl Send for Store {}
+// SAFETY: as above.
+unsafe impl Sync for Store {}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: made by uamt_dist_store and freed once.
+        unsafe { uamt_dist_store_free(self.0) }
+    }
+}
+
+/// One Gloo process group of all ranks.
+#[derive(Debug)]
+pub struct Group {
+    ptr: *mut c_void,
+    /// What it is for, in messages.
+    name: &'static str,
+    rank: usize,
+    world: usize,
+    timeout_ms: i64,
+    /// A collective failed: the group is not freed (Gloo's destructor could wait on a dead peer).
+    failed: AtomicBool,
+    /// Keeps the store alive as long as the group.
+    _store: Arc<Store>,
+}
+
+// SAFETY: the Gloo process group is thread-safe; uamt issues each group's collectives from one
+// thread at a time (see the module docs) and frees it only on drop.
+unsafe impl Send for Group {}
+// SAFETY: as above.
+unsafe impl Sync for Group {}
+
+impl Group {
+    fn check(&self, what: &str, rc: c_int) -> Result<()> {
+        if rc == 0 {
+            return Ok(());
+        }
+        self.failed.store(true, Ordering::SeqCst);
+        Err(Error::Distributed(format!(
+            "{what} on the {} group failed on rank {} of {} (another rank died, stalled longer than \
+             distributed.timeout_s = {:.1} s, or disagrees): {}",
+            self.name,
+            self.rank,
+            self.world,
+            self.timeout_ms as f64 / 1000.0,
+            last_error()
+        )))
+    }
+
+    /// Reduces a contiguous CPU tensor in place over all ranks.
+    pub fn all_reduce(&self, t: &Tensor, op: Reduce) -> Result<()> {
+        let op = match op {
+            Reduce::Sum => 0,
+            Reduce::Min => 1,
+            Reduce::Max => 2,
+        };
+        // SAFETY: `t` is a live tensor handle (at::Tensor*); the shim changes its data only.
+        let rc = unsafe { uamt_dist_allreduce(self.ptr, t.as_ptr() as *mut c_void, op, self.timeout_ms) };
+        self.check("all-reduce", rc)
+    }
+
+    /// Overwrites a contiguous tensor with rank `root`'s.
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        // SAFETY: as in all_reduce.
+        let rc = unsafe { uamt_dist_broadcast(self.ptr, t.as_ptr() as *mut c_void, root as c_int, self.timeout_ms) };
+        self.check("broadcast", rc)
+    }
+
+    /// Waits until every rank is here.
+    pub fn barrier(&self) -> Result<()> {
+        // SAFETY: a live group.
+        let rc = unsafe { uamt_dist_barrier(self.ptr, self.timeout_ms) };
+        self.check("barrier", rc)
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if !self.failed.load(Ordering::SeqCst) {
+            // SAFETY: made by uamt_dist_group and freed once.
+            unsafe { uamt_dist_group_free(self.ptr) }
+        }
+    }
+}
+
+/// The ranks of one run, connected.
+#[derive(Debug)]
+pub struct World {
+    /// Who this process is.
+    pub launch: Launch,
+    /// The student's collectives (gradients, buffers, stop vote, start state).
+    pub step: Arc<Group>,
+    /// The teacher's checks.
+    pub checks: Arc<Group>,
+    /// The settings.
+    pub cfg: DistConfig,
+}
+
+impl World {
+    /// Rendezvous at `launch.addr:launch.port` (rank 0 serves the store there) and builds the
+    /// groups; fails with a message naming the address when the others do not come within the
+    /// timeout.
+    pub fn connect(launch: Launch, cfg: &DistConfig) -> Result<World> {
+        let timeout_ms = (cfg.timeout_s * 1000.0).round().max(1.0) as i64;
+        let addr =
+            CString::new(launch.addr.clone()).map_err(|_| Error::invalid("MASTER_ADDR", "holds a NUL character"))?;
+        let (rank, world) = (launch.rank as c_int, launch.world as c_int);
+        let mut store = std::ptr::null_mut();
+        // SAFETY: valid C string and out-pointer.
+        let rc = unsafe { uamt_dist_store(addr.as_ptr(), launch.port as c_int, rank, world, timeout_ms, &mut store) };
+        if rc != 0 {
+            return Err(Error::Distributed(format!(
+                "rank {} of {}: the rendezvous at {}:{} failed within {:.1} s (distributed.timeout_s): {}",
+                launch.rank,
+                launch.world,
+                launch.addr,
+                launch.port,
+                cfg.timeout_s,
+                last_error()
+            )));
+        }
+        let store = Arc::new(Store(store));
+        let group = |name: &'static str| -> Result<Arc<Group>> {
+            let prefix = CString::new(format!("uamt/{name}/")).expect("no NUL");
+            let mut ptr = std::ptr::null_mut();
+            // SAFETY: a live store, valid C string and out-pointer.
+            let rc = unsafe { uamt_dist_group(store.0, prefix.as_ptr(), rank, world, timeout_ms, &mut ptr) };
+            if rc != 0 {
+                return Err(Error::Distributed(format!(
+                    "rank {} of {}: creating the Gloo {name} group failed: {}",
+                    launch.rank,
+                    launch.world,
+                    last_error()
+                )));
+            }
+            Ok(Arc::new(Group {
+                ptr,
+                name,
+                rank: launch.rank,
+                world: launch.world,
+                timeout_ms,
+                failed: AtomicBool::new(false),
+                _store: store.clone(),
+            }))
+        };
+        let step = group("step")?;
+        let checks = group("checks")?;
+        Ok(World { launch, step, checks, cfg: cfg.clone() })
+    }
+}
+
+/// Copies `tensors` into one flat fp32 buffer (each flattened, in order).
+fn flatten(tensors: &[Tensor]) -> Result<Tensor> {
+    let flat: Vec<Tensor> = tensors.iter().map(|t| t.detach().to_kind(Kind::Float).reshape([-1])).collect();
+    Ok(Tensor::f_cat(&flat, 0)?)
+}
+
+/// Copies a flat buffer back into `tensors` (each keeps its shape and kind).
+fn unflatten(flat: &Tensor, tensors: &[Tensor]) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        let mut at = 0i64;
+        for t in tensors {
+            let n = t.numel() as i64;
+            let part = flat.narrow(0, at, n).view(t.size().as_slice()).to_kind(t.kind());
+            t.shallow_clone().f_copy_(&part)?;
+            at += n;
+        }
+        Ok(())
+    })
+}
+
+/// Broadcasts `tensors` from rank 0 in buckets of about `bucket_bytes`.
+pub fn broadcast_all(group: &Group, tensors: &[Tensor], bucket_bytes: usize) -> Result<()> {
+    for bucket in buckets(tensors, bucket_bytes) {
+        let part: Vec<Tensor> = bucket.iter().map(|&i| tensors[i].shallow_clone()).collect();
+        let flat = flatten(&part)?.to_device(tch::Device::Cpu);
+        group.broadcast(&flat, 0)?;
+        unflatten(&flat, &part)?;
+    }
+    Ok(())
+}
+
+/// Splits tensor indices into consecutive runs of at most about `bucket_bytes` (fp32) each;
+/// a tensor larger than a bucket is a bucket of its own.
+fn buckets(tensors: &[Tensor], bucket_bytes: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut size = 0usize;
+    for (i, t) in tensors.iter().enumerate() {
+        let bytes = t.numel() * 4;
+        if out.is_empty() || (size + bytes > bucket_bytes && !out.last().is_some_and(|b| b.is_empty())) {
+            out.push(Vec::new());
+            size = 0;
+        }
+        out.last_mut().expect("pushed").push(i);
+        size += bytes;
+    }
+    out
+}
+
+/// The student's side of a data-parallel step (see the module docs).
+pub struct GradSync {
+    group: Arc<Group>,
+    bucket_bytes: usize,
+    broadcast_buffers: bool,
+    /// This rank's stop request (the daemon's stop switch).
+    stop: Arc<AtomicBool>,
+    /// Whether any rank asked to stop, as of the last step's vote.
+    agreed_stop: bool,
+}
+
+impl std::fmt::Debug for GradSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GradSync")
+            .field("rank", &self.group.rank)
+            .field("world", &self.group.world)
+            .field("bucket_bytes", &self.bucket_bytes)
+            .field("agreed_stop", &self.agreed_stop)
+            .finish()
+    }
+}
+
+impl GradSync {
+    /// The step's collectives on `world.step`; `stop` is this rank's stop switch, voted on with
+    /// every step's last gradient bucket.
+    pub fn new(world: &World, stop: Arc<AtomicBool>) -> Self {
+        GradSync {
+            group: world.step.clone(),
+            bucket_bytes: (world.cfg.bucket_mb * 1024.0 * 1024.0) as usize,
+            broadcast_buffers: world.cfg.broadcast_buffers,
+            stop,
+            agreed_stop: false,
+        }
+    }
+
+    /// Without a stop switch of its own (tests, library use).
+    pub fn on(group: Arc<Group>, bucket_mb: f64, broadcast_buffers: bool) -> Self {
+        GradSync {
+            group,
+            bucket_bytes: (bucket_mb * 1024.0 * 1024.0) as usize,
+            broadcast_buffers,
+            stop: Arc::new(AtomicBool::new(false)),
+            agreed_stop: false,
+        }
+    }
+
+    /// Before the forward pass: rank 0's floating-point buffers (BatchNorm running statistics)
+    /// on every rank, when `broadcast_buffers`.
+    pub fn before_forward(&self, store: &ParamStore) -> Result<()> {
+        if !self.broadcast_buffers {
+            return Ok(());
+        }
+        let bufs: Vec<Tensor> =
+            store.buffers().filter(|p| p.tensor.kind() != Kind::Int64).map(|p| p.tensor.shallow_clone()).collect();
+        if bufs.is_empty() {
+            return Ok(());
+        }
+        broadcast_all(&self.group, &bufs, usize::MAX)
+    }
+
+    /// After the backward pass: every trainable parameter's gradient replaced by the mean over
+    /// the ranks (divided by the world size, then summed, as DistributedDataParallel does), and
+    /// the stop vote taken.
+    pub fn after_backward(&mut self, store: &ParamStore) -> Result<()> {
+        let world = self.group.world as f64;
+        let grads: Vec<Tensor> = store
+            .trainable()
+            .map(|p| {
+                let g = p.tensor.grad();
+                // Every parameter of the V-Net gets a gradient; one without would contribute
+                // zeros here (keeping the buckets alike on every rank) and keep no mean.
+                if g.defined() {
+                    g
+                } else {
+                    p.tensor.zeros_like()
+                }
+            })
+            .collect();
+        let plan = buckets(&grads, self.bucket_bytes);
+        let last = plan.len().saturating_sub(1);
+        let mut any_stop = false;
+        for (b, bucket) in plan.iter().enumerate() {
+            let part: Vec<Tensor> = bucket.iter().map(|&i| grads[i].shallow_clone()).collect();
+            let mut flat = flatten(&part)?;
+            if b == last {
+                let vote = if self.stop.load(Ordering::SeqCst) { world } else { 0.0 };
+                flat = Tensor::f_cat(&[flat, Tensor::from_slice(&[vote as f32])], 0)?;
+            }
+            let _ = flat.f_div_scalar_(world)?;
+            self.group.all_reduce(&flat, Reduce::Sum)?;
+            if b == last {
+                let n = flat.size()[0];
+                any_stop = flat.double_value(&[n - 1]) > 0.5;
+                flat = flat.narrow(0, 0, n - 1);
+            }
+            unflatten(&flat, &part)?;
+        }
+        self.agreed_stop = any_stop;
+        Ok(())
+    }
+
+    /// Whether some rank asked to stop, as of the last step: every rank reads the same answer
+    /// after the same step.
+    pub fn agreed_stop(&self) -> bool {
+        self.agreed_stop
+    }
+
+    /// The group.
+    pub fn group(&self) -> &Arc<Group> {
+        &self.group
+    }
+}
+
+/// Compares `tensors` across the ranks: per tensor a float64 sum and sum of squares, reduced
+/// by minimum and maximum; any difference is an error naming `what`, the step and the first
+/// tensor that differs.
+pub fn agree(group: &Group, what: &str, step: i64, named: &[(String, Tensor)]) -> Result<()> {
+    let sums: Vec<f64> = tch::no_grad(|| {
+        named
+            .iter()
+            .flat_map(|(_, t)| {
+                let d = t.detach().to_kind(Kind::Double);
+                [d.sum(Kind::Double).double_value(&[]), (&d * &d).sum(Kind::Double).double_value(&[])]
+            })
+            .collect()
+    });
+    let lo = Tensor::from_slice(&sums);
+    let hi = lo.copy();
+    group.all_reduce(&lo, Reduce::Min)?;
+    group.all_reduce(&hi, Reduce::Max)?;
+    let (lo, hi): (Vec<f64>, Vec<f64>) = (Vec::try_from(&lo)?, Vec::try_from(&hi)?);
+    for (k, (a, b)) in lo.iter().zip(&hi).enumerate() {
+        // NaN never equals itself: a NaN anywhere is a disagreement too.
+        if !(a == b) {
+            let name = &named[k / 2].0;
+            return Err(Error::Distributed(format!(
+                "after step {step} the {what} differs between ranks at `{name}` (checksums from {a:e} to {b:e}); \
+                 the ranks no longer train the same model"
+            )));
+        }
+    }
+    Ok(())
+}
