@@ -72,3 +72,70 @@ fn agree_passes_equal_tensors_and_names_the_first_that_differs() {
         assert!(e.contains("`b.weight`") && e.contains("step 7"), "{e}");
     }
 }
+
+/// UA-MT, 3 steps on 2 ranks, each with its own batch and randomness, against the same steps
+/// under PyTorch's DistributedDataParallel with 2 Gloo processes: every rank's losses and its
+/// final student and teacher (BatchNorm statistics included).
+///
+/// The first step agrees to 1e-6 (measured: bit for bit), which pins down DDP's semantics
+/// (gradients averaged, buffers from rank 0). Later steps are held to 1e-4: measured 2026-12-02,
+/// the third step's consistency loss differs by 1.6e-5 relative and a BatchNorm bias by 3.9e-5
+/// of the 1e-2 floor, while PyTorch against itself (1 thread against 2 per process) moves them
+/// by 1e-6; the single-process golden tests meet 1e-5. Where the rest comes from is not found.
+#[test]
+fn two_ranks_train_as_pytorch_distributed_data_parallel_does() {
+    use support::{assert_scalar, assert_store, oracle_output, pass, Fixture};
+    use uamt::dist::GradSync;
+    use uamt::model::VNetConfig;
+    use uamt::train::{Method, StepConfig, StepRandom, Trainer};
+    let path = oracle_output("tests/oracle/ddp_oracle.py").join("ddp_uamt.npz");
+    let out = on_ranks(2, quick(), move |w| {
+        // One thread per rank, as each oracle process runs (the summation order of the kernels
+        // then matches; two threads against one moves the 3rd step's numbers by ~1e-5).
+        tch::set_num_threads(1);
+        let fx = Fixture::load(path.clone());
+        let rank = w.launch.rank;
+        let mut cfg = StepConfig::of(Method::Uamt);
+        cfg.optim.iterations = fx.scalar("cfg.max_iter") as i64;
+        cfg.optim.lr_step = fx.scalar("cfg.lr_step") as i64;
+        cfg.method.consistency_interval = fx.scalar("cfg.consistency_interval") as i64;
+        cfg.method.consistency_rampup = fx.scalar("cfg.consistency_rampup");
+        let net = VNetConfig { n_filters: 4, ..Default::default() };
+        let mut tr = Trainer::new(&net, cfg, tch::Device::Cpu).unwrap();
+        tr.student.store().load_named(&fx.prefixed("student.init"), &fx.path, false).unwrap();
+        tr.teacher.as_ref().unwrap().store().load_named(&fx.prefixed("teacher.init"), &fx.path, false).unwrap();
+        tr.sync = Some(GradSync::on(w.step.clone(), 0.01, true));
+        let p = format!("r{rank}");
+        let (images, labels) = (fx.get(&format!("{p}.images")), fx.get(&format!("{p}.labels")));
+        for it in 0..3 {
+            let r = format!("{p}.rnd.{it}");
+            let mc = (0..4).map(|k| pass(&fx, &format!("{r}.mc.{k}"))).collect();
+            let rnd = StepRandom {
+                student: pass(&fx, &format!("{r}.student")),
+                teacher: Some(pass(&fx, &format!("{r}.teacher"))),
+                mc,
+            };
+            let rep = tr.step(&images, &labels, &rnd).unwrap().report();
+            let o = format!("{p}.out.{it}");
+            for (k, got) in [
+                ("loss", rep.loss),
+                ("supervised", rep.supervised),
+                ("consistency", rep.consistency),
+                ("mask_fraction", rep.mask_fraction),
+                ("lr", rep.lr),
+            ] {
+                let tol = if it == 0 { 1e-6 } else { 1e-4 };
+                assert_scalar(&format!("rank {rank} step {it} {k}"), got, fx.scalar(&format!("{o}.{k}")), tol);
+            }
+        }
+        assert_store(&format!("rank {rank} student"), tr.student.store(), &fx, &format!("{p}.student.final"), 1e-4);
+        let teacher = tr.teacher.as_ref().unwrap();
+        assert_store(&format!("rank {rank} teacher"), teacher.store(), &fx, &format!("{p}.teacher.final"), 1e-4);
+        // The ranks' students are the same model (bit for bit: the averaged gradients are).
+        let named: Vec<_> =
+            tr.student.store().trainable().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        agree(&w.checks, "student", 3, &named).unwrap();
+        rank
+    });
+    assert_eq!(out, vec![0, 1]);
+}

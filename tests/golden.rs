@@ -3,11 +3,11 @@
 
 mod support;
 
-use support::{assert_close, assert_scalar, oracle_output, Fixture};
+use support::{assert_close, assert_scalar, assert_store, oracle_output, pass, Fixture};
 use tch::{Device, Kind, Tensor};
 use uamt::method as m;
 use uamt::model::{Dropout, DropoutMasks, ParamStore, VNet, VNetConfig};
-use uamt::train::{Method, PassRandom, StepConfig, StepRandom, Trainer};
+use uamt::train::{Method, StepConfig, StepRandom, Trainer};
 
 const TOL: f64 = 1e-5;
 
@@ -17,24 +17,6 @@ fn fixture(name: &str) -> Fixture {
 
 fn small_net() -> VNetConfig {
     VNetConfig { n_filters: 4, ..Default::default() }
-}
-
-/// Compares every tensor of `store` with `prefix.<name>` in the fixture, to 1e-5 of the larger
-/// of the tensor's own scale and 1e-2 (the smallest weight scale in the net: 1/sqrt(fan_in)).
-/// The floor matters only for BatchNorm biases after training steps: they start at 0 and then
-/// hold a few learning-rate-sized gradient sums (~1e-5) with heavy cancellation, where the
-/// summation order alone moves them by ~1e-10.
-fn assert_store(what: &str, store: &ParamStore, fx: &Fixture, prefix: &str) {
-    for p in store.iter() {
-        let want = fx.get(&format!("{prefix}.{}", p.name));
-        if p.tensor.kind() == Kind::Int64 {
-            assert_eq!(p.tensor.int64_value(&[]), want.reshape([-1]).int64_value(&[0]), "{what}: {}", p.name);
-        } else {
-            let scale = want.abs().max().double_value(&[]).max(1e-2);
-            let err = (&p.tensor.detach() - &want).abs().max().double_value(&[]) / scale;
-            assert!(err <= TOL, "{what}: {}: error {err:.3e} of scale {scale:.3e}", p.name);
-        }
-    }
 }
 
 #[test]
@@ -83,7 +65,7 @@ fn vnet_forward_in_train_mode_with_given_dropout_matches_pytorch() {
     let logits = tch::no_grad(|| net.forward_with(&fx.get("x2"), true, Dropout::Masks(&masks))).unwrap();
     assert_close("train logits", &logits, &fx.get("logits_train"), TOL);
     // BatchNorm's running statistics moved as PyTorch's did.
-    assert_store("after train forward", net.store(), &fx, "after_train");
+    assert_store("after train forward", net.store(), &fx, "after_train", TOL);
 }
 
 #[test]
@@ -157,11 +139,6 @@ fn sgd_with_momentum_and_weight_decay_matches_torch_optim_sgd() {
     assert_close("momentum q", &opt.buffers()[1].1, &fx.get("buf_q"), TOL);
 }
 
-fn pass(fx: &Fixture, key: &str) -> PassRandom {
-    let noise = fx.has(&format!("{key}.noise")).then(|| fx.get(&format!("{key}.noise")));
-    PassRandom { noise, dropout: DropoutMasks { x5: fx.get(&format!("{key}.x5")), x9: fx.get(&format!("{key}.x9")) } }
-}
-
 /// Runs the fixture's steps through `Trainer::step` and compares everything PyTorch reported.
 fn check_steps(file: &str, method: Method, steps: i64) {
     let fx = fixture(file);
@@ -202,9 +179,9 @@ fn check_steps(file: &str, method: Method, steps: i64) {
             assert_momentum(&format!("{file} step 0"), &tr, &fx, "momentum0", TOL);
         }
     }
-    assert_store(&format!("{file} student"), tr.student.store(), &fx, "student.final");
+    assert_store(&format!("{file} student"), tr.student.store(), &fx, "student.final", TOL);
     if let Some(t) = &tr.teacher {
-        assert_store(&format!("{file} teacher"), t.store(), &fx, "teacher.final");
+        assert_store(&format!("{file} teacher"), t.store(), &fx, "teacher.final", TOL);
     }
     // After several steps the gradients have been through several weight updates whose ulp-level
     // differences the next backward pass amplifies: PyTorch against itself, 1 thread against 2,

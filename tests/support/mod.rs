@@ -266,3 +266,30 @@ pub fn has_entry_starting(dir: &Path, prefix: &str) -> bool {
         .map(|r| r.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(prefix)))
         .unwrap_or(false)
 }
+
+/// Compares every tensor of `store` with `prefix.<name>` in the fixture, to `tol` (1e-5 in the golden tests) of the larger
+/// of the tensor's own scale and 1e-2 (the smallest weight scale in the net: 1/sqrt(fan_in)).
+/// The floor matters only for BatchNorm biases after training steps: they start at 0 and then
+/// hold a few learning-rate-sized gradient sums (~1e-5) with heavy cancellation, where the
+/// summation order alone moves them by ~1e-10.
+pub fn assert_store(what: &str, store: &uamt::model::ParamStore, fx: &Fixture, prefix: &str, tol: f64) {
+    for p in store.iter() {
+        let want = fx.get(&format!("{prefix}.{}", p.name));
+        if p.tensor.kind() == Kind::Int64 {
+            assert_eq!(p.tensor.int64_value(&[]), want.reshape([-1]).int64_value(&[0]), "{what}: {}", p.name);
+        } else {
+            let scale = want.abs().max().double_value(&[]).max(1e-2);
+            let err = (&p.tensor.detach() - &want).abs().max().double_value(&[]) / scale;
+            assert!(err <= tol, "{what}: {}: error {err:.3e} of scale {scale:.3e}", p.name);
+        }
+    }
+}
+
+/// The randomness of one pass stored under `key` (`.noise` if any, `.x5`, `.x9`).
+pub fn pass(fx: &Fixture, key: &str) -> uamt::train::PassRandom {
+    let noise = fx.has(&format!("{key}.noise")).then(|| fx.get(&format!("{key}.noise")));
+    uamt::train::PassRandom {
+        noise,
+        dropout: uamt::model::DropoutMasks { x5: fx.get(&format!("{key}.x5")), x9: fx.get(&format!("{key}.x9")) },
+    }
+}
