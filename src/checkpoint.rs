@@ -164,6 +164,13 @@ impl Snapshot {
         if self.seed != cfg.optim.seed {
             return Err(format!("another seed ({}, the config's {})", self.seed, cfg.optim.seed));
         }
+        // A data-parallel run stores its world size: the batches depend on it.
+        let (was, now) = (stored.distributed.world_size.unwrap_or(1), cfg.distributed.world_size.unwrap_or(1));
+        if was != now {
+            return Err(format!(
+                "it was written by a run of {was} process(es) and this run has {now}; resume with the same world size"
+            ));
+        }
         Ok(())
     }
 

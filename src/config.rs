@@ -40,6 +40,8 @@ pub struct Config {
     pub eval: EvalConfig,
     /// Metrics endpoint and logging.
     pub telemetry: TelemetryConfig,
+    /// Data-parallel training over several processes (used only when a world size is given).
+    pub distributed: crate::dist::DistConfig,
 }
 
 /// `[data]`
@@ -491,6 +493,15 @@ impl Config {
         LoaderConfig { sampler, ..self.data.loader.clone() }
     }
 
+    /// [`Config::loader`] for rank `rank` of `world` data-parallel processes: each takes its
+    /// slice of every global batch (see [`SamplerConfig::world`]).
+    pub fn loader_for(&self, rank: usize, world: usize) -> LoaderConfig {
+        let mut l = self.loader();
+        l.sampler.rank = rank;
+        l.sampler.world = world;
+        l
+    }
+
     /// Unlabelled patches per batch for the chosen method (0 when supervised).
     pub fn unlabelled_bs(&self) -> usize {
         if self.method.kind == Method::Supervised {
@@ -512,6 +523,7 @@ impl Config {
         self.checkpoint.validate("checkpoint")?;
         self.eval.validate("eval")?;
         self.telemetry.validate("telemetry")?;
+        self.distributed.validate("distributed")?;
         self.validate_across()
     }
 

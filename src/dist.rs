@@ -602,3 +602,19 @@ pub fn agree(group: &Group, what: &str, step: i64, named: &[(String, Tensor)]) -
     }
     Ok(())
 }
+
+/// Makes every rank start from rank 0's state: the iteration, the student's and the teacher's
+/// tensors (BatchNorm statistics included) and the momentum buffers. Rank 0 may have resumed
+/// from a checkpoint the others never read (it need only be on rank 0's disk).
+pub fn share_start(group: &Group, tr: &mut crate::train::Trainer) -> Result<()> {
+    let it = Tensor::from_slice(&[tr.iter]);
+    group.broadcast(&it, 0)?;
+    tr.iter = it.int64_value(&[0]);
+    let mut all: Vec<Tensor> = tr.student.store().iter().map(|p| p.tensor.shallow_clone()).collect();
+    if let Some(t) = &tr.teacher {
+        all.extend(t.store().iter().map(|p| p.tensor.shallow_clone()));
+    }
+    all.extend(tr.opt.buffers().iter().map(|(_, t)| t.shallow_clone()));
+    // Integer buffers (BatchNorm's batch counters) travel as float32: exact below 2^24.
+    broadcast_all(group, &all, 25 << 20)
+}

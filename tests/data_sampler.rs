@@ -13,11 +13,56 @@ use uamt::data::{write_synth, Dataset, DatasetOptions, SynthConfig};
 
 fn sampler(lbs: usize, ubs: usize, nl: usize, nu: usize, restart: bool, seed: u64) -> BatchSampler {
     BatchSampler::new(
-        SamplerConfig { labelled_bs: lbs, unlabelled_bs: ubs, seed, unlabelled_restart_each_epoch: restart },
+        SamplerConfig {
+            labelled_bs: lbs,
+            unlabelled_bs: ubs,
+            seed,
+            unlabelled_restart_each_epoch: restart,
+            ..SamplerConfig::default()
+        },
         nl,
         nu,
     )
     .unwrap()
+}
+
+/// Data-parallel sharding: the ranks' batches of an iteration are the slices of the batch one
+/// process draws with `world` times the batch sizes, in rank order; together the ranks still
+/// visit each labelled case once per (shorter) epoch; a world too large for the labelled cases
+/// is refused.
+#[test]
+fn ranks_take_their_slices_of_one_global_batch() {
+    for restart in [true, false] {
+        let one = sampler(4, 6, 16, 40, restart, 7);
+        let ranks: Vec<BatchSampler> = (0..2)
+            .map(|rank| {
+                let cfg = SamplerConfig {
+                    labelled_bs: 2,
+                    unlabelled_bs: 3,
+                    seed: 7,
+                    unlabelled_restart_each_epoch: restart,
+                    rank,
+                    world: 2,
+                };
+                BatchSampler::new(cfg, 16, 40).unwrap()
+            })
+            .collect();
+        assert_eq!(ranks[0].batches_per_epoch(), 4);
+        for it in 0..13u64 {
+            let g = one.batch(it);
+            let (a, b) = (ranks[0].batch(it), ranks[1].batch(it));
+            assert_eq!([a.labelled.clone(), b.labelled.clone()].concat(), g.labelled, "iteration {it}");
+            assert_eq!([a.unlabelled.clone(), b.unlabelled.clone()].concat(), g.unlabelled, "iteration {it}");
+            assert_eq!((a.epoch, b.epoch), (g.epoch, g.epoch));
+        }
+        let epoch: Vec<usize> = (0..4).flat_map(|i| ranks.iter().flat_map(move |r| r.batch(i).labelled)).collect();
+        let mut sorted = epoch.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..16).collect::<Vec<_>>());
+    }
+    let too_many = SamplerConfig { labelled_bs: 2, rank: 3, world: 9, ..SamplerConfig::default() };
+    let e = BatchSampler::new(too_many, 16, 40).unwrap_err().to_string();
+    assert!(e.contains("labelled_bs") && e.contains("9 processes"), "{e}");
 }
 
 #[test]

@@ -63,15 +63,25 @@ fn seconds_total(metric: Metric, labels: [(&'static str, &'static str); 2], secs
 }
 
 /// The seconds counters in Prometheus text format, HELP and TYPE included.
+/// Labels on every series of this process (set once, with the recorder).
+static GLOBAL_LABELS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Puts `labels` on the seconds counters too (the recorder puts them on its own series).
+pub fn set_global_labels(labels: &[(&str, String)]) {
+    let _ = GLOBAL_LABELS.set(labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect());
+}
+
 pub fn render_seconds_totals() -> String {
     use std::fmt::Write;
     let map = SECONDS.lock().unwrap_or_else(|e| e.into_inner());
+    let global = GLOBAL_LABELS.get().cloned().unwrap_or_default();
     let mut out = String::new();
     for m in [Metric::QueueBlockedSeconds, Metric::StageBusySeconds, Metric::StageIdleSeconds] {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} counter", m.as_str(), m.help(), m.as_str());
         for ((name, labels), v) in map.iter().filter(|((n, _), _)| *n == m.as_str()) {
-            let l: Vec<String> =
+            let mut l: Vec<String> =
                 labels.iter().filter(|(k, _)| !k.is_empty()).map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+            l.extend(global.iter().cloned());
             let _ = writeln!(out, "{name}{{{}}} {v}", l.join(","));
         }
     }

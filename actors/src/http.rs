@@ -73,9 +73,18 @@ pub enum HttpError {
 
 /// Installs the global Prometheus recorder (once per process) and returns its handle.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])?
-        .install_recorder()?;
+    install_recorder_labelled(&[])
+}
+
+/// [`install_recorder`] with `labels` on every series (a data-parallel rank's `rank`).
+pub fn install_recorder_labelled(labels: &[(&str, String)]) -> anyhow::Result<PrometheusHandle> {
+    let mut builder =
+        PrometheusBuilder::new().set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])?;
+    for (k, v) in labels {
+        builder = builder.add_global_label(*k, v.clone());
+    }
+    crate::emit::set_global_labels(labels);
+    let handle = builder.install_recorder()?;
     crate::emit::describe_all();
     Ok(handle)
 }

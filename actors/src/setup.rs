@@ -79,8 +79,9 @@ pub struct Started {
     pub run_id: String,
     /// The checkpoint it was restored from.
     pub resumed_from: Option<PathBuf>,
-    /// This process's exclusive right to the run's checkpoints (held until dropped).
-    pub lock: checkpoint::RunLock,
+    /// This process's exclusive right to the run's checkpoints (held until dropped); none for
+    /// the ranks of a data-parallel run other than rank 0, which never touch the folder.
+    pub lock: Option<checkpoint::RunLock>,
 }
 
 /// A fresh trainer on the configured device and precision. Refuses a device this machine does
@@ -105,14 +106,14 @@ pub fn start(cfg: &Config, opts: &StartOptions) -> Result<Started> {
         let r = checkpoint::resume_from(file, cfg, &mut tr).context("--resume-from")?;
         let lock = checkpoint::lock_run(dir, &r.run_id)?;
         tracing::info!(path = %r.path.display(), iteration = r.iteration, run = %r.run_id, "resumed");
-        return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path), lock });
+        return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path), lock: Some(lock) });
     }
     if opts.resume {
         match checkpoint::resume_newest(dir, cfg, &mut tr) {
             Ok(Some(r)) => {
                 let lock = checkpoint::lock_run(dir, &r.run_id)?;
                 tracing::info!(path = %r.path.display(), iteration = r.iteration, run = %r.run_id, set_aside = r.set_aside.len(), "resumed");
-                return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path), lock });
+                return Ok(Started { trainer: tr, run_id: r.run_id, resumed_from: Some(r.path), lock: Some(lock) });
             }
             Ok(None) => tracing::info!(dir = %dir.display(), "no checkpoint to resume from; starting a new run"),
             Err(e) if opts.share_checkpoint_dir => {
@@ -139,7 +140,18 @@ pub fn start(cfg: &Config, opts: &StartOptions) -> Result<Started> {
     let run_id = checkpoint::new_run_id(cfg.optim.seed);
     let lock = checkpoint::lock_run(dir, &run_id)?;
     tracing::info!(run = %run_id, dir = %dir.display(), "new run");
-    Ok(Started { trainer: tr, run_id, resumed_from: None, lock })
+    Ok(Started { trainer: tr, run_id, resumed_from: None, lock: Some(lock) })
+}
+
+/// The start of a data-parallel rank other than 0: a fresh trainer, no checkpoint folder (its
+/// state, resumed or not, comes from rank 0 through [`uamt::dist::share_start`]).
+pub fn start_follower(cfg: &Config) -> Result<Started> {
+    Ok(Started { trainer: fresh(cfg)?, run_id: String::new(), resumed_from: None, lock: None })
+}
+
+/// A patch loader for rank `rank` of `world` data-parallel processes (see [`Config::loader_for`]).
+pub fn loader_for(cfg: &Config, dataset: Dataset, rank: usize, world: usize) -> Result<PatchLoader> {
+    Ok(PatchLoader::new(Arc::new(dataset), cfg.loader_for(rank, world))?)
 }
 
 /// A trainer: fresh (no checkpoint folder involved, as benchmarks need), or when `resume` the

@@ -26,6 +26,15 @@ pub struct SamplerConfig {
     /// `optim.seed`.
     #[serde(skip)]
     pub seed: u64,
+    /// This process's rank in a data-parallel run (0 alone). Set by the daemon, not a key.
+    #[serde(skip)]
+    pub rank: usize,
+    /// The number of data-parallel processes (1 alone). Each iteration draws one global batch
+    /// of `world` times the batch sizes, as one process would, and rank r takes the r-th slice
+    /// of its labelled and of its unlabelled part (as PyTorch's DistributedSampler shards one
+    /// shuffled order); an epoch is `labelled / (labelled_bs * world)` iterations.
+    #[serde(skip)]
+    pub world: usize,
     /// The reference restarts the unlabelled stream (a fresh reshuffle) at each epoch, because
     /// its batch sampler is re-created per epoch; `false` keeps one stream across epochs.
     pub unlabelled_restart_each_epoch: bool,
@@ -37,6 +46,8 @@ impl Default for SamplerConfig {
             labelled_bs: recipe::LABELLED_BS,
             unlabelled_bs: recipe::UNLABELLED_BS,
             seed: recipe::SEED,
+            rank: 0,
+            world: 1,
             unlabelled_restart_each_epoch: true,
         }
     }
@@ -80,10 +91,14 @@ impl BatchSampler {
         if cfg.labelled_bs == 0 {
             return Err(DataError::invalid("labelled_bs", "must be at least 1"));
         }
-        if n_labelled < cfg.labelled_bs {
+        if cfg.world == 0 || cfg.rank >= cfg.world {
+            return Err(DataError::invalid("rank", format!("rank {} of a world of {}", cfg.rank, cfg.world)));
+        }
+        if n_labelled < cfg.labelled_bs * cfg.world {
+            let per = if cfg.world > 1 { format!(" on each of {} processes", cfg.world) } else { String::new() };
             return Err(DataError::invalid(
                 "labelled_bs",
-                format!("{} labelled patches per batch but only {n_labelled} labelled cases", cfg.labelled_bs),
+                format!("{} labelled patches per batch{per} but only {n_labelled} labelled cases", cfg.labelled_bs),
             ));
         }
         if cfg.unlabelled_bs > 0 && n_unlabelled == 0 {
@@ -100,9 +115,9 @@ impl BatchSampler {
         &self.cfg
     }
 
-    /// Batches per epoch: `labelled / labelled_bs`, rounded down.
+    /// Batches per epoch: `labelled / (labelled_bs * world)`, rounded down.
     pub fn batches_per_epoch(&self) -> u64 {
-        (self.n_labelled / self.cfg.labelled_bs) as u64
+        (self.n_labelled / (self.cfg.labelled_bs * self.cfg.world.max(1))) as u64
     }
 
     /// The labelled permutation of `epoch`.
@@ -124,16 +139,21 @@ impl BatchSampler {
     pub fn batch(&self, iteration: u64) -> BatchIndices {
         let per_epoch = self.batches_per_epoch().max(1);
         let (epoch, pos) = (iteration / per_epoch, iteration % per_epoch);
+        let (world, rank) = (self.cfg.world.max(1) as u64, self.cfg.rank as u64);
         let lbs = self.cfg.labelled_bs;
         let order = self.labelled_order(epoch);
-        let labelled = order[pos as usize * lbs..(pos as usize + 1) * lbs].to_vec();
+        // This rank's slice of the global batch (all of it for one process).
+        let slice = (pos * world + rank) as usize;
+        let labelled = order[slice * lbs..(slice + 1) * lbs].to_vec();
         let ubs = self.cfg.unlabelled_bs as u64;
         let unlabelled = if self.n_unlabelled == 0 {
             Vec::new()
         } else if self.cfg.unlabelled_restart_each_epoch {
-            (0..ubs).map(|t| self.unlabelled_at(&[stream::UNLABELLED, epoch], pos * ubs + t)).collect()
+            let first = (pos * world + rank) * ubs;
+            (0..ubs).map(|t| self.unlabelled_at(&[stream::UNLABELLED, epoch], first + t)).collect()
         } else {
-            (0..ubs).map(|t| self.unlabelled_at(&[stream::UNLABELLED], iteration * ubs + t)).collect()
+            let first = (iteration * world + rank) * ubs;
+            (0..ubs).map(|t| self.unlabelled_at(&[stream::UNLABELLED], first + t)).collect()
         };
         BatchIndices { iteration, epoch, labelled, unlabelled }
     }
@@ -252,12 +272,15 @@ impl PatchLoader {
     /// The cases and augmentations of batch `iteration` (labelled first).
     pub fn plan(&self, iteration: u64) -> (BatchIndices, Vec<PatchPlan>) {
         let idx = self.sampler.batch(iteration);
+        let plans_len = idx.labelled.len() + idx.unlabelled.len();
         let cases =
             idx.labelled.iter().map(|&i| self.labelled[i]).chain(idx.unlabelled.iter().map(|&i| self.unlabelled[i]));
         let plans = cases
             .enumerate()
             .map(|(slot, case)| {
-                let mut rng = Rng::keyed(self.cfg.sampler.seed, &[stream::AUGMENT, iteration, slot as u64]);
+                // Slots numbered across the global batch: each rank's patches augment differently.
+                let global = self.cfg.sampler.rank * plans_len + slot;
+                let mut rng = Rng::keyed(self.cfg.sampler.seed, &[stream::AUGMENT, iteration, global as u64]);
                 let dims = self.dataset.training[case].image.dims();
                 PatchPlan { case, augment: Augment::draw(&mut rng, dims, self.cfg.patch, self.cfg.rot_flip) }
             })

@@ -5,7 +5,7 @@ use crate::control::{Controls, Phase, StatusBoard};
 use crate::evaluator::Evaluator;
 use crate::http::{HttpServerHandle, HttpState};
 use crate::pipeline::{self, Run};
-use crate::setup::{loader, open_dataset, start, StartOptions};
+use crate::setup::{loader_for, open_dataset, start, start_follower, StartOptions};
 use crate::supervisor::{StartEval, Supervisor, TrainingEnded};
 use actix::Actor;
 use anyhow::{Context, Result};
@@ -82,12 +82,13 @@ pub fn telemetry(
     addr_file: Option<&Path>,
     board: &StatusBoard,
     controls: &Controls,
+    labels: &[(&str, String)],
 ) -> Result<Option<HttpServerHandle>> {
     if cfg.telemetry.listen.is_empty() {
         return Ok(None);
     }
     let state = HttpState {
-        prometheus: Some(crate::http::install_recorder()?),
+        prometheus: Some(crate::http::install_recorder_labelled(labels)?),
         board: board.clone(),
         controls: controls.clone(),
     };
@@ -107,9 +108,19 @@ pub fn telemetry(
 /// the data, the model, the evaluation service and the training pipeline. Exits non-zero when
 /// training fails, naming the stage and the cause.
 pub fn run(args: Args) -> Result<()> {
-    let cfg = resolve_config(&args)?;
+    let mut cfg = resolve_config(&args)?;
     if args.config.is_none() {
         tracing::info!("no --config: running the built-in demo (synthetic data, CPU)");
+    }
+    let launch = uamt::dist::Launch::resolve(&cfg.distributed, |k| std::env::var(k).ok())?;
+    let mut labels = Vec::new();
+    let mut addr_file = args.addr_file.clone();
+    if let Some(l) = &launch {
+        adapt_to_rank(&mut cfg, l)?;
+        labels.push(("rank", l.rank.to_string()));
+        addr_file =
+            addr_file.map(|f| if l.rank == 0 { f } else { PathBuf::from(format!("{}.rank{}", f.display(), l.rank)) });
+        tracing::info!(rank = l.rank, world = l.world, local_rank = l.local_rank, master = %format!("{}:{}", l.addr, l.port), "data-parallel training");
     }
     let device = cfg.device.resolve()?;
     // What the config needs, refused now if this machine cannot hold it (on a GPU the device's
@@ -128,13 +139,14 @@ pub fn run(args: Args) -> Result<()> {
     let system = actix::System::new();
     let supervisor =
         system.block_on(async { Supervisor::new(controls.clone(), board.clone(), watching, failure.clone()).start() });
-    let _http = telemetry(&cfg, args.addr_file.as_deref(), &board, &controls)?;
+    let _http = telemetry(&cfg, addr_file.as_deref(), &board, &controls, &labels)?;
     let addr = supervisor.clone();
     std::thread::Builder::new().name("training".into()).spawn(move || {
-        let ended =
-            crate::pipeline::spawn::run_caught("training", || train(cfg, device, &args, controls, board, &addr))
-                .map(|_| ())
-                .map_err(|e| format!("{e:#}"));
+        let ended = crate::pipeline::spawn::run_caught("training", || {
+            train(cfg, device, &args, launch, controls, board, &addr)
+        })
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"));
         addr.do_send(TrainingEnded(ended));
     })?;
     let code = system.run_with_code()?;
@@ -146,33 +158,83 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
+/// What a data-parallel rank changes in its config: only rank 0 evaluates (and, later, writes
+/// checkpoints); the world size is recorded in the config stored in checkpoints (a resume needs
+/// the same); on one host, local rank k serves metrics on the configured port + k.
+fn adapt_to_rank(cfg: &mut Config, l: &uamt::dist::Launch) -> Result<()> {
+    cfg.distributed.world_size = Some(l.world);
+    if !l.is_first() {
+        cfg.eval.every = 0;
+        cfg.eval.watch_dir = PathBuf::new();
+    }
+    if l.local_rank > 0 && !cfg.telemetry.listen.is_empty() {
+        let addr: std::net::SocketAddr = cfg.telemetry.listen.parse().with_context(|| {
+            format!("telemetry.listen `{}` is not an address:port to offset by LOCAL_RANK", cfg.telemetry.listen)
+        })?;
+        if addr.port() != 0 {
+            let port = u16::try_from(addr.port() as usize + l.local_rank).map_err(|_| {
+                anyhow::anyhow!("telemetry.listen port {} + LOCAL_RANK {} is past 65535", addr.port(), l.local_rank)
+            })?;
+            cfg.telemetry.listen = std::net::SocketAddr::new(addr.ip(), port).to_string();
+        }
+    }
+    Ok(())
+}
+
 /// The training thread's work: data, model, evaluation service, pipeline.
 fn train(
     cfg: Config,
     device: tch::Device,
     args: &Args,
+    launch: Option<uamt::dist::Launch>,
     controls: Controls,
     board: StatusBoard,
     supervisor: &actix::Addr<Supervisor>,
 ) -> Result<pipeline::Outcome> {
+    // Data-parallel: meet the other ranks first (a rank that fails later ends theirs too).
+    let world = match launch {
+        Some(l) => {
+            let w = uamt::dist::World::connect(l, &cfg.distributed)?;
+            tracing::info!(rank = w.launch.rank, world = w.launch.world, "all ranks connected");
+            Some(Arc::new(w))
+        }
+        None => None,
+    };
+    let first = world.as_ref().is_none_or(|w| w.launch.is_first());
+    let (rank, size) = world.as_ref().map_or((0, 1), |w| (w.launch.rank, w.launch.world));
     // The checkpoint folder first (writable, whose run), before any time goes into the data.
     let opts = StartOptions {
         resume: args.resume,
         resume_from: args.resume_from.clone(),
         share_checkpoint_dir: args.share_checkpoint_dir,
     };
-    let started = start(&cfg, &opts)?;
+    let started = if first { start(&cfg, &opts)? } else { start_follower(&cfg)? };
+    // Rank 0 opens (and, for the synthetic dataset, first generates) the data; the others open
+    // it once it is there (ranks on other hosts need their own copy at the same path).
+    if let Some(w) = world.as_ref().filter(|_| !first) {
+        w.step.barrier()?;
+    }
     let dataset = open_dataset(&cfg)?;
+    if let Some(w) = world.as_ref().filter(|_| first) {
+        w.step.barrier()?;
+    }
     tracing::info!(
         labelled = dataset.labelled().len(),
         unlabelled = dataset.unlabelled().len(),
         test = dataset.test.len(),
         "dataset open"
     );
-    let loader = loader(&cfg, dataset)?;
+    let loader = loader_for(&cfg, dataset, rank, size)?;
     // Held until training (and its final checkpoint) is over: no other process resumes this run.
     let _lock = started.lock;
-    let mut run = Run::new(cfg.clone(), device, loader, started.trainer);
+    let mut trainer = started.trainer;
+    if let Some(w) = &world {
+        uamt::dist::share_start(&w.step, &mut trainer)?;
+        trainer.sync = Some(uamt::dist::GradSync::new(w, controls.stop_flag()));
+    }
+    let mut run = Run::new(cfg.clone(), device, loader, trainer);
+    run.checkpoints = first;
+    run.dist = world;
     run.run_id = started.run_id;
     run.controls = controls;
     run.max_steps = args.stop_after;

@@ -45,6 +45,7 @@ use ringbuf::traits::{Consumer, Producer, Split};
 use ringbuf::HeapRb;
 use spawn::{spawn_stage, StageHandle};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 use student::{CheckpointPlan, Learned, Learner, Student};
 use tch::Device;
@@ -104,6 +105,8 @@ pub struct Run {
     pub fault: Option<fault::Fault>,
     /// The run's id, in every checkpoint and its name (`""`: the names of format version 1).
     pub run_id: String,
+    /// The other ranks of a data-parallel run (the trainer's `sync` does the step's part).
+    pub dist: Option<Arc<uamt::dist::World>>,
 }
 
 impl Run {
@@ -124,6 +127,7 @@ impl Run {
             eval: None,
             fault: None,
             run_id: String::new(),
+            dist: None,
         }
     }
 }
@@ -185,12 +189,16 @@ pub fn run(mut run: Run) -> Result<Outcome> {
             if with_teacher { "out" } else { "" }
         ));
     }
-    let teacher = teacher
-        .map(|net| teacher::TeacherState::new(net, start - 1, EmaUpdater { decay: run.trainer.cfg.method.ema_decay }));
+    let teacher = teacher.map(|net| {
+        let mut t = teacher::TeacherState::new(net, start - 1, EmaUpdater { decay: run.trainer.cfg.method.ema_decay });
+        t.check = run.dist.as_ref().map(|w| (w.checks.clone(), w.cfg.check_every));
+        t
+    });
+    let draw_seed = run.dist.as_ref().map_or(cfg.optim.seed, |w| w.launch.draw_seed(cfg.optim.seed));
     let sampler = teacher::TeacherSampler::new(
         run.trainer.cfg.clone(),
         run.trainer.student.config().clone(),
-        cfg.optim.seed,
+        draw_seed,
         lag,
         run.device,
         cfg.device.pass_workers(run.mode == Mode::Pipelined && with_teacher && lag > 0),
@@ -198,7 +206,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
     let mask = mask::MaskComputer::new(run.trainer.cfg.clone(), run.trainer.student.config().n_classes);
     let dispatcher = dispatcher::Dispatcher::new(run.device, run.trainer.cfg.labelled_bs, with_teacher);
     let learner = Learner {
-        student: Student::new(run.trainer, cfg.optim.seed, lag == 0)?,
+        student: Student::new(run.trainer, cfg.optim.seed, draw_seed, lag == 0)?,
         end,
         device: run.device,
         checkpoints: CheckpointPlan {

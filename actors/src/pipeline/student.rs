@@ -21,8 +21,11 @@ use uamt::train::{Guidance, Method, StepRandom, StepReport, StepStats, Trainer};
 pub struct Student {
     /// The trainer with its teacher taken out.
     tr: Trainer,
-    /// The run's seed (dropout masks of iteration i come from (seed, i)).
+    /// The run's seed (stored in checkpoints).
     seed: u64,
+    /// The seed of the step randomness: dropout masks of iteration i come from (draw_seed, i).
+    /// The run's seed for one process; mixed with the rank in a data-parallel run.
+    draw_seed: u64,
     /// Hand the live parameter tensors to the EMA instead of copies: right when the student
     /// cannot change them before the teacher has folded them in (`teacher_lag = 0`).
     share_params: bool,
@@ -30,11 +33,11 @@ pub struct Student {
 
 impl Student {
     /// Takes `tr` (whose teacher must already be taken out).
-    pub fn new(tr: Trainer, seed: u64, share_params: bool) -> Result<Self> {
+    pub fn new(tr: Trainer, seed: u64, draw_seed: u64, share_params: bool) -> Result<Self> {
         if tr.teacher.is_some() {
             return Err(anyhow!("the student stage does not own the teacher"));
         }
-        Ok(Student { tr, seed, share_params })
+        Ok(Student { tr, seed, draw_seed, share_params })
     }
 
     /// Steps done; the next step runs as this iteration.
@@ -54,8 +57,13 @@ impl Student {
         }
         self.tr.check(&batch.images, &batch.labels)?;
         let b = if self.with_teacher() { batch.images.size()[0] } else { self.tr.cfg.labelled_bs };
-        let rnd =
-            StepRandom::draw_student(self.tr.student.config(), self.tr.student.device(), self.seed, self.tr.iter, b);
+        let rnd = StepRandom::draw_student(
+            self.tr.student.config(),
+            self.tr.student.device(),
+            self.draw_seed,
+            self.tr.iter,
+            b,
+        );
         Ok(self.tr.student_forward(&batch.images, &rnd)?)
     }
 
@@ -189,7 +197,9 @@ impl Learner {
         let (mut log_t, mut log_i) = (Instant::now(), start);
         let mut stopped = false;
         while self.student.iter() < self.end {
-            if self.controls.stop_requested() {
+            // Data-parallel ranks stop on the vote taken with the last step's gradients, so all
+            // stop after the same step; a single process on its own switch.
+            if self.student.tr.stop_agreed().unwrap_or_else(|| self.controls.stop_requested()) {
                 stopped = true;
                 break;
             }

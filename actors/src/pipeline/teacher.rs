@@ -34,13 +34,23 @@ pub struct TeacherState {
     buffers_after: VecDeque<(i64, Vec<Tensor>)>,
     /// The update rule.
     ema: EmaUpdater,
+    /// Data-parallel runs: the group and interval of the cross-rank check of the weights.
+    pub check: Option<(std::sync::Arc<uamt::dist::Group>, i64)>,
 }
 
 impl TeacherState {
     /// Owns `net`, which holds the EMA after student step `version`.
     pub fn new(net: VNet, version: i64, ema: EmaUpdater) -> Self {
         let weights = net.store().trainable().map(|p| p.tensor.shallow_clone()).collect();
-        TeacherState { net, weights, version, pending: VecDeque::new(), buffers_after: VecDeque::new(), ema }
+        TeacherState {
+            net,
+            weights,
+            version,
+            pending: VecDeque::new(),
+            buffers_after: VecDeque::new(),
+            ema,
+            check: None,
+        }
     }
 
     /// The network (for the sampler's passes).
@@ -79,6 +89,19 @@ impl TeacherState {
             let Some((step, params)) = self.pending.pop_front() else { return Ok(false) };
             self.ema.process(&self.weights, &params, step)?;
             self.version = step;
+            if let Some((group, every)) = &self.check {
+                if *every > 0 && (step + 1) % every == 0 {
+                    // Every rank folds the same steps in the same order: the checks line up.
+                    let named: Vec<(String, Tensor)> = self
+                        .net
+                        .store()
+                        .trainable()
+                        .zip(&self.weights)
+                        .map(|(p, w)| (p.name.clone(), w.shallow_clone()))
+                        .collect();
+                    uamt::dist::agree(group, "teacher (EMA) weights", step, &named)?;
+                }
+            }
         }
         Ok(true)
     }
