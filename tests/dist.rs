@@ -139,3 +139,138 @@ fn two_ranks_train_as_pytorch_distributed_data_parallel_does() {
     });
     assert_eq!(out, vec![0, 1]);
 }
+
+/// Patches of 32x32x16 made without a generator (the ranks' threads must not share one).
+fn patches(k: f64) -> (Tensor, Tensor) {
+    let n = 4 * 32 * 32 * 16;
+    let i = Tensor::arange(n, (Kind::Float, tch::Device::Cpu));
+    let x = ((&i * k).sin() + (&i * (0.37 * k)).cos() * 0.5).reshape([4, 1, 32, 32, 16]);
+    let y = x.gt(0.3).to_kind(Kind::Int64).squeeze_dim(1);
+    (x, y)
+}
+
+/// Two SGD steps (on different data, so the second starts from moved weights and momentum) with
+/// eval-mode BatchNorm and a cross-entropy loss, on the patches `part` (start, count) of each
+/// batch; gradients averaged by `sync` when given. Returns the weights.
+fn eval_mode_steps(
+    vnet: &uamt::model::VNet,
+    opt: &mut uamt::method::Sgd,
+    mut sync: Option<&mut uamt::dist::GradSync>,
+    part: Option<(i64, i64)>,
+) -> Vec<(String, Tensor)> {
+    for k in [0.013, 0.029] {
+        let (x, y) = patches(k);
+        let (x, y) = match part {
+            Some((at, n)) => (x.narrow(0, at, n), y.narrow(0, at, n)),
+            None => (x, y),
+        };
+        let logits = vnet.forward_with(&x, false, uamt::model::Dropout::Random).unwrap();
+        let loss = logits.cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0);
+        uamt::method::Sgd::zero_grad(vnet.store());
+        loss.backward();
+        if let Some(s) = sync.as_deref_mut() {
+            s.after_backward(vnet.store()).unwrap();
+        }
+        opt.step(vnet.store(), 0.1).unwrap();
+    }
+    vnet.store().named_tensors()
+}
+
+/// Where BatchNorm cannot differ (eval mode: no batch statistics) and the loss is a mean over
+/// patches (cross-entropy), 2 ranks with 2 patches each take the same SGD steps as 1 process
+/// with those 4 patches: the averaged gradient is the doubled batch's gradient.
+#[test]
+fn two_ranks_equal_one_process_with_the_doubled_batch_in_eval_mode() {
+    use uamt::dist::GradSync;
+    use uamt::method::Sgd;
+    use uamt::model::{Init, VNet, VNetConfig};
+    let net = VNetConfig { n_filters: 4, ..Default::default() };
+    let one = {
+        let vnet = VNet::with_init(&net, tch::Device::Cpu, Init::Seeded(5)).unwrap();
+        let mut opt = Sgd::new(vnet.store(), 0.9, 1e-4);
+        eval_mode_steps(&vnet, &mut opt, None, None)
+    };
+    let net2 = net.clone();
+    let ranks = on_ranks(2, quick(), move |w| {
+        tch::set_num_threads(1);
+        let vnet = VNet::with_init(&net2, tch::Device::Cpu, Init::Seeded(5)).unwrap();
+        let mut opt = Sgd::new(vnet.store(), 0.9, 1e-4);
+        let mut sync = GradSync::on(w.step.clone(), 25.0, false);
+        let rank = w.launch.rank as i64;
+        let got = eval_mode_steps(&vnet, &mut opt, Some(&mut sync), Some((2 * rank, 2)));
+        got.into_iter()
+            .map(|(n, t)| (n, Vec::<f32>::try_from(&t.to_kind(Kind::Float).reshape([-1])).unwrap()))
+            .collect::<Vec<_>>()
+    });
+    for (rank, got) in ranks.iter().enumerate() {
+        for ((name, want), (gname, g)) in one.iter().zip(got) {
+            assert_eq!(name, gname);
+            let want = Vec::<f32>::try_from(&want.to_kind(Kind::Float).reshape([-1])).unwrap();
+            let scale = want.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
+            let err = want.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            assert!(err <= 1e-5, "rank {rank} `{name}`: error {err:.2e} of scale {scale:.2e}");
+        }
+    }
+    // And the weights moved: the comparison is not between two untouched copies.
+    let fresh = VNet::with_init(&net, tch::Device::Cpu, Init::Seeded(5)).unwrap();
+    let w0 = fresh.store().named_tensors().into_iter().find(|(n, _)| n.ends_with("weight")).unwrap().1;
+    let w1 = one.iter().find(|(n, _)| n.ends_with("weight")).unwrap().1.shallow_clone();
+    assert!((w0 - w1).abs().max().double_value(&[]) > 1e-4);
+}
+
+/// torchrun's variables, the config's fallbacks, and what is refused, naming the variable.
+#[test]
+fn launch_reads_torchrun_variables_and_refuses_impossible_ones() {
+    use std::collections::HashMap;
+    let resolve = |vars: &[(&str, &str)], cfg: &DistConfig| {
+        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Launch::resolve(cfg, |k| m.get(k).cloned()).map_err(|e| e.to_string())
+    };
+    let d = DistConfig::default();
+    assert_eq!(resolve(&[], &d), Ok(None), "no world size: one process");
+    assert_eq!(resolve(&[("WORLD_SIZE", "1"), ("RANK", "0")], &d), Ok(None));
+    let full =
+        [("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node7"), ("MASTER_PORT", "29500")];
+    assert_eq!(
+        resolve(&full, &d),
+        Ok(Some(Launch { rank: 3, world: 4, local_rank: 1, addr: "node7".into(), port: 29500 }))
+    );
+    let cfg = DistConfig {
+        world_size: Some(2),
+        rank: Some(1),
+        master_addr: Some("10.0.0.1".into()),
+        master_port: Some(1234),
+        ..DistConfig::default()
+    };
+    assert_eq!(
+        resolve(&[], &cfg),
+        Ok(Some(Launch { rank: 1, world: 2, local_rank: 1, addr: "10.0.0.1".into(), port: 1234 }))
+    );
+    assert_eq!(resolve(&[("RANK", "0")], &cfg).unwrap().unwrap().rank, 0, "the variable wins over the key");
+    for (vars, names) in [
+        (vec![("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK"),
+        (vec![("WORLD_SIZE", "two")], "WORLD_SIZE"),
+        (vec![("WORLD_SIZE", "0")], "WORLD_SIZE"),
+        (vec![("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK"),
+        (vec![("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "1")], "MASTER_ADDR"),
+        (vec![("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "h")], "MASTER_PORT"),
+        (vec![("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "70000")], "MASTER_PORT"),
+        (vec![("WORLD_SIZE", "2"), ("RANK", "-1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK"),
+    ] {
+        let e = resolve(&vars, &d).expect_err(&format!("{vars:?} accepted"));
+        assert!(e.contains(names), "{vars:?}: {e}");
+    }
+}
+
+/// A rank whose peer never comes fails the rendezvous within the timeout, naming the address.
+#[test]
+fn a_lonely_rank_gives_up_within_the_timeout() {
+    let port = free_port();
+    let t = std::time::Instant::now();
+    let cfg = DistConfig { timeout_s: 2.0, ..DistConfig::default() };
+    let e = World::connect(Launch { rank: 0, world: 2, local_rank: 0, addr: "127.0.0.1".into(), port }, &cfg)
+        .expect_err("connected alone");
+    let waited = t.elapsed().as_secs_f64();
+    assert!(waited < 30.0, "gave up after {waited:.1} s");
+    assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+}
