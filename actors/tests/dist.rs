@@ -1,0 +1,163 @@
+//! Data-parallel training through the real binary: 2 ranks launched as torchrun launches them
+//! (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), Gloo on loopback. A rank killed or stopped
+//! mid-run ends the other with an error within `distributed.timeout_s`; a stop request on one
+//! rank stops both after the same step with rank 0's final checkpoint; both resume from it (the
+//! other rank from rank 0's state), and one process cannot resume a 2-rank run.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{Daemon, TempDir};
+
+const SIGKILL: i32 = 9;
+const SIGTERM: i32 = 15;
+const SIGSTOP: i32 = 19;
+
+fn signal(d: &Daemon, sig: i32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: plain libc call on our own child.
+    assert_eq!(unsafe { kill(d.id() as i32, sig) }, 0);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A tiny UA-MT config for both ranks, everything under `dir`.
+fn write_config(dir: &Path, iterations: i64, timeout_s: f64) -> PathBuf {
+    let text = format!(
+        "[data]\nsynth_dir = \"{synth}\"\npatch = [32, 32, 16]\n[data.synth]\ncases = 8\nlabelled = 4\ntest = 1\n\
+         size = [40, 40, 24]\n[model]\nn_filters = 4\n[optim]\niterations = {iterations}\n[device]\n\
+         device = \"cpu\"\nthreads = 1\n[checkpoint]\ndir = \"{ckpt}\"\nevery = 0\nkeep = 10\n[eval]\nevery = 0\n\
+         [telemetry]\nlisten = \"\"\nlog_every = 1\n[distributed]\ntimeout_s = {timeout_s}\ncheck_every = 2\n",
+        synth = dir.join("synth").display(),
+        ckpt = dir.join("ckpt").display(),
+    );
+    let p = dir.join("run.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Starts rank `rank` of 2, logging to `dir/rank<rank>.log`.
+fn rank(dir: &Path, config: &Path, rank: usize, port: u16, args: &[&str]) -> Daemon {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uamt"));
+    cmd.args(["train", "--config"]).arg(config).args(args).current_dir(dir).stdout(Stdio::null());
+    cmd.stderr(std::fs::File::create(dir.join(format!("rank{rank}.log"))).unwrap());
+    cmd.env("RANK", rank.to_string()).env("WORLD_SIZE", "2").env("LOCAL_RANK", rank.to_string());
+    cmd.env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
+    Daemon::new(cmd.spawn().unwrap())
+}
+
+fn log(dir: &Path, rank: usize) -> String {
+    std::fs::read_to_string(dir.join(format!("rank{rank}.log"))).unwrap_or_default()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for the process to exit, at most `secs`; returns the status and the seconds waited.
+fn wait_exit(d: &mut Daemon, secs: f64) -> (std::process::ExitStatus, f64) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = d.child().try_wait().unwrap() {
+            return (s, t0.elapsed().as_secs_f64());
+        }
+        assert!(t0.elapsed().as_secs_f64() < secs, "the rank did not exit within {secs} s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The checkpoint files in `dir` as `ckpt-<iteration>`, sorted (the run id cut off).
+fn checkpoints(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("ckpt-") && f.ends_with(".safetensors"))
+        .map(|f| f[..13].to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The step counts of the `done` lines.
+fn done_steps(text: &str) -> Option<i64> {
+    let line = text.lines().rev().find(|l| l.contains(" done ") || l.contains(": done"))?;
+    let at = line.find("steps=")? + "steps=".len();
+    line[at..].split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn a_killed_or_stalled_rank_ends_the_other_with_an_error_within_the_timeout() {
+    for (name, sig) in [("killed", SIGKILL), ("stalled", SIGSTOP)] {
+        let dir = TempDir::new(&format!("dist-{name}"));
+        let timeout = 6.0;
+        let cfg = write_config(&dir, 100_000, timeout);
+        let port = free_port();
+        let mut r0 = rank(&dir, &cfg, 0, port, &[]);
+        let r1 = rank(&dir, &cfg, 1, port, &[]);
+        wait_for("rank 1's third step", 120, || log(&dir, 1).contains("iteration=3 "));
+        signal(&r1, sig);
+        let (status, waited) = wait_exit(&mut r0, timeout + 20.0);
+        let text = log(&dir, 0);
+        assert!(!status.success(), "{name}: rank 0 exited 0\n{text}");
+        assert!(text.contains("distributed training") && text.contains("rank 0 of 2"), "{name}: {text}");
+        eprintln!("{name}: rank 0 exited after {waited:.1} s ({status})");
+        drop(r1); // killed and reaped by the guard (a stopped process is killed too)
+    }
+}
+
+#[test]
+fn a_stop_on_one_rank_stops_both_after_the_same_step_and_both_resume_from_rank_0() {
+    let dir = TempDir::new("dist-stop");
+    let cfg = write_config(&dir, 100_000, 60.0);
+    let port = free_port();
+    let (mut r0, mut r1) = (rank(&dir, &cfg, 0, port, &[]), rank(&dir, &cfg, 1, port, &[]));
+    wait_for("rank 1's second step", 120, || log(&dir, 1).contains("iteration=2 "));
+    signal(&r1, SIGTERM);
+    let (s1, _) = wait_exit(&mut r1, 60.0);
+    let (s0, _) = wait_exit(&mut r0, 60.0);
+    let (l0, l1) = (log(&dir, 0), log(&dir, 1));
+    assert!(s0.success() && s1.success(), "exits {s0} {s1}\n{l0}\n{l1}");
+    let (n0, n1) = (done_steps(&l0).expect("rank 0 done"), done_steps(&l1).expect("rank 1 done"));
+    assert_eq!(n0, n1, "the ranks stopped after different steps");
+    let ckpts = checkpoints(&dir.join("ckpt"));
+    assert_eq!(ckpts, vec![format!("ckpt-{n0:08}")], "one checkpoint, rank 0's final one");
+
+    // Both resume: rank 0 from its checkpoint, rank 1 (told to resume from a folder it has
+    // never seen) from rank 0's state; 3 more steps each, the final checkpoint at n0 + 3.
+    let port = free_port();
+    let (mut r0, mut r1) = (
+        rank(&dir, &cfg, 0, port, &["--resume", "--stop-after", "3"]),
+        rank(&dir, &cfg, 1, port, &["--resume", "--stop-after", "3", "--checkpoint-dir", "/nonexistent"]),
+    );
+    let (s0, _) = wait_exit(&mut r0, 120.0);
+    let (s1, _) = wait_exit(&mut r1, 120.0);
+    let (l0, l1) = (log(&dir, 0), log(&dir, 1));
+    assert!(s0.success() && s1.success(), "resume exits {s0} {s1}\n{l0}\n{l1}");
+    assert!(l0.contains("resumed"), "{l0}");
+    assert_eq!((done_steps(&l0), done_steps(&l1)), (Some(3), Some(3)), "{l0}\n{l1}");
+    assert_eq!(checkpoints(&dir.join("ckpt")), vec![format!("ckpt-{n0:08}"), format!("ckpt-{:08}", n0 + 3)]);
+
+    // One process cannot continue a 2-process run: its batches would differ.
+    let out = Command::new(env!("CARGO_BIN_EXE_uamt"))
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(["--resume", "--stop-after", "1"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a single process resumed a 2-rank run\n{text}");
+    assert!(text.contains("2 process(es)") && text.contains("same world size"), "{text}");
+}
