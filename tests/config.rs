@@ -70,6 +70,14 @@ fn impossible_values_are_refused_with_the_key_named() {
         ("[device]\ndevice = \"cpu\"\nprecision = \"tf32\"", "device.precision"),
         ("[device]\nprecision = \"fp16\"", "device.precision"),
         ("[telemetry]\nreadback_every = -1", "telemetry.readback_every"),
+        ("[distributed]\ntimeout_s = 0", "distributed.timeout_s"),
+        ("[distributed]\nbucket_mb = -1", "distributed.bucket_mb"),
+        ("[distributed]\ncheck_every = -1", "distributed.check_every"),
+        ("[distributed]\nworld_size = 0", "distributed.world_size"),
+        ("[distributed]\nworld_size = 2\nrank = 2", "distributed.rank"),
+        ("[distributed]\nmaster_port = 0", "distributed.master_port"),
+        ("[distributed]\nbackend = \"nccl\"", "backend"),
+        ("[distributed]\nranks = 2", "ranks"),
     ] {
         let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
         assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");
@@ -132,6 +140,8 @@ fn nan_and_infinity_are_refused_for_every_float_key() {
         ("optim", "lr_gamma"),
         ("optim", "momentum"),
         ("optim", "weight_decay"),
+        ("distributed", "timeout_s"),
+        ("distributed", "bucket_mb"),
     ] {
         for v in ["nan", "inf", "-inf"] {
             let err = refused(&format!("[{section}]\n{key} = {v}\n"));

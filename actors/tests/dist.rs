@@ -2,7 +2,8 @@
 //! (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), Gloo on loopback. A rank killed or stopped
 //! mid-run ends the other with an error within `distributed.timeout_s`; a stop request on one
 //! rank stops both after the same step with rank 0's final checkpoint; both resume from it (the
-//! other rank from rank 0's state), and one process cannot resume a 2-rank run.
+//! other rank from rank 0's state), and one process cannot resume a 2-rank run. Each rank
+//! serves metrics labelled with its rank.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -30,11 +31,16 @@ fn free_port() -> u16 {
 
 /// A tiny UA-MT config for both ranks, everything under `dir`.
 fn write_config(dir: &Path, iterations: i64, timeout_s: f64) -> PathBuf {
+    write_config_listening(dir, iterations, timeout_s, "")
+}
+
+/// [`write_config`] with the metrics endpoint at `listen`.
+fn write_config_listening(dir: &Path, iterations: i64, timeout_s: f64, listen: &str) -> PathBuf {
     let text = format!(
         "[data]\nsynth_dir = \"{synth}\"\npatch = [32, 32, 16]\n[data.synth]\ncases = 8\nlabelled = 4\ntest = 1\n\
          size = [40, 40, 24]\n[model]\nn_filters = 4\n[optim]\niterations = {iterations}\n[device]\n\
          device = \"cpu\"\nthreads = 1\n[checkpoint]\ndir = \"{ckpt}\"\nevery = 0\nkeep = 10\n[eval]\nevery = 0\n\
-         [telemetry]\nlisten = \"\"\nlog_every = 1\n[distributed]\ntimeout_s = {timeout_s}\ncheck_every = 2\n",
+         [telemetry]\nlisten = \"{listen}\"\nlog_every = 1\n[distributed]\ntimeout_s = {timeout_s}\ncheck_every = 2\n",
         synth = dir.join("synth").display(),
         ckpt = dir.join("ckpt").display(),
     );
@@ -51,6 +57,18 @@ fn rank(dir: &Path, config: &Path, rank: usize, port: u16, args: &[&str]) -> Dae
     cmd.env("RANK", rank.to_string()).env("WORLD_SIZE", "2").env("LOCAL_RANK", rank.to_string());
     cmd.env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
     Daemon::new(cmd.spawn().unwrap())
+}
+
+/// `GET /metrics` from the address in `file`.
+fn metrics(file: &Path) -> String {
+    use std::io::{Read, Write};
+    let addr = std::fs::read_to_string(file).unwrap();
+    let mut s = std::net::TcpStream::connect(addr.trim()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 fn log(dir: &Path, rank: usize) -> String {
@@ -120,10 +138,17 @@ fn a_killed_or_stalled_rank_ends_the_other_with_an_error_within_the_timeout() {
 #[test]
 fn a_stop_on_one_rank_stops_both_after_the_same_step_and_both_resume_from_rank_0() {
     let dir = TempDir::new("dist-stop");
-    let cfg = write_config(&dir, 100_000, 60.0);
+    let cfg = write_config_listening(&dir, 100_000, 60.0, "127.0.0.1:0");
     let port = free_port();
-    let (mut r0, mut r1) = (rank(&dir, &cfg, 0, port, &[]), rank(&dir, &cfg, 1, port, &[]));
+    let addr = ["--addr-file", "addr"];
+    let (mut r0, mut r1) = (rank(&dir, &cfg, 0, port, &addr), rank(&dir, &cfg, 1, port, &addr));
     wait_for("rank 1's second step", 120, || log(&dir, 1).contains("iteration=2 "));
+    // Every rank serves its metrics, labelled with its rank (rank 1's address file is suffixed).
+    for (r, file) in [(0, "addr"), (1, "addr.rank1")] {
+        let text = metrics(&dir.join(file));
+        let line = text.lines().find(|l| l.starts_with("uamt_iterations_total")).unwrap_or_else(|| panic!("{text}"));
+        assert!(line.contains(&format!("rank=\"{r}\"")), "rank {r}: {line}");
+    }
     signal(&r1, SIGTERM);
     let (s1, _) = wait_exit(&mut r1, 60.0);
     let (s0, _) = wait_exit(&mut r0, 60.0);
