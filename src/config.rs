@@ -173,6 +173,10 @@ pub struct DeviceConfig {
     /// (channels fastest, what oneDNN's fastest CPU convolutions want) or `auto` (channels-last
     /// on a CPU from 8 filters up, where it measured faster; contiguous below and on a GPU).
     pub layout: Layout,
+    /// Processes of one data-parallel run on this host (torchrun's `LOCAL_WORLD_SIZE`; set by
+    /// the daemon, not a key): automatic thread counts take this process's share of the cores.
+    #[serde(skip)]
+    pub processes_on_host: usize,
 }
 
 /// The activations' memory layout (`device.layout`).
@@ -197,6 +201,7 @@ impl Default for DeviceConfig {
             pass_workers: 0,
             layout: Layout::Auto,
             streams: true,
+            processes_on_host: 1,
         }
     }
 }
@@ -257,6 +262,7 @@ impl DeviceConfig {
         match (self.threads, self.resolve()) {
             (0, Ok(tch::Device::Cpu)) => {
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let cores = (cores / self.processes_on_host.max(1)).max(1);
                 if overlapping {
                     (cores / 2).max(1)
                 } else {

@@ -150,6 +150,12 @@ pub struct Launch {
     pub addr: String,
     /// The store's port.
     pub port: u16,
+    /// torchrun's agent already serves the store at `addr:port` (`TORCHELASTIC_USE_AGENT_STORE`):
+    /// every rank, rank 0 too, is its client.
+    pub agent_store: bool,
+    /// torchrun's restart count (`TORCHELASTIC_RESTART_COUNT`): the keys of each attempt are
+    /// kept apart, so a restarted job never reads an earlier attempt's.
+    pub attempt: u64,
 }
 
 impl Launch {
@@ -207,7 +213,17 @@ impl Launch {
         if port == 0 {
             return Err(Error::invalid("MASTER_PORT", "0 is not a port rank 0 can be reached on"));
         }
-        Ok(Some(Launch { rank, world, local_rank, addr, port }))
+        let agent_store = env("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let attempt = match env("TORCHELASTIC_RESTART_COUNT").filter(|v| !v.trim().is_empty()) {
+            Some(v) => num::<u64>("TORCHELASTIC_RESTART_COUNT", &v)?,
+            None => 0,
+        };
+        Ok(Some(Launch { rank, world, local_rank, addr, port, agent_store, attempt }))
+    }
+
+    /// Rank `rank` of `world` on one host (local rank = rank), the store served by rank 0.
+    pub fn new(rank: usize, world: usize, addr: &str, port: u16) -> Launch {
+        Launch { rank, world, local_rank: rank, addr: addr.to_string(), port, agent_store: false, attempt: 0 }
     }
 
     /// Whether this process writes checkpoints and evaluates.
@@ -219,6 +235,20 @@ impl Launch {
     /// rank, so ranks draw independently and any rank's draws can be recomputed.
     pub fn draw_seed(&self, seed: u64) -> u64 {
         crate::rng::key(seed, &[crate::rng::stream::RANK, self.rank as u64])
+    }
+}
+
+/// How many processes share the cores this process sees, given `local_world` ranks on the host:
+/// all of them, unless a launcher pinned this process to fewer cores than the host has online
+/// (then those few are its own share, and 1).
+pub fn sharing_cores(local_world: usize) -> usize {
+    let seen = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // SAFETY: a plain query of the C library.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    if seen < online {
+        1
+    } else {
+        local_world.clamp(1, MAX_WORLD)
     }
 }
 
@@ -367,9 +397,10 @@ impl World {
         let addr =
             CString::new(launch.addr.clone()).map_err(|_| Error::invalid("MASTER_ADDR", "holds a NUL character"))?;
         let (rank, world) = (launch.rank as c_int, launch.world as c_int);
+        let serve = c_int::from(launch.rank == 0 && !launch.agent_store);
         let mut store = std::ptr::null_mut();
         // SAFETY: valid C string and out-pointer.
-        let rc = unsafe { uamt_dist_store(addr.as_ptr(), launch.port as c_int, rank, world, timeout_ms, &mut store) };
+        let rc = unsafe { uamt_dist_store(addr.as_ptr(), launch.port as c_int, serve, world, timeout_ms, &mut store) };
         if rc != 0 {
             return Err(Error::Distributed(format!(
                 "rank {} of {}: the rendezvous at {}:{} failed within {:.1} s (distributed.timeout_s): {}",
@@ -383,7 +414,7 @@ impl World {
         }
         let store = Arc::new(Store(store));
         let group = |name: &'static str| -> Result<Arc<Group>> {
-            let prefix = CString::new(format!("uamt/{name}/")).expect("no NUL");
+            let prefix = CString::new(format!("uamt/attempt_{}/{name}/", launch.attempt)).expect("no NUL");
             let mut ptr = std::ptr::null_mut();
             // SAFETY: a live store, valid C string and out-pointer.
             let rc = unsafe { uamt_dist_group(store.0, prefix.as_ptr(), rank, world, timeout_ms, &mut ptr) };
@@ -411,20 +442,31 @@ impl World {
     }
 }
 
-/// Copies `tensors` into one flat fp32 buffer (each flattened, in order).
-fn flatten(tensors: &[Tensor]) -> Result<Tensor> {
-    let flat: Vec<Tensor> = tensors.iter().map(|t| t.detach().to_kind(Kind::Float).reshape([-1])).collect();
-    Ok(Tensor::f_cat(&flat, 0)?)
-}
-
-/// Copies a flat buffer back into `tensors` (each keeps its shape and kind).
-fn unflatten(flat: &Tensor, tensors: &[Tensor]) -> Result<()> {
+/// Packs `tensors` (each flattened, in order) into one new fp32 buffer on the host with `extra`
+/// more elements at the end. One copy per tensor, whatever its device or kind: Gloo reduces host
+/// memory (CUDA tensors are staged through it).
+fn pack(tensors: &[Tensor], extra: i64) -> Result<Tensor> {
+    let total: i64 = tensors.iter().map(|t| t.numel() as i64).sum();
+    let flat = Tensor::f_empty([total + extra], (Kind::Float, tch::Device::Cpu))?;
     tch::no_grad(|| -> Result<()> {
         let mut at = 0i64;
         for t in tensors {
             let n = t.numel() as i64;
-            let part = flat.narrow(0, at, n).view(t.size().as_slice()).to_kind(t.kind());
-            t.shallow_clone().f_copy_(&part)?;
+            flat.narrow(0, at, n).f_copy_(&t.detach().reshape([-1]))?;
+            at += n;
+        }
+        Ok(())
+    })?;
+    Ok(flat)
+}
+
+/// Copies a packed buffer back into `tensors` (each keeps its shape, kind and device).
+fn unpack(flat: &Tensor, tensors: &[Tensor]) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        let mut at = 0i64;
+        for t in tensors {
+            let n = t.numel() as i64;
+            t.shallow_clone().f_copy_(&flat.narrow(0, at, n).view(t.size().as_slice()))?;
             at += n;
         }
         Ok(())
@@ -435,9 +477,9 @@ fn unflatten(flat: &Tensor, tensors: &[Tensor]) -> Result<()> {
 pub fn broadcast_all(group: &Group, tensors: &[Tensor], bucket_bytes: usize) -> Result<()> {
     for bucket in buckets(tensors, bucket_bytes) {
         let part: Vec<Tensor> = bucket.iter().map(|&i| tensors[i].shallow_clone()).collect();
-        let flat = flatten(&part)?.to_device(tch::Device::Cpu);
+        let flat = pack(&part, 0)?;
         group.broadcast(&flat, 0)?;
-        unflatten(&flat, &part)?;
+        unpack(&flat, &part)?;
     }
     Ok(())
 }
@@ -542,19 +584,19 @@ impl GradSync {
         let mut any_stop = false;
         for (b, bucket) in plan.iter().enumerate() {
             let part: Vec<Tensor> = bucket.iter().map(|&i| grads[i].shallow_clone()).collect();
-            let mut flat = flatten(&part)?;
+            // The last bucket carries the stop vote in one more element.
+            let vote = usize::from(b == last) as i64;
+            let mut flat = pack(&part, vote)?;
             if b == last {
-                let vote = if self.stop.load(Ordering::SeqCst) { world } else { 0.0 };
-                flat = Tensor::f_cat(&[flat, Tensor::from_slice(&[vote as f32])], 0)?;
+                let n = flat.size()[0];
+                let _ = flat.get(n - 1).f_fill_(if self.stop.load(Ordering::SeqCst) { world } else { 0.0 })?;
             }
             let _ = flat.f_div_scalar_(world)?;
             self.group.all_reduce(&flat, Reduce::Sum)?;
             if b == last {
-                let n = flat.size()[0];
-                any_stop = flat.double_value(&[n - 1]) > 0.5;
-                flat = flat.narrow(0, 0, n - 1);
+                any_stop = flat.double_value(&[flat.size()[0] - 1]) > 0.5;
             }
-            unflatten(&flat, &part)?;
+            unpack(&flat, &part)?;
         }
         self.agreed_stop = any_stop;
         Ok(())
@@ -595,7 +637,7 @@ pub fn agree(group: &Group, what: &str, step: i64, named: &[(String, Tensor)]) -
         if !(a == b) {
             let name = &named[k / 2].0;
             return Err(Error::Distributed(format!(
-                "after step {step} the {what} differs between ranks at `{name}` (checksums from {a:e} to {b:e}); \
+                "after step {step} the {what} differ between ranks at `{name}` (checksums from {a:e} to {b:e}); \
                  the ranks no longer train the same model"
             )));
         }

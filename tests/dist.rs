@@ -21,7 +21,7 @@ fn on_ranks<T: Send + 'static>(n: usize, cfg: DistConfig, f: impl Fn(World) -> T
         .map(|rank| {
             let (f, cfg) = (f.clone(), cfg.clone());
             std::thread::spawn(move || {
-                let launch = Launch { rank, world: n, local_rank: rank, addr: "127.0.0.1".into(), port };
+                let launch = Launch::new(rank, n, "127.0.0.1", port);
                 f(World::connect(launch, &cfg).expect("connect"))
             })
         })
@@ -57,13 +57,13 @@ fn collectives_reduce_and_broadcast_across_two_ranks() {
 fn agree_passes_equal_tensors_and_names_the_first_that_differs() {
     let out = on_ranks(2, quick(), |w| {
         let same = vec![("a".to_string(), Tensor::arange(6, (Kind::Float, tch::Device::Cpu)))];
-        let ok = agree(&w.checks, "teacher", 3, &same).map_err(|e| e.to_string());
+        let ok = agree(&w.checks, "teacher weights", 3, &same).map_err(|e| e.to_string());
         let r = w.launch.rank as f64;
         let differ = vec![
             ("a".to_string(), Tensor::ones([2], (Kind::Float, tch::Device::Cpu))),
             ("b.weight".to_string(), Tensor::from_slice(&[1.0 + r * 1e-7])),
         ];
-        let bad = agree(&w.checks, "teacher", 7, &differ).map_err(|e| e.to_string());
+        let bad = agree(&w.checks, "teacher weights", 7, &differ).map_err(|e| e.to_string());
         (ok, bad)
     });
     for (ok, bad) in out {
@@ -134,7 +134,7 @@ fn two_ranks_train_as_pytorch_distributed_data_parallel_does() {
         // The ranks' students are the same model (bit for bit: the averaged gradients are).
         let named: Vec<_> =
             tr.student.store().trainable().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
-        agree(&w.checks, "student", 3, &named).unwrap();
+        agree(&w.checks, "student weights", 3, &named).unwrap();
         rank
     });
     assert_eq!(out, vec![0, 1]);
@@ -231,10 +231,7 @@ fn launch_reads_torchrun_variables_and_refuses_impossible_ones() {
     assert_eq!(resolve(&[("WORLD_SIZE", "1"), ("RANK", "0")], &d), Ok(None));
     let full =
         [("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node7"), ("MASTER_PORT", "29500")];
-    assert_eq!(
-        resolve(&full, &d),
-        Ok(Some(Launch { rank: 3, world: 4, local_rank: 1, addr: "node7".into(), port: 29500 }))
-    );
+    assert_eq!(resolve(&full, &d), Ok(Some(Launch { local_rank: 1, ..Launch::new(3, 4, "node7", 29500) })));
     let cfg = DistConfig {
         world_size: Some(2),
         rank: Some(1),
@@ -242,11 +239,12 @@ fn launch_reads_torchrun_variables_and_refuses_impossible_ones() {
         master_port: Some(1234),
         ..DistConfig::default()
     };
-    assert_eq!(
-        resolve(&[], &cfg),
-        Ok(Some(Launch { rank: 1, world: 2, local_rank: 1, addr: "10.0.0.1".into(), port: 1234 }))
-    );
+    assert_eq!(resolve(&[], &cfg), Ok(Some(Launch::new(1, 2, "10.0.0.1", 1234))));
     assert_eq!(resolve(&[("RANK", "0")], &cfg).unwrap().unwrap().rank, 0, "the variable wins over the key");
+    // Under torchrun the agent serves the store; each restart's keys are apart.
+    let agent = [("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "2")];
+    let l = resolve(&agent, &cfg).unwrap().unwrap();
+    assert!(l.agent_store && l.attempt == 2, "{l:?}");
     for (vars, names) in [
         (vec![("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK"),
         (vec![("WORLD_SIZE", "two")], "WORLD_SIZE"),
@@ -268,8 +266,7 @@ fn a_lonely_rank_gives_up_within_the_timeout() {
     let port = free_port();
     let t = std::time::Instant::now();
     let cfg = DistConfig { timeout_s: 2.0, ..DistConfig::default() };
-    let e = World::connect(Launch { rank: 0, world: 2, local_rank: 0, addr: "127.0.0.1".into(), port }, &cfg)
-        .expect_err("connected alone");
+    let e = World::connect(Launch::new(0, 2, "127.0.0.1", port), &cfg).expect_err("connected alone");
     let waited = t.elapsed().as_secs_f64();
     assert!(waited < 30.0, "gave up after {waited:.1} s");
     assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");

@@ -59,13 +59,13 @@ void finish(const c10::intrusive_ptr<c10d::Work>& work, int64_t timeout_ms, cons
 
 extern "C" {
 
-// Connects to (rank 0: serves) the store at addr:port and waits until all `world` ranks are
-// there, for at most timeout_ms.
-int uamt_dist_store(const char* addr, int port, int rank, int world, int64_t timeout_ms, void** out) {
+// Connects to (serve = 1: serves) the store at addr:port and waits until all `world` ranks are
+// there, for at most timeout_ms. Under torchrun the agent serves it and every rank is a client.
+int uamt_dist_store(const char* addr, int port, int serve, int world, int64_t timeout_ms, void** out) {
   return guarded([&] {
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<std::uint16_t>(port);
-    opts.isServer = rank == 0;
+    opts.isServer = serve != 0;
     opts.numWorkers = static_cast<std::size_t>(world);
     opts.waitWorkers = true;
     opts.timeout = ms(timeout_ms);

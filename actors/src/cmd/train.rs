@@ -117,6 +117,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut addr_file = args.addr_file.clone();
     if let Some(l) = &launch {
         adapt_to_rank(&mut cfg, l)?;
+        cfg.validate()?;
         labels.push(("rank", l.rank.to_string()));
         addr_file =
             addr_file.map(|f| if l.rank == 0 { f } else { PathBuf::from(format!("{}.rank{}", f.display(), l.rank)) });
@@ -128,7 +129,12 @@ pub fn run(args: Args) -> Result<()> {
     let footprint = uamt::footprint::Footprint::of(&cfg);
     if device == tch::Device::Cpu {
         if let Some(available) = uamt::footprint::available_memory() {
-            footprint.check(available, "this machine")?;
+            // Ranks on one host share its memory (LOCAL_WORLD_SIZE of them, when told).
+            let local = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.trim().parse::<u64>().ok());
+            match local.filter(|n| *n > 1 && launch.is_some()) {
+                Some(n) => footprint.check(available / n, &format!("this rank's share (1/{n}) of this machine"))?,
+                None => footprint.check(available, "this machine")?,
+            }
         }
     }
     tracing::info!(estimate = %footprint.describe(), "memory");
@@ -163,6 +169,20 @@ pub fn run(args: Args) -> Result<()> {
 /// the same); on one host, local rank k serves metrics on the configured port + k.
 fn adapt_to_rank(cfg: &mut Config, l: &uamt::dist::Launch) -> Result<()> {
     cfg.distributed.world_size = Some(l.world);
+    // Automatic thread counts share the host's cores with the other local ranks (torchrun and
+    // ops/dist-local say how many there are), unless a launcher already pinned this process to
+    // fewer cores than the host has (its share is then all it sees).
+    if let Some(n) = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+        cfg.device.processes_on_host = uamt::dist::sharing_cores(n);
+    }
+    // On GPUs each local rank takes its own device ("cuda" / "auto" mean cuda:LOCAL_RANK here);
+    // the collectives stage the tensors through host memory (Gloo), untested on GPUs so far.
+    if let Ok(tch::Device::Cuda(_)) = cfg.device.resolve() {
+        if matches!(cfg.device.device.trim(), "auto" | "cuda") {
+            let count = tch::Cuda::device_count().max(1) as usize;
+            cfg.device.device = format!("cuda:{}", l.local_rank % count);
+        }
+    }
     if !l.is_first() {
         cfg.eval.every = 0;
         cfg.eval.watch_dir = PathBuf::new();
