@@ -1,7 +1,8 @@
 //! The gradient all-reduce of a data-parallel step, against PyTorch's: the full V-Net's
 //! (16 filters, 9,448,866 parameters, 37.8 MB of fp32 gradients) gradients averaged over 2 ranks
 //! with Gloo on loopback, in 25 MB buckets. Ours: `GradSync::after_backward` (pack, divide,
-//! all-reduce, unpack, plus the stop vote), 2 ranks as threads of one process; the peer:
+//! all-reduce, unpack, plus the stop vote), 2 ranks as 2 processes (this program started again
+//! with `UAMT_BENCH_RANK`); the peer:
 //! torch.distributed with the same buckets, 2 processes (benches/reference/allreduce_peer.py).
 //! One intra-op thread per rank on both sides; medians over the same number of rounds, measured
 //! in the same run, reported as a ratio.
@@ -50,12 +51,35 @@ fn ours_rank(rank: usize, port: u16) -> f64 {
 }
 
 fn main() {
+    // A rank of ours: measure, print the median, done.
+    if let (Ok(rank), Ok(port)) = (std::env::var("UAMT_BENCH_RANK"), std::env::var("UAMT_BENCH_PORT")) {
+        let s = ours_rank(rank.parse().expect("rank"), port.parse().expect("port"));
+        println!("{s}");
+        return;
+    }
     let net = VNet::new(&VNetConfig::default(), Device::Cpu).expect("v-net");
     let shapes: Vec<Vec<i64>> = net.store().trainable().map(|p| p.tensor.size()).collect();
     let params: i64 = shapes.iter().map(|s| s.iter().product::<i64>()).sum();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let ranks: Vec<_> = (0..2).map(|r| std::thread::spawn(move || ours_rank(r, port))).collect();
-    let ours = ranks.into_iter().map(|h| h.join().expect("rank")).fold(0.0, f64::max);
+    let me = std::env::current_exe().expect("this program");
+    let ranks: Vec<_> = (0..2)
+        .map(|r| {
+            Command::new(&me)
+                .env("UAMT_BENCH_RANK", r.to_string())
+                .env("UAMT_BENCH_PORT", port.to_string())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a rank")
+        })
+        .collect();
+    let ours = ranks
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().expect("rank");
+            assert!(out.status.success(), "a rank failed");
+            String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().expect("rank's median")
+        })
+        .fold(0.0, f64::max);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = std::env::var("UAMT_PYTHON").unwrap_or_else(|_| root.join(".venv/bin/python3").display().to_string());
     let out = Command::new(&python)

@@ -228,3 +228,36 @@ fn torchrun_launches_the_same_run_as_a_launch_by_hand() {
     losses.sort();
     assert_eq!(losses, vec![(0, by_hand.0), (1, by_hand.1)], "{text}");
 }
+
+/// `ops/dist-local` starts the ranks with torchrun's variables, logs each, and exits 0 when all
+/// did; with a rank that cannot start (a world too large for the labelled cases) it exits
+/// non-zero naming the rank.
+#[test]
+fn ops_dist_local_runs_the_ranks_and_reports_a_failed_one() {
+    let dir = TempDir::new("dist-local");
+    let cfg = write_config(&dir, 3, 60.0);
+    let run = |n: &str, logs: &str| {
+        Command::new(support::repo().join("ops/dist-local"))
+            .args(["-n", n, "--logs"])
+            .arg(dir.join(logs))
+            .args(["--grace", "5", "--", "--config"])
+            .arg(&cfg)
+            .env("UAMT_BIN", env!("CARGO_BIN_EXE_uamt"))
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = run("2", "ok");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    for r in 0..2 {
+        let l = std::fs::read_to_string(dir.join(format!("ok/rank{r}.log"))).unwrap();
+        assert_eq!(done_steps(&l), Some(3), "rank {r}: {l}");
+    }
+    // 3 ranks x 2 labelled patches need 6 labelled cases; the synthetic data has 4.
+    std::fs::remove_dir_all(dir.join("ckpt")).ok();
+    let out = run("3", "bad");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("rank 0") && text.contains("failed") && text.contains("rank0.log"), "{text}");
+}
