@@ -81,7 +81,10 @@ fn agree_passes_equal_tensors_and_names_the_first_that_differs() {
 /// (gradients averaged, buffers from rank 0). Later steps are held to 1e-4: measured 2026-12-02,
 /// the third step's consistency loss differs by 1.6e-5 relative and a BatchNorm bias by 3.9e-5
 /// of the 1e-2 floor, while PyTorch against itself (1 thread against 2 per process) moves them
-/// by 1e-6; the single-process golden tests meet 1e-5. Where the rest comes from is not found.
+/// by 1e-6; the single-process golden tests meet 1e-5. Probably rounding made visible by
+/// cancellation (from the second step the teacher is the student of one step before, so the
+/// consistency term squares the difference of two nearly equal softmaxes, and the second step's
+/// supervised loss is still bit for bit equal); not proven.
 #[test]
 fn two_ranks_train_as_pytorch_distributed_data_parallel_does() {
     use support::{assert_scalar, assert_store, oracle_output, pass, Fixture};
