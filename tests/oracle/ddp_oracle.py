@@ -6,7 +6,8 @@ gradients averaged over the ranks, BatchNorm buffers broadcast from rank 0 befor
 pass), the EMA teacher updated from the student on each rank. Each rank has its own batch and
 its own randomness (noise, dropout masks), drawn here beforehand so the Rust test can feed the
 same. Writes ddp_uamt.npz: the initial weights, each rank's inputs and randomness (r0., r1.),
-each rank's losses per step and final student and teacher.
+each rank's losses per step, momentum buffers after the first step (its averaged gradients plus
+weight decay) and final student and teacher.
 
 Usage: ddp_oracle.py OUT_DIR
 """
@@ -85,6 +86,10 @@ def worker(rank, port, init, inputs, out):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if it == 0:
+            # After one step each momentum buffer is that step's averaged gradient (+ decay).
+            for name, prm in student.named_parameters():
+                res[f"momentum0.{name}"] = opt.state[prm]["momentum_buffer"].clone().numpy()
         ema_update(teacher, student, CFG["ema_decay"], it)
         o = f"out.{it}"
         for k, v in dict(loss=loss, supervised=sup, ce=ce, dice=dice, consistency=cons, mask_fraction=mask.mean()).items():
