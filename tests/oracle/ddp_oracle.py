@@ -1,11 +1,11 @@
 """PyTorch DistributedDataParallel oracle for uamt's data-parallel training (tests/dist.rs).
 
-Two processes with the Gloo backend on loopback train the V-Net of uamt_oracle.py with UA-MT
-for 3 steps, the student wrapped in torch.nn.parallel.DistributedDataParallel (its defaults:
+Two processes with the Gloo backend on loopback train the V-Net of uamt_oracle.py with UA-MT,
+then with Mean Teacher (the same without the Monte-Carlo passes and the mask), for 3 steps, the student wrapped in torch.nn.parallel.DistributedDataParallel (its defaults:
 gradients averaged over the ranks, BatchNorm buffers broadcast from rank 0 before each forward
 pass), the EMA teacher updated from the student on each rank. Each rank has its own batch and
 its own randomness (noise, dropout masks), drawn here beforehand so the Rust test can feed the
-same. Writes ddp_uamt.npz: the initial weights, each rank's inputs and randomness (r0., r1.),
+same. Writes ddp_uamt.npz and ddp_mean_teacher.npz: the initial weights, each rank's inputs and randomness (r0., r1.),
 each rank's losses per step, momentum buffers after the first step (its averaged gradients plus
 weight decay) and final student and teacher.
 
@@ -47,7 +47,7 @@ def draw(rank):
     return d
 
 
-def worker(rank, port, init, inputs, out):
+def worker(rank, port, init, inputs, out, method):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     student, teacher = VNet(nf=NF), VNet(nf=NF)
@@ -74,12 +74,16 @@ def worker(rank, port, init, inputs, out):
         unl = images[LBS:]
         with torch.no_grad():
             target = teacher(unl + d[f"{r}.teacher.noise"], (d[f"{r}.teacher.x5"], d[f"{r}.teacher.x9"]))
-            rep = unl.repeat(REPS, 1, 1, 1, 1)
-            preds = [teacher(rep + d[f"{r}.mc.{k}.noise"], (d[f"{r}.mc.{k}.x5"], d[f"{r}.mc.{k}.x9"]))
-                     for k in range(T // REPS)]
-        u = uncertainty(torch.cat(preds), T)
-        thr = (0.75 + 0.25 * sigmoid_rampup(it, CFG["max_iter"])) * np.log(2)
-        mask = (u < thr).float()
+            if method == "uamt":
+                rep = unl.repeat(REPS, 1, 1, 1, 1)
+                preds = [teacher(rep + d[f"{r}.mc.{k}.noise"], (d[f"{r}.mc.{k}.x5"], d[f"{r}.mc.{k}.x9"]))
+                         for k in range(T // REPS)]
+        if method == "uamt":
+            u = uncertainty(torch.cat(preds), T)
+            thr = (0.75 + 0.25 * sigmoid_rampup(it, CFG["max_iter"])) * np.log(2)
+            mask = (u < thr).float()
+        else:
+            mask = torch.ones_like(target[:, :1])
         dist_sq = (F.softmax(outputs[LBS:], dim=1) - F.softmax(target, dim=1)) ** 2
         cons = torch.sum(mask * dist_sq) / (2 * torch.sum(mask) + 1e-16)
         loss = sup + weight * cons
@@ -101,7 +105,7 @@ def worker(rank, port, init, inputs, out):
                 g["lr"] = lr
     res.update(state("student.final", student))
     res.update(state("teacher.final", teacher))
-    np.savez(os.path.join(out, f"rank{rank}.npz"), **res)
+    np.savez(os.path.join(out, f"{method}_rank{rank}.npz"), **res)
     dist.destroy_process_group()
 
 
@@ -112,17 +116,18 @@ def main():
     student, teacher = VNet(nf=NF), VNet(nf=NF)
     init = {"student": student.state_dict(), "teacher": teacher.state_dict()}
     inputs = [draw(r) for r in range(WORLD)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, init, inputs, out), nprocs=WORLD, join=True)
-    d = {**state("student.init", student), **state("teacher.init", teacher)}
-    d.update({f"cfg.{k}": np.array([float(v)]) for k, v in CFG.items()})
-    for r in range(WORLD):
-        d.update({f"r{r}.{k}": v.numpy() for k, v in inputs[r].items()})
-        with np.load(os.path.join(out, f"rank{r}.npz")) as f:
-            d.update({f"r{r}.{k}": f[k] for k in f.files})
-    np.savez(os.path.join(out, "ddp_uamt.npz"), **d)
+    for method in ("uamt", "mean_teacher"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(worker, args=(port, init, inputs, out, method), nprocs=WORLD, join=True)
+        d = {**state("student.init", student), **state("teacher.init", teacher)}
+        d.update({f"cfg.{k}": np.array([float(v)]) for k, v in CFG.items()})
+        for r in range(WORLD):
+            d.update({f"r{r}.{k}": v.numpy() for k, v in inputs[r].items()})
+            with np.load(os.path.join(out, f"{method}_rank{r}.npz")) as f:
+                d.update({f"r{r}.{k}": f[k] for k in f.files})
+        np.savez(os.path.join(out, f"ddp_{method}.npz"), **d)
     print(f"fixture written to {out}")
 
 
