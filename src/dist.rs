@@ -51,6 +51,17 @@ extern "C" {
     fn uamt_dist_allreduce(group: *mut c_void, tensor: *mut c_void, op: c_int, timeout_ms: i64) -> c_int;
     fn uamt_dist_broadcast(group: *mut c_void, tensor: *mut c_void, root: c_int, timeout_ms: i64) -> c_int;
     fn uamt_dist_barrier(group: *mut c_void, timeout_ms: i64) -> c_int;
+    fn uamt_dist_reducer_new(
+        group: *mut c_void,
+        params: *mut *mut c_void,
+        n: c_int,
+        bucket_bytes: i64,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn uamt_dist_reducer_arm(reducer: *mut c_void, vote: f32) -> c_int;
+    fn uamt_dist_reducer_finish(reducer: *mut c_void, vote: *mut f32) -> c_int;
+    fn uamt_dist_reducer_free(reducer: *mut c_void);
 }
 
 /// The most ranks a run may have (a sanity bound on `WORLD_SIZE`).
@@ -81,6 +92,11 @@ pub struct DistConfig {
     /// Broadcast rank 0's BatchNorm running statistics before every student forward pass, as
     /// DistributedDataParallel's `broadcast_buffers` does.
     pub broadcast_buffers: bool,
+    /// Start each gradient bucket's all-reduce during the backward pass, as soon as its
+    /// gradients are computed (as DistributedDataParallel does), instead of after it. The same
+    /// means bit for bit; whether it is faster depends on the share of the step the all-reduce
+    /// takes (see README).
+    pub overlap: bool,
     /// This process's rank when `RANK` is not set.
     pub rank: Option<usize>,
     /// The number of processes when `WORLD_SIZE` is not set.
@@ -101,6 +117,7 @@ impl Default for DistConfig {
             check_every: 100,
             bucket_mb: 25.0,
             broadcast_buffers: true,
+            overlap: false,
             rank: None,
             world_size: None,
             local_rank: None,
@@ -510,6 +527,27 @@ pub struct GradSync {
     stop: Arc<AtomicBool>,
     /// Whether any rank asked to stop, as of the last step's vote.
     agreed_stop: bool,
+    /// The all-reduce started during backward (see [`GradSync::overlapping`]).
+    overlap: Option<Overlap>,
+}
+
+/// The shim's reducer: hooks on the parameters that launch each bucket's all-reduce as soon as
+/// backward has produced its gradients.
+struct Overlap {
+    ptr: *mut c_void,
+    /// Keeps the parameter handles (and their hooks' owner) alive.
+    _params: Vec<Tensor>,
+}
+
+// SAFETY: the reducer is used by the thread that runs the step (and by libtorch's autograd on
+// that thread's behalf); it guards its own state with a mutex.
+unsafe impl Send for Overlap {}
+
+impl Drop for Overlap {
+    fn drop(&mut self) {
+        // SAFETY: made by uamt_dist_reducer_new and freed once (its hooks removed).
+        unsafe { uamt_dist_reducer_free(self.ptr) }
+    }
 }
 
 impl std::fmt::Debug for GradSync {
@@ -533,6 +571,7 @@ impl GradSync {
             broadcast_buffers: world.cfg.broadcast_buffers,
             stop,
             agreed_stop: false,
+            overlap: None,
         }
     }
 
@@ -544,7 +583,44 @@ impl GradSync {
             broadcast_buffers,
             stop: Arc::new(AtomicBool::new(false)),
             agreed_stop: false,
+            overlap: None,
         }
+    }
+
+    /// Starts each gradient bucket's all-reduce during the backward pass, as soon as its
+    /// gradients are computed (hooks on `store`'s trainable tensors), instead of after it. The
+    /// buckets then run in reverse parameter order; the means are the same.
+    pub fn overlapping(mut self, store: &ParamStore) -> Result<Self> {
+        let params: Vec<Tensor> = store.trainable().map(|p| p.tensor.shallow_clone()).collect();
+        let mut ptrs: Vec<*mut c_void> = params.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let mut ptr = std::ptr::null_mut();
+        let bytes = self.bucket_bytes.min(i64::MAX as usize) as i64;
+        // SAFETY: live tensor handles and group; valid out-pointer.
+        let rc = unsafe {
+            uamt_dist_reducer_new(
+                self.group.ptr,
+                ptrs.as_mut_ptr(),
+                ptrs.len() as c_int,
+                bytes,
+                self.group.timeout_ms,
+                &mut ptr,
+            )
+        };
+        self.group.check("setting up the gradient reducer", rc)?;
+        self.overlap = Some(Overlap { ptr, _params: params });
+        Ok(self)
+    }
+
+    /// Before the backward pass: arms the overlapping reducer with this rank's stop vote (a
+    /// no-op without one).
+    pub fn before_backward(&mut self) -> Result<()> {
+        if let Some(o) = &self.overlap {
+            let vote = if self.stop.load(Ordering::SeqCst) { 1.0 } else { 0.0 };
+            // SAFETY: a live reducer.
+            let rc = unsafe { uamt_dist_reducer_arm(o.ptr, vote) };
+            self.group.check("arming the gradient reducer", rc)?;
+        }
+        Ok(())
     }
 
     /// Before the forward pass: rank 0's floating-point buffers (BatchNorm running statistics)
@@ -565,6 +641,14 @@ impl GradSync {
     /// the ranks (divided by the world size, then summed, as DistributedDataParallel does), and
     /// the stop vote taken.
     pub fn after_backward(&mut self, store: &ParamStore) -> Result<()> {
+        if let Some(o) = &self.overlap {
+            let mut vote = 0f32;
+            // SAFETY: a live reducer, armed by before_backward.
+            let rc = unsafe { uamt_dist_reducer_finish(o.ptr, &mut vote) };
+            self.group.check("all-reduce of the gradients (started during backward)", rc)?;
+            self.agreed_stop = vote > 0.0;
+            return Ok(());
+        }
         let world = self.group.world as f64;
         let grads: Vec<Tensor> = store
             .trainable()

@@ -766,6 +766,9 @@ impl Trainer {
         };
         let lr = method::learning_rate(iter, cfg.optim.base_lr, cfg.optim.lr_step, cfg.optim.lr_gamma);
         Sgd::zero_grad(self.student.store());
+        if let Some(sync) = &mut self.sync {
+            sync.before_backward()?;
+        }
         loss.f_backward()?;
         if let Some(sync) = &mut self.sync {
             // Every rank skips or steps alike: the finiteness check below sees the same means.

@@ -224,6 +224,9 @@ fn eval_mode_steps(
         let logits = vnet.forward_with(&x, false, uamt::model::Dropout::Random).unwrap();
         let loss = logits.cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100, 0.0);
         uamt::method::Sgd::zero_grad(vnet.store());
+        if let Some(s) = sync.as_deref_mut() {
+            s.before_backward().unwrap();
+        }
         loss.backward();
         if let Some(s) = sync.as_deref_mut() {
             s.after_backward(vnet.store()).unwrap();
@@ -238,6 +241,14 @@ fn eval_mode_steps(
 /// with those 4 patches: the averaged gradient is the doubled batch's gradient.
 #[test]
 fn two_ranks_equal_one_process_with_the_doubled_batch_in_eval_mode() {
+    for overlap in [false, true] {
+        doubled_batch(overlap);
+    }
+}
+
+/// [`two_ranks_equal_one_process_with_the_doubled_batch_in_eval_mode`], the all-reduce after
+/// backward or started during it (small buckets, so several run while backward goes on).
+fn doubled_batch(overlap: bool) {
     use uamt::dist::GradSync;
     use uamt::method::Sgd;
     use uamt::model::{Init, VNet, VNetConfig};
@@ -252,7 +263,10 @@ fn two_ranks_equal_one_process_with_the_doubled_batch_in_eval_mode() {
         tch::set_num_threads(1);
         let vnet = VNet::with_init(&net2, tch::Device::Cpu, Init::Seeded(5)).unwrap();
         let mut opt = Sgd::new(vnet.store(), 0.9, 1e-4);
-        let mut sync = GradSync::on(w.step.clone(), 25.0, false);
+        let mut sync = GradSync::on(w.step.clone(), 0.05, false);
+        if overlap {
+            sync = sync.overlapping(vnet.store()).unwrap();
+        }
         let rank = w.launch.rank as i64;
         let got = eval_mode_steps(&vnet, &mut opt, Some(&mut sync), Some((2 * rank, 2)));
         got.into_iter()
@@ -265,7 +279,7 @@ fn two_ranks_equal_one_process_with_the_doubled_batch_in_eval_mode() {
             let want = Vec::<f32>::try_from(&want.to_kind(Kind::Float).reshape([-1])).unwrap();
             let scale = want.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
             let err = want.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-            assert!(err <= 1e-5, "rank {rank} `{name}`: error {err:.2e} of scale {scale:.2e}");
+            assert!(err <= 1e-5, "overlap {overlap}: rank {rank} `{name}`: error {err:.2e} of scale {scale:.2e}");
         }
     }
     // And the weights moved: the comparison is not between two untouched copies.
@@ -327,4 +341,39 @@ fn a_lonely_rank_gives_up_within_the_timeout() {
     let waited = t.elapsed().as_secs_f64();
     assert!(waited < 30.0, "gave up after {waited:.1} s");
     assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+}
+
+/// The all-reduce started during backward gives the same weights, bit for bit, as the one after
+/// it (the same division and sums, bucketed differently), and the stop vote still travels.
+#[test]
+fn the_all_reduce_during_backward_equals_the_one_after_it() {
+    use uamt::dist::GradSync;
+    use uamt::method::Sgd;
+    use uamt::model::{Init, VNet, VNetConfig};
+    let out = on_ranks(2, quick(), |w| {
+        tch::set_num_threads(1);
+        let net = VNetConfig { n_filters: 4, ..Default::default() };
+        let rank = w.launch.rank as i64;
+        let mut weights = Vec::new();
+        for overlap in [false, true] {
+            let vnet = VNet::with_init(&net, tch::Device::Cpu, Init::Seeded(9)).unwrap();
+            let mut opt = Sgd::new(vnet.store(), 0.9, 1e-4);
+            let mut sync = GradSync::on(w.step.clone(), 0.05, false);
+            if overlap {
+                sync = sync.overlapping(vnet.store()).unwrap();
+            }
+            let got = eval_mode_steps(&vnet, &mut opt, Some(&mut sync), Some((2 * rank, 2)));
+            weights.push(
+                got.into_iter().map(|(n, t)| (n, Vec::<f32>::try_from(&t.reshape([-1])).unwrap())).collect::<Vec<_>>(),
+            );
+            assert!(!sync.agreed_stop());
+        }
+        weights
+    });
+    for (rank, w) in out.iter().enumerate() {
+        for ((n, a), (_, b)) in w[0].iter().zip(&w[1]) {
+            assert!(a == b, "rank {rank} `{n}` differs between the two ways");
+        }
+    }
+    assert!(out[0][1] == out[1][1], "the ranks disagree");
 }

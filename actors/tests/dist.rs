@@ -31,16 +31,17 @@ fn free_port() -> u16 {
 
 /// A tiny UA-MT config for both ranks, everything under `dir`.
 fn write_config(dir: &Path, iterations: i64, timeout_s: f64) -> PathBuf {
-    write_config_listening(dir, iterations, timeout_s, "")
+    write_config_listening(dir, iterations, timeout_s, "", "")
 }
 
 /// [`write_config`] with the metrics endpoint at `listen`.
-fn write_config_listening(dir: &Path, iterations: i64, timeout_s: f64, listen: &str) -> PathBuf {
+/// `distributed` goes at the end of the `[distributed]` section.
+fn write_config_listening(dir: &Path, iterations: i64, timeout_s: f64, listen: &str, distributed: &str) -> PathBuf {
     let text = format!(
         "[data]\nsynth_dir = \"{synth}\"\npatch = [32, 32, 16]\n[data.synth]\ncases = 8\nlabelled = 4\ntest = 1\n\
          size = [40, 40, 24]\n[model]\nn_filters = 4\n[optim]\niterations = {iterations}\n[device]\n\
          device = \"cpu\"\nthreads = 1\n[checkpoint]\ndir = \"{ckpt}\"\nevery = 0\nkeep = 10\n[eval]\nevery = 0\n\
-         [telemetry]\nlisten = \"{listen}\"\nlog_every = 1\n[distributed]\ntimeout_s = {timeout_s}\ncheck_every = 2\n",
+         [telemetry]\nlisten = \"{listen}\"\nlog_every = 1\n[distributed]\ntimeout_s = {timeout_s}\ncheck_every = 2\n{distributed}\n",
         synth = dir.join("synth").display(),
         ckpt = dir.join("ckpt").display(),
     );
@@ -138,7 +139,8 @@ fn a_killed_or_stalled_rank_ends_the_other_with_an_error_within_the_timeout() {
 #[test]
 fn a_stop_on_one_rank_stops_both_after_the_same_step_and_both_resume_from_rank_0() {
     let dir = TempDir::new("dist-stop");
-    let cfg = write_config_listening(&dir, 100_000, 60.0, "127.0.0.1:0");
+    // The all-reduce started during backward: the stop vote travels in its last bucket.
+    let cfg = write_config_listening(&dir, 100_000, 60.0, "127.0.0.1:0", "overlap = true");
     let port = free_port();
     let addr = ["--addr-file", "addr"];
     let (mut r0, mut r1) = (rank(&dir, &cfg, 0, port, &addr), rank(&dir, &cfg, 1, port, &addr));

@@ -22,6 +22,8 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -121,6 +123,177 @@ int uamt_dist_barrier(void* group, int64_t timeout_ms) {
     o.timeout = ms(timeout_ms);
     finish((*static_cast<Group*>(group))->barrier(o), timeout_ms, "barrier");
   });
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------- gradients during backward
+//
+// An all-reduce of the gradients that starts while the backward pass still runs, as
+// DistributedDataParallel's reducer does: a hook on every parameter copies its gradient into
+// its bucket when autograd has computed it; a bucket whose gradients are all in is divided by
+// the world size and its all-reduce launched (asynchronously, on Gloo's threads), always in
+// bucket order, so every rank issues the same collectives in the same order. After backward,
+// finish() waits for them and writes the means into the parameters' .grad. Buckets are in
+// reverse parameter order (the order backward produces gradients in); the last one carries one
+// more element, the stop vote.
+
+namespace {
+
+struct Reducer {
+  Group group;
+  int world = 1;
+  int64_t timeout_ms = 0;
+  std::vector<at::Tensor> params;
+  std::vector<int> bucket_of;
+  std::vector<int64_t> offset_of;
+  std::vector<at::Tensor> flats;
+  std::vector<int> count;  // parameters per bucket
+  std::vector<unsigned> hooks;
+  std::mutex m;
+  bool armed = false;
+  std::vector<int> pending;
+  std::vector<bool> seen;
+  size_t next = 0;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+
+  void launch_ready() {
+    while (next < flats.size() && pending[next] == 0) {
+      flats[next].div_(world);
+      std::vector<at::Tensor> ts{flats[next]};
+      c10d::AllreduceOptions o;
+      o.timeout = ms(timeout_ms);
+      works.push_back(group->allreduce(ts, o));
+      ++next;
+    }
+  }
+
+  void ready(size_t i, const at::Tensor& grad) {
+    std::lock_guard<std::mutex> lock(m);
+    if (!armed || seen[i]) {
+      return;
+    }
+    int b = bucket_of[i];
+    int64_t n = params[i].numel();
+    flats[b].narrow(0, offset_of[i], n).copy_(grad.detach().reshape({-1}));
+    seen[i] = true;
+    --pending[b];
+    launch_ready();
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// A reducer over `n` parameters (at::Tensor*, in the store's order) on `group`, buckets of at
+// most bucket_bytes (fp32) in reverse order; hooks are registered on the parameters.
+int uamt_dist_reducer_new(void* group, void** params, int n, int64_t bucket_bytes, int64_t timeout_ms, void** out) {
+  return guarded([&] {
+    auto r = std::make_unique<Reducer>();
+    r->group = *static_cast<Group*>(group);
+    r->world = r->group->getSize();
+    r->timeout_ms = timeout_ms;
+    for (int i = 0; i < n; ++i) {
+      r->params.push_back(*static_cast<at::Tensor*>(params[i]));
+    }
+    r->bucket_of.assign(n, 0);
+    r->offset_of.assign(n, 0);
+    std::vector<int64_t> sizes;
+    int64_t size = 0;
+    for (int i = n - 1; i >= 0; --i) {
+      int64_t numel = r->params[i].numel();
+      if (sizes.empty() || (size > 0 && (size + numel) * 4 > bucket_bytes)) {
+        if (!sizes.empty()) {
+          sizes.back() = size;
+        }
+        sizes.push_back(0);
+        r->count.push_back(0);
+        size = 0;
+      }
+      r->bucket_of[i] = static_cast<int>(sizes.size() - 1);
+      r->offset_of[i] = size;
+      r->count.back() += 1;
+      size += numel;
+    }
+    sizes.back() = size + 1;  // the vote
+    for (int64_t s : sizes) {
+      r->flats.push_back(at::zeros({s}, at::TensorOptions().dtype(at::kFloat)));
+    }
+    Reducer* raw = r.get();
+    for (int i = 0; i < n; ++i) {
+      size_t idx = static_cast<size_t>(i);
+      r->hooks.push_back(r->params[i].register_hook([raw, idx](const at::Tensor& g) { raw->ready(idx, g); }));
+    }
+    *out = r.release();
+  });
+}
+
+// Arms the reducer for the next backward pass; `vote` rides in the last bucket.
+int uamt_dist_reducer_arm(void* reducer, float vote) {
+  return guarded([&] {
+    auto* r = static_cast<Reducer*>(reducer);
+    std::lock_guard<std::mutex> lock(r->m);
+    r->pending = r->count;
+    r->seen.assign(r->params.size(), false);
+    r->next = 0;
+    r->works.clear();
+    auto& last = r->flats.back();
+    last.narrow(0, last.numel() - 1, 1).fill_(vote);
+    r->armed = true;
+  });
+}
+
+// After backward: zeros for parameters that got no gradient, the remaining launches, the waits,
+// the means into .grad; `*vote` receives the summed vote over the world size.
+int uamt_dist_reducer_finish(void* reducer, float* vote) {
+  return guarded([&] {
+    auto* r = static_cast<Reducer*>(reducer);
+    std::lock_guard<std::mutex> lock(r->m);
+    if (!r->armed) {
+      throw std::runtime_error("the gradient reducer was not armed before backward");
+    }
+    r->armed = false;
+    for (size_t i = 0; i < r->params.size(); ++i) {
+      if (!r->seen[i]) {
+        int b = r->bucket_of[i];
+        r->flats[b].narrow(0, r->offset_of[i], r->params[i].numel()).zero_();
+        r->seen[i] = true;
+        --r->pending[b];
+      }
+    }
+    r->launch_ready();
+    for (auto& w : r->works) {
+      finish(w, r->timeout_ms, "all-reduce of a gradient bucket");
+    }
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < r->params.size(); ++i) {
+      auto& p = r->params[i];
+      auto mean = r->flats[r->bucket_of[i]].narrow(0, r->offset_of[i], p.numel()).view(p.sizes());
+      auto& g = p.mutable_grad();
+      if (g.defined()) {
+        g.copy_(mean);
+      } else {
+        g = mean.to(p.options()).clone();
+      }
+    }
+    auto& last = r->flats.back();
+    *vote = last[last.numel() - 1].item<float>();
+  });
+}
+
+void uamt_dist_reducer_free(void* reducer) {
+  auto* r = static_cast<Reducer*>(reducer);
+  if (r == nullptr) {
+    return;
+  }
+  for (size_t i = 0; i < r->hooks.size(); ++i) {
+    try {
+      r->params[i].remove_hook(r->hooks[i]);
+    } catch (...) {
+    }
+  }
+  delete r;
 }
 
 }  // extern "C"

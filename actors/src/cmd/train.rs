@@ -250,7 +250,9 @@ fn train(
     let mut trainer = started.trainer;
     if let Some(w) = &world {
         uamt::dist::share_start(&w.step, &mut trainer)?;
-        trainer.sync = Some(uamt::dist::GradSync::new(w, controls.stop_flag()));
+        let sync = uamt::dist::GradSync::new(w, controls.stop_flag());
+        let sync = if w.cfg.overlap { sync.overlapping(trainer.student.store())? } else { sync };
+        trainer.sync = Some(sync);
     }
     let mut run = Run::new(cfg.clone(), device, loader, trainer);
     run.checkpoints = first;
