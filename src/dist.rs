@@ -163,6 +163,9 @@ pub struct Launch {
     pub world: usize,
     /// The index among the processes on this host (offsets the metrics port).
     pub local_rank: usize,
+    /// The processes of this run on this host (`LOCAL_WORLD_SIZE`, which torchrun and
+    /// ops/dist-local set), when known.
+    pub local_world: Option<usize>,
     /// Rank 0's host, where the store listens.
     pub addr: String,
     /// The store's port.
@@ -235,12 +238,25 @@ impl Launch {
             Some(v) => num::<u64>("TORCHELASTIC_RESTART_COUNT", &v)?,
             None => 0,
         };
-        Ok(Some(Launch { rank, world, local_rank, addr, port, agent_store, attempt }))
+        let local_world = match env("LOCAL_WORLD_SIZE").filter(|v| !v.trim().is_empty()) {
+            Some(v) => Some(num::<usize>("LOCAL_WORLD_SIZE", &v)?.clamp(1, world)),
+            None => None,
+        };
+        Ok(Some(Launch { rank, world, local_rank, local_world, addr, port, agent_store, attempt }))
     }
 
     /// Rank `rank` of `world` on one host (local rank = rank), the store served by rank 0.
     pub fn new(rank: usize, world: usize, addr: &str, port: u16) -> Launch {
-        Launch { rank, world, local_rank: rank, addr: addr.to_string(), port, agent_store: false, attempt: 0 }
+        Launch {
+            rank,
+            world,
+            local_rank: rank,
+            local_world: None,
+            addr: addr.to_string(),
+            port,
+            agent_store: false,
+            attempt: 0,
+        }
     }
 
     /// Whether this process writes checkpoints and evaluates.
@@ -565,14 +581,7 @@ impl GradSync {
     /// The step's collectives on `world.step`; `stop` is this rank's stop switch, voted on with
     /// every step's last gradient bucket.
     pub fn new(world: &World, stop: Arc<AtomicBool>) -> Self {
-        GradSync {
-            group: world.step.clone(),
-            bucket_bytes: (world.cfg.bucket_mb * 1024.0 * 1024.0) as usize,
-            broadcast_buffers: world.cfg.broadcast_buffers,
-            stop,
-            agreed_stop: false,
-            overlap: None,
-        }
+        GradSync { stop, ..Self::on(world.step.clone(), world.cfg.bucket_mb, world.cfg.broadcast_buffers) }
     }
 
     /// Without a stop switch of its own (tests, library use).
@@ -702,15 +711,22 @@ impl GradSync {
 /// by minimum and maximum; any difference is an error naming `what`, the step and the first
 /// tensor that differs.
 pub fn agree(group: &Group, what: &str, step: i64, named: &[(String, Tensor)]) -> Result<()> {
-    let sums: Vec<f64> = tch::no_grad(|| {
-        named
+    // Per tensor its sum and sum of squares in float64, stacked on its device: one copy to
+    // the host for all of them.
+    let sums: Vec<f64> = tch::no_grad(|| -> Result<Vec<f64>> {
+        let parts: Vec<Tensor> = named
             .iter()
             .flat_map(|(_, t)| {
                 let d = t.detach().to_kind(Kind::Double);
-                [d.sum(Kind::Double).double_value(&[]), (&d * &d).sum(Kind::Double).double_value(&[])]
+                [d.sum(Kind::Double), (&d * &d).sum(Kind::Double)]
             })
-            .collect()
-    });
+            .map(|t| t.to_device(tch::Device::Cpu))
+            .collect();
+        if parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(Vec::<f64>::try_from(&Tensor::f_stack(&parts, 0)?)?)
+    })?;
     let lo = Tensor::from_slice(&sums);
     let hi = lo.copy();
     group.all_reduce(&lo, Reduce::Min)?;

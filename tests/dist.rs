@@ -5,13 +5,9 @@
 mod support;
 
 use std::sync::Arc;
+use support::free_port;
 use tch::{Kind, Tensor};
 use uamt::dist::{agree, DistConfig, Launch, Reduce, World};
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Runs `f(world)` on `n` ranks, each on a thread of its own, connected on loopback.
 fn on_ranks<T: Send + 'static>(n: usize, cfg: DistConfig, f: impl Fn(World) -> T + Send + Sync + 'static) -> Vec<T> {
@@ -316,6 +312,7 @@ fn launch_reads_torchrun_variables_and_refuses_impossible_ones() {
     let agent = [("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "2")];
     let l = resolve(&agent, &cfg).unwrap().unwrap();
     assert!(l.agent_store && l.attempt == 2, "{l:?}");
+    assert_eq!(resolve(&[("LOCAL_WORLD_SIZE", "2")], &cfg).unwrap().unwrap().local_world, Some(2));
     for (vars, names) in [
         (vec![("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK"),
         (vec![("WORLD_SIZE", "two")], "WORLD_SIZE"),
@@ -325,6 +322,16 @@ fn launch_reads_torchrun_variables_and_refuses_impossible_ones() {
         (vec![("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "h")], "MASTER_PORT"),
         (vec![("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "70000")], "MASTER_PORT"),
         (vec![("WORLD_SIZE", "2"), ("RANK", "-1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK"),
+        (
+            vec![
+                ("WORLD_SIZE", "2"),
+                ("RANK", "1"),
+                ("MASTER_ADDR", "h"),
+                ("MASTER_PORT", "1"),
+                ("LOCAL_WORLD_SIZE", "x"),
+            ],
+            "LOCAL_WORLD_SIZE",
+        ),
     ] {
         let e = resolve(&vars, &d).expect_err(&format!("{vars:?} accepted"));
         assert!(e.contains(names), "{vars:?}: {e}");

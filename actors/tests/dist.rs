@@ -11,7 +11,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{Daemon, TempDir};
+use support::{free_port, Daemon, TempDir};
 
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
@@ -23,10 +23,6 @@ fn signal(d: &Daemon, sig: i32) {
     }
     // SAFETY: plain libc call on our own child.
     assert_eq!(unsafe { kill(d.id() as i32, sig) }, 0);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A tiny UA-MT config for both ranks, everything under `dir`.

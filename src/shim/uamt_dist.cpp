@@ -24,28 +24,18 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
-extern "C" void uamt_set_last_error(const char* what);
+#include "guard.hpp"
 
 namespace {
 
 using Store = c10::intrusive_ptr<c10d::Store>;
 using Group = c10::intrusive_ptr<c10d::ProcessGroupGloo>;
 
-template <class F>
-int guarded(F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    uamt_set_last_error(e.what());
-  } catch (...) {
-    uamt_set_last_error("unknown C++ exception");
-  }
-  return -1;
-}
+using uamt_shim::guarded;
 
 std::chrono::milliseconds ms(int64_t v) {
   return std::chrono::milliseconds(v);
@@ -190,6 +180,9 @@ extern "C" {
 // most bucket_bytes (fp32) in reverse order; hooks are registered on the parameters.
 int uamt_dist_reducer_new(void* group, void** params, int n, int64_t bucket_bytes, int64_t timeout_ms, void** out) {
   return guarded([&] {
+    if (n < 1) {
+      throw std::invalid_argument("the gradient reducer needs at least one parameter");
+    }
     auto r = std::make_unique<Reducer>();
     r->group = *static_cast<Group*>(group);
     r->world = r->group->getSize();

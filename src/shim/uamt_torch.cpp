@@ -20,6 +20,8 @@
 #include <cstring>
 #include <exception>
 
+#include "guard.hpp"
+
 namespace {
 
 thread_local char last_error[1024] = {0};
@@ -29,18 +31,7 @@ void set_error(const char* what) {
   last_error[sizeof last_error - 1] = 0;
 }
 
-template <class F>
-int guarded(F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    set_error(e.what());
-  } catch (...) {
-    set_error("unknown C++ exception");
-  }
-  return -1;
-}
+using uamt_shim::guarded;
 
 c10::DeviceType device_type(int cuda) {
   return cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU;

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from uamt_oracle import VNet, blob_batch, dice_loss, ema_update, masks, noise, sigmoid_rampup, state, uncertainty  # noqa: E402
+from uamt_oracle import (VNet, blob_batch, ema_update, masked_consistency, masks, noise,  # noqa: E402
+                         sigmoid_rampup, state, supervised_terms, uamt_mask)
 
 WORLD, STEPS = 2, 3
 NF, SHAPE, LBS, B, T, REPS = 4, (32, 32, 16), 2, 4, 8, 2
@@ -66,10 +66,7 @@ def worker(rank, port, init, inputs, out, method):
     for it in range(STEPS):
         r = f"rnd.{it}"
         outputs = ddp(images, (d[f"{r}.student.x5"], d[f"{r}.student.x9"]))
-        ce = F.cross_entropy(outputs[:LBS], labels)
-        soft = F.softmax(outputs, dim=1)
-        dice = dice_loss(soft[:LBS, 1], labels == 1)
-        sup = 0.5 * (ce + dice)
+        ce, dice, sup = supervised_terms(outputs, labels, LBS)
         weight = CFG["consistency"] * sigmoid_rampup(it // CFG["consistency_interval"], CFG["consistency_rampup"])
         unl = images[LBS:]
         with torch.no_grad():
@@ -79,13 +76,10 @@ def worker(rank, port, init, inputs, out, method):
                 preds = [teacher(rep + d[f"{r}.mc.{k}.noise"], (d[f"{r}.mc.{k}.x5"], d[f"{r}.mc.{k}.x9"]))
                          for k in range(T // REPS)]
         if method == "uamt":
-            u = uncertainty(torch.cat(preds), T)
-            thr = (0.75 + 0.25 * sigmoid_rampup(it, CFG["max_iter"])) * np.log(2)
-            mask = (u < thr).float()
+            mask, _ = uamt_mask(preds, T, it, CFG["max_iter"])
         else:
             mask = torch.ones_like(target[:, :1])
-        dist_sq = (F.softmax(outputs[LBS:], dim=1) - F.softmax(target, dim=1)) ** 2
-        cons = torch.sum(mask * dist_sq) / (2 * torch.sum(mask) + 1e-16)
+        cons = masked_consistency(outputs[LBS:], target, mask)
         loss = sup + weight * cons
         opt.zero_grad()
         loss.backward()

@@ -112,6 +112,27 @@ def uncertainty(logits, passes):
     return -1.0 * torch.sum(p * torch.log(p + 1e-6), dim=1, keepdim=True)
 
 
+def supervised_terms(outputs, labels, lbs):
+    """Cross-entropy, Dice and their mean on the labelled head of a batch's logits."""
+    ce = F.cross_entropy(outputs[:lbs], labels)
+    soft = F.softmax(outputs, dim=1)
+    dice = dice_loss(soft[:lbs, 1], labels == 1)
+    return ce, dice, 0.5 * (ce + dice)
+
+
+def uamt_mask(preds, passes, it, max_iter):
+    """The mask of voxels whose Monte-Carlo uncertainty is under the ramped threshold."""
+    u = uncertainty(torch.cat(preds), passes)
+    thr = (0.75 + 0.25 * sigmoid_rampup(it, max_iter)) * np.log(2)
+    return (u < thr).float(), thr
+
+
+def masked_consistency(student_unl, target, mask):
+    """Mean squared softmax difference over the masked voxels (both classes)."""
+    dist = (F.softmax(student_unl, dim=1) - F.softmax(target, dim=1)) ** 2
+    return torch.sum(mask * dist) / (2 * torch.sum(mask) + 1e-16)
+
+
 def ema_update(teacher, student, decay, step):
     alpha = min(1 - 1 / (step + 1), decay)
     for t, s in zip(teacher.parameters(), student.parameters()):
@@ -267,10 +288,7 @@ def fixture_step(out, method, steps):
         sm5, sm9 = masks(nf, b, gen)
         d[f"{r}.student.x5"], d[f"{r}.student.x9"] = sm5.numpy(), sm9.numpy()
         outputs = student(images, (sm5, sm9))
-        ce = F.cross_entropy(outputs[:lbs], labels)
-        soft = F.softmax(outputs, dim=1)
-        dice = dice_loss(soft[:lbs, 1], labels == 1)
-        sup = 0.5 * (ce + dice)
+        ce, dice, sup = supervised_terms(outputs, labels, lbs)
         weight = cfg["consistency"] * sigmoid_rampup(it // cfg["consistency_interval"], cfg["consistency_rampup"])
         thr = float("inf")
         if method == "supervised":
@@ -291,13 +309,10 @@ def fixture_step(out, method, steps):
                     d[f"{r}.mc.{k}.noise"], d[f"{r}.mc.{k}.x5"], d[f"{r}.mc.{k}.x9"] = n.numpy(), m5.numpy(), m9.numpy()
                     with torch.no_grad():
                         preds.append(teacher(rep + n, (m5, m9)))
-                u = uncertainty(torch.cat(preds), T)
-                thr = (0.75 + 0.25 * sigmoid_rampup(it, cfg["max_iter"])) * np.log(2)
-                mask = (u < thr).float()
+                mask, thr = uamt_mask(preds, T, it, cfg["max_iter"])
             else:
                 mask = torch.ones_like(target[:, :1])
-            dist = (F.softmax(outputs[lbs:], dim=1) - F.softmax(target, dim=1)) ** 2
-            cons = torch.sum(mask * dist) / (2 * torch.sum(mask) + 1e-16)
+            cons = masked_consistency(outputs[lbs:], target, mask)
             frac = mask.mean()
             loss = sup + weight * cons
         opt.zero_grad()

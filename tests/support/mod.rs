@@ -31,6 +31,11 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A fresh folder under the system's temporary directory, removed with its content on drop.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);

@@ -130,8 +130,7 @@ pub fn run(args: Args) -> Result<()> {
     if device == tch::Device::Cpu {
         if let Some(available) = uamt::footprint::available_memory() {
             // Ranks on one host share its memory (LOCAL_WORLD_SIZE of them, when told).
-            let local = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.trim().parse::<u64>().ok());
-            match local.filter(|n| *n > 1 && launch.is_some()) {
+            match launch.as_ref().and_then(|l| l.local_world).map(|n| n as u64).filter(|n| *n > 1) {
                 Some(n) => footprint.check(available / n, &format!("this rank's share (1/{n}) of this machine"))?,
                 None => footprint.check(available, "this machine")?,
             }
@@ -172,7 +171,7 @@ fn adapt_to_rank(cfg: &mut Config, l: &uamt::dist::Launch) -> Result<()> {
     // Automatic thread counts share the host's cores with the other local ranks (torchrun and
     // ops/dist-local say how many there are), unless a launcher already pinned this process to
     // fewer cores than the host has (its share is then all it sees).
-    if let Some(n) = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+    if let Some(n) = l.local_world {
         cfg.device.processes_on_host = uamt::dist::sharing_cores(n);
     }
     // On GPUs each local rank takes its own device ("cuda" / "auto" mean cuda:LOCAL_RANK here);
