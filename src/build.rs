@@ -4,8 +4,9 @@
 //! - Embeds libtorch's library directory as an rpath in every binary, test and bench, so nothing
 //!   has to set LD_LIBRARY_PATH.
 //! - In the core library, compiles `src/shim/uamt_torch.cpp` (bf16 autocast, TF32, CUDA streams
-//!   and events: what tch does not expose) and `src/shim/uamt_dist.cpp` (c10d's TCPStore and
-//!   Gloo process group for data-parallel training) against libtorch's headers.
+//!   and events: what tch does not expose), `src/shim/uamt_dist.cpp` (c10d's TCPStore and
+//!   Gloo process group for data-parallel training) and `src/shim/uamt_kernels.cpp` (a fused
+//!   CPU BatchNorm + ReLU for passes without autograd) against libtorch's headers.
 //! - Where that libtorch has a CUDA backend (`libtorch_cuda.so`, as the `torch` wheels have),
 //!   links it with `--no-as-needed`: nothing in our code references its symbols, so the linker's
 //!   default `--as-needed` would drop it, libtorch would never load it, and `device = "cuda"`
@@ -57,5 +58,8 @@ fn shim(lib: &Path) {
         .include("src/shim/gloo_decl")
         .file("src/shim/uamt_torch.cpp")
         .file("src/shim/uamt_dist.cpp")
+        .file("src/shim/uamt_kernels.cpp")
+        // The kernels run in every build (tests included): always optimised.
+        .opt_level(3)
         .compile("uamt_torch_shim");
 }

@@ -69,11 +69,11 @@ pub struct Snapshot {
 /// A detached copy on the CPU that later in-place updates of `t` do not touch.
 pub fn host_copy(t: &Tensor) -> Tensor {
     let t = t.detach();
-    if t.device() == Device::Cpu {
-        t.copy()
-    } else {
-        t.to_device(Device::Cpu)
-    }
+    // A new tensor in the default strides whatever `t`'s (channels-last weights): what the
+    // checkpoint writer needs.
+    let out = Tensor::empty(t.size(), (t.kind(), Device::Cpu));
+    tch::no_grad(|| out.shallow_clone().copy_(&t));
+    out
 }
 
 /// Host copies of named tensors.

@@ -641,9 +641,11 @@ impl Trainer {
         Ok(())
     }
 
-    /// Runs both networks' activations channels-last or not (see [`VNet::set_channels_last`]).
+    /// Runs both networks' activations channels-last or not (see [`VNet::set_channels_last`]),
+    /// the momentum buffers stored like the weights.
     pub fn set_channels_last(&mut self, on: bool) {
         self.student.set_channels_last(on);
+        self.opt.set_channels_last(on);
         if let Some(t) = &mut self.teacher {
             t.set_channels_last(on);
         }

@@ -24,6 +24,14 @@ impl Sgd {
         Sgd { momentum, weight_decay, buffers }
     }
 
+    /// Stores the 5-D momentum buffers channels-last or not, as the parameters they follow
+    /// (see [`ParamStore::set_channels_last`]): the update then runs over matching strides.
+    pub fn set_channels_last(&mut self, on: bool) {
+        for (_, buf) in self.buffers.iter_mut().filter(|(_, b)| b.dim() == 5) {
+            *buf = crate::model::params::with_layout(buf, on);
+        }
+    }
+
     /// The momentum buffers, named after their parameters.
     pub fn buffers(&self) -> &[(String, Tensor)] {
         &self.buffers

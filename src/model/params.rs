@@ -72,6 +72,19 @@ impl ParamStore {
         self.trainable().map(|p| p.tensor.numel() as i64).sum()
     }
 
+    /// Stores every 5-D trainable tensor (the convolution weights) channels-last (`true`: the
+    /// channels' dimension fastest) or in libtorch's default strides, values unchanged. The
+    /// tensors are re-pointed in place, so the layers' shallow clones follow. With the weights
+    /// channels-last, a channels-last forward pass reads them as they are instead of copying
+    /// every weight on every pass (and its backward pass copying every gradient back).
+    pub fn set_channels_last(&self, on: bool) {
+        for p in self.trainable().filter(|p| p.tensor.dim() == 5) {
+            let mut t = p.tensor.shallow_clone();
+            let data = with_layout(&t.detach(), on);
+            tch::no_grad(|| t.set_data(&data));
+        }
+    }
+
     /// Shallow clones of every tensor with its name (for saving).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         self.entries.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect()
@@ -109,6 +122,18 @@ impl ParamStore {
             }
         }
         Ok(())
+    }
+}
+
+/// A 5-D tensor `[N, C, D, H, W]` with channels-last strides (`true`) or the default ones, the
+/// same values: `t` itself when it already has them, else a copy.
+pub fn with_layout(t: &Tensor, channels_last: bool) -> Tensor {
+    let cl = t.permute([0, 2, 3, 4, 1]);
+    match (channels_last, t.is_contiguous()) {
+        (true, _) if cl.is_contiguous() => t.shallow_clone(),
+        (true, _) => cl.contiguous().permute([0, 4, 1, 2, 3]),
+        (false, true) => t.shallow_clone(),
+        (false, false) => t.contiguous(),
     }
 }
 
