@@ -1,6 +1,8 @@
 //! Sequential training behaviour: the step learns, its randomness is reproducible by
 //! construction, and bad batches are refused with a clear error.
 
+mod support;
+
 use tch::{Device, Kind, Tensor};
 use uamt::model::VNetConfig;
 use uamt::rng;
@@ -262,7 +264,21 @@ fn channels_last_steps_equal_the_default_layout_s_to_rounding() {
             let err = (ga - gb).abs().max().double_value(&[]) / gmax;
             assert!(err <= 5e-3, "{kind:?}: gradient of {name}: {err:.2e} of the largest");
         }
-        // The weights stay in the default layout, so checkpoints, SGD and the EMA do not change.
-        assert!(b.student.store().iter().all(|p| p.tensor.is_contiguous()));
+        // The convolution weights and their momentum buffers are stored channels-last (no copy
+        // of them per pass); a checkpoint's copies of everything are in the default layout.
+        let cl = |t: &Tensor| t.dim() < 5 || t.permute([0, 2, 3, 4, 1]).is_contiguous();
+        assert!(b.student.store().trainable().all(|p| cl(&p.tensor)));
+        assert!(b.student.store().trainable().any(|p| !p.tensor.is_contiguous()));
+        assert!(b.opt.buffers().iter().all(|(_, t)| cl(t)));
+        let snap = uamt::checkpoint::Snapshot::of_trainer(&b, 4, "");
+        let copies = snap.student.iter().chain(snap.teacher.iter().flatten()).chain(&snap.momentum);
+        assert!(copies.map(|(_, t)| t).all(Tensor::is_contiguous));
+        let dir = support::TempDir::new("cl-checkpoint");
+        let path = snap.write_atomic(dir.path()).unwrap();
+        let back = uamt::checkpoint::Snapshot::read(&path).unwrap();
+        for (n, x) in &snap.student {
+            let y = back.student.iter().find(|(m, _)| m == n).map(|(_, y)| y).unwrap();
+            assert!(x.equal(y), "{n} read back differs");
+        }
     }
 }
