@@ -31,11 +31,11 @@ using uamt_shim::guarded;
 // no reordering of a floating-point reduction is needed).
 constexpr int64_t kLanes = 8;
 
-// Sums and sums of squares per channel of `rows` rows of `c` channels each (channels fastest).
-// `period` = c * kLanes elements are summed element-wise, then folded per channel.
-__attribute__((target_clones("avx2", "default"))) void sums_channels_last(const float* x, int64_t rows,
-                                                                         int64_t c, double* sum,
-                                                                         double* sq) {
+// Adds to sum[k] and sq[k] the sums and sums of squares of channel k of `rows` rows of `c`
+// channels each (channels fastest; c = 1: a plane of contiguous values). period = c * kLanes
+// elements are summed element-wise, then folded per channel.
+__attribute__((target_clones("avx2", "default"))) void sums(const float* x, int64_t rows, int64_t c, double* sum,
+                                                           double* sq) {
   const int64_t period = c * kLanes;
   std::vector<double> s(period, 0.0), q(period, 0.0);
   const int64_t whole = rows / kLanes;
@@ -60,32 +60,8 @@ __attribute__((target_clones("avx2", "default"))) void sums_channels_last(const 
   }
 }
 
-// The sum and sum of squares of `n` contiguous values.
-__attribute__((target_clones("avx2", "default"))) void sums_plane(const float* x, int64_t n, double* sum,
-                                                                 double* sq) {
-  double s[kLanes] = {0}, q[kLanes] = {0};
-  const int64_t whole = n / kLanes;
-  for (int64_t b = 0; b < whole; ++b) {
-    const float* p = x + b * kLanes;
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const double v = p[j];
-      s[j] += v;
-      q[j] += v * v;
-    }
-  }
-  for (int64_t j = 0; j < kLanes; ++j) {
-    *sum += s[j];
-    *sq += q[j];
-  }
-  for (int64_t i = whole * kLanes; i < n; ++i) {
-    const double v = x[i];
-    *sum += v;
-    *sq += v * v;
-  }
-}
-
 // x = max(0, x * alpha + beta) over `n` values where alpha and beta repeat with period
-// `period` (the caller gives n as a multiple of the period).
+// `period` (n is a multiple of the period).
 __attribute__((target_clones("avx2", "default"))) void affine_relu(float* x, int64_t n, const float* alpha,
                                                                   const float* beta, int64_t period) {
   for (int64_t b = 0; b < n; b += period) {
@@ -94,6 +70,21 @@ __attribute__((target_clones("avx2", "default"))) void affine_relu(float* x, int
       p[j] = std::max(0.0f, p[j] * alpha[j] + beta[j]);
     }
   }
+}
+
+// affine_relu on `rows` rows of `c` channels (channels fastest; c = 1: a plane), channel k
+// scaled by alpha[k] and shifted by beta[k]: whole periods of kLanes rows, then the rest row by
+// row.
+void affine_relu_rows(float* x, int64_t rows, int64_t c, const float* alpha, const float* beta) {
+  const int64_t period = c * kLanes;
+  std::vector<float> a(period), b(period);
+  for (int64_t j = 0; j < period; ++j) {
+    a[j] = alpha[j % c];
+    b[j] = beta[j % c];
+  }
+  const int64_t whole = (rows / kLanes) * period;
+  affine_relu(x, whole, a.data(), b.data(), period);
+  affine_relu(x + whole, rows * c - whole, alpha, beta, c);
 }
 
 void bn_relu(at::Tensor& t, const at::Tensor& weight, const at::Tensor& bias, double eps, at::Tensor& mean_out,
@@ -114,11 +105,11 @@ void bn_relu(at::Tensor& t, const at::Tensor& weight, const at::Tensor& bias, do
   float* x = t.data_ptr<float>();
   std::vector<double> sum(c, 0.0), sq(c, 0.0);
   if (cl) {
-    sums_channels_last(x, count, c, sum.data(), sq.data());
+    sums(x, count, c, sum.data(), sq.data());
   } else {
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t k = 0; k < c; ++k) {
-        sums_plane(x + (i * c + k) * per, per, &sum[k], &sq[k]);
+        sums(x + (i * c + k) * per, per, 1, &sum[k], &sq[k]);
       }
     }
   }
@@ -137,24 +128,11 @@ void bn_relu(at::Tensor& t, const at::Tensor& weight, const at::Tensor& bias, do
     var[k] = static_cast<float>(v * count / (count - 1));
   }
   if (cl) {
-    // Whole periods of kLanes rows, then the remaining rows one period of c at a time.
-    const int64_t period = c * kLanes;
-    std::vector<float> a(period), bb(period);
-    for (int64_t j = 0; j < period; ++j) {
-      a[j] = alpha[j % c];
-      bb[j] = beta[j % c];
-    }
-    const int64_t whole = (count / kLanes) * period;
-    affine_relu(x, whole, a.data(), bb.data(), period);
-    affine_relu(x + whole, count * c - whole, alpha.data(), beta.data(), c);
+    affine_relu_rows(x, count, c, alpha.data(), beta.data());
   } else {
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t k = 0; k < c; ++k) {
-        float* plane = x + (i * c + k) * per;
-        const int64_t whole = (per / kLanes) * kLanes;
-        std::vector<float> a(kLanes, alpha[k]), bb(kLanes, beta[k]);
-        affine_relu(plane, whole, a.data(), bb.data(), kLanes);
-        affine_relu(plane + whole, per - whole, a.data(), bb.data(), 1);
+        affine_relu_rows(x + (i * c + k) * per, per, 1, &alpha[k], &beta[k]);
       }
     }
   }
