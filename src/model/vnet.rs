@@ -209,9 +209,7 @@ impl Conv {
             x.conv3d(&w, Some(&self.bias), s, p, [1; 3], 1)
         }
     }
-}
 
-impl Conv {
     /// A 1x1x1 convolution as one batched matrix product, the output in the default layout
     /// (what the losses and the uncertainty read), whatever `x`'s layout. `scale` (`[N, C, 1, 1,
     /// 1]`, a channel-dropout mask) multiplies `x`'s channels per sample: it is folded into
