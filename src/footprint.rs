@@ -178,9 +178,86 @@ impl Footprint {
     }
 }
 
-/// The memory this process can still use, in bytes: `MemAvailable` from `/proc/meminfo`, or the
-/// cgroup's limit minus its usage when that is smaller. `None` where neither can be read.
+/// The peak memory of segmenting one volume by sliding window (`predict`, `eval`): the windows'
+/// activations (`batch` windows of `patch`, forward only, as the evaluation window above), and the
+/// volume-sized buffers: the input image, its copy on the network's grid (padded to the patch),
+/// the class probabilities and window counts accumulated there, the probabilities and label map
+/// back on the input's grid, the probability and uncertainty maps, the Monte-Carlo accumulators.
+pub fn inference_bytes(
+    n_filters: i64,
+    n_classes: i64,
+    patch: [usize; 3],
+    batch: usize,
+    input_dims: [usize; 3],
+    network_dims: [usize; 3],
+    mc_passes: usize,
+) -> u64 {
+    let prod = |d: [usize; 3]| d.iter().fold(1u64, |p, &v| p.saturating_mul(v as u64));
+    let padded = [0, 1, 2].map(|a| network_dims[a].max(patch[a]));
+    let (window, grid, input) = (prod(patch), prod(padded), prod(input_dims));
+    let f = n_filters.max(1) as u64;
+    let c = n_classes.max(1) as u64;
+    let activations = ((5.3 * (f.saturating_mul(window)) as f64) as u64)
+        .saturating_add(2 * c * window)
+        .saturating_mul(batch.max(1) as u64);
+    let mc = if mc_passes > 0 { 2 + c } else { 0 };
+    let on_grid = grid.saturating_mul(1 + c + 1 + mc);
+    let on_input = input.saturating_mul(1 + c + 3);
+    activations.saturating_add(on_grid).saturating_add(on_input).saturating_mul(F32).saturating_add(RUNTIME_BYTES)
+}
+
+/// The environment variable that caps the memory uamt plans with (bytes, or with a `K`, `M`, `G`
+/// or `T` suffix, powers of 1024): for sharing a machine with other jobs.
+pub const MAX_MEMORY_ENV: &str = "UAMT_MAX_MEMORY";
+
+/// `2G`, `512M`, `1048576` as bytes.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return None,
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let v: f64 = num.trim().parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| (v * (1u64 << shift) as f64).min(u64::MAX as f64) as u64)
+}
+
+/// `Err` (what needs how much, what is available, and the flags that change it) when `bytes`
+/// exceed the memory this process can use ([`available_memory`]); `Ok` where that is unknown.
+pub fn check_fits(bytes: u64, what: &str, change: &str) -> std::result::Result<(), String> {
+    match available_memory() {
+        Some(available) if bytes > available => Err(format!(
+            "{what} needs about {} but this machine has {} available ({MAX_MEMORY_ENV} and the cgroup's limit \
+             included); {change}",
+            gib(bytes),
+            gib(available)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The memory this process can still use, in bytes: `MemAvailable` from `/proc/meminfo`, the
+/// cgroup's limit minus its usage, and [`MAX_MEMORY_ENV`], whichever is smallest. `None` where
+/// none can be read.
 pub fn available_memory() -> Option<u64> {
+    let cap = std::env::var(MAX_MEMORY_ENV).ok().and_then(|v| parse_bytes(&v));
+    let found = system_memory();
+    match (found, cap) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `MemAvailable`, or the cgroup's limit minus its usage when that is smaller.
+fn system_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
         t.lines()
             .find(|l| l.starts_with("MemAvailable:"))
@@ -255,6 +332,27 @@ mod tests {
                 "{config:?}"
             );
         }
+    }
+
+    #[test]
+    fn inference_grows_with_the_window_and_the_volume() {
+        let base = inference_bytes(16, 2, [112, 112, 80], 4, [176, 132, 88], [176, 132, 88], 0);
+        assert!(base > RUNTIME_BYTES && base < RUNTIME_BYTES + (8u64 << 30), "{base}");
+        assert!(inference_bytes(16, 2, [112, 112, 80], 8, [176, 132, 88], [176, 132, 88], 0) > base);
+        assert!(inference_bytes(16, 2, [112, 112, 80], 4, [176, 132, 88], [176, 132, 88], 8) > base);
+        // A huge window on a small image: the padded grid and the activations dominate.
+        let huge = inference_bytes(16, 2, [1024, 1024, 1024], 4, [40, 40, 24], [40, 40, 24], 0);
+        assert!(huge > 1u64 << 40, "{huge}");
+    }
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_bytes("2G"), Some(2 << 30));
+        assert_eq!(parse_bytes("512m"), Some(512 << 20));
+        assert_eq!(parse_bytes("1.5K"), Some(1536));
+        assert_eq!(parse_bytes("100"), Some(100));
+        assert_eq!(parse_bytes("-1G"), None);
+        assert_eq!(parse_bytes("lots"), None);
     }
 
     #[test]

@@ -64,6 +64,11 @@ fn init_logging(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     uamt::alloc::tune();
     let cli = Cli::parse();
+    // One-shot commands: an interrupt removes what is half-written (the daemon finishes its step
+    // and checkpoints instead, see supervisor.rs). Before any other thread starts.
+    if !matches!(cli.command, Command::Train(_) | Command::Bench(_)) {
+        uamt::fsutil::cleanup::remove_staged_on_signals()?;
+    }
     init_logging(cli.log_format);
     match cli.command {
         Command::Train(a) => cmd::train::run(a),

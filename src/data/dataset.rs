@@ -123,7 +123,7 @@ impl Manifest {
     /// Reads `<dir>/dataset.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).at(&path)?;
+        let text = crate::fsutil::read_text(&path)?;
         serde_json::from_str(&text).map_err(|e| DataError::bad(&path, format!("invalid manifest: {e}")))
     }
 
@@ -254,9 +254,14 @@ impl Dataset {
             }
         }
         if skip && !skipped.is_empty() && !training.iter().any(|c| c.labelled) {
+            let why: Vec<String> = skipped.iter().map(|e| format!("  {e}")).collect();
             return Err(DataError::bad(
                 root.join(MANIFEST),
-                format!("no labelled training case is left after skipping {} bad ones", skipped.len()),
+                format!(
+                    "no labelled training case is left after skipping {} bad one(s):\n{}",
+                    skipped.len(),
+                    why.join("\n")
+                ),
             ));
         }
         let mut test = Vec::new();
@@ -373,6 +378,7 @@ fn open_case(
         return Err(DataError::bad(&manifest, format!("case `{id}` is marked labelled but lists no label")));
     }
     let image = NiftiVolume::open(&image_path, cache)?;
+    image.header().geometry.check().map_err(|why| DataError::bad(&image_path, why))?;
     let label = match &e.label {
         Some(l) => {
             let label = NiftiVolume::open(inside(root, base, l, &id)?, cache)?;

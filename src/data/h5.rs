@@ -80,9 +80,7 @@ pub fn read_h5_label(file: &hdf5::File, path: &Path, name: &str, max_label: u8) 
 
 /// Opens an HDF5 file, naming it in the error.
 pub fn open_h5(path: &Path) -> Result<hdf5::File> {
-    if !path.is_file() {
-        return Err(DataError::bad(path, "no such file"));
-    }
+    crate::fsutil::check_regular(path)?;
     hdf5::File::open(path).map_err(|e| h5err(path, "not a readable HDF5 file", e))
 }
 

@@ -8,13 +8,14 @@ use super::h5::read_h5_case;
 use super::nifti::write_nifti;
 use super::nrrd::read_nrrd;
 use super::volume::{Geometry, Volume};
-use crate::fsutil::{parent_dir, sync_dir, temp_name};
+use crate::fsutil::{marker, parent_dir, sync_dir, temp_name};
 use crate::rng::{stream, Rng};
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// A dataset folder being written: removed on drop unless [`Staging::commit`]ted.
+/// A dataset folder being written: removed on drop (and on an interrupt, see
+/// [`crate::fsutil::cleanup`]) unless [`Staging::commit`]ted.
 #[derive(Debug)]
 pub struct Staging {
     /// The hidden folder next to `out` that receives the files.
@@ -25,24 +26,36 @@ pub struct Staging {
     force: bool,
     /// Set once renamed into place.
     committed: bool,
+    /// Registered for removal on an interrupt while it exists.
+    _staged: crate::fsutil::cleanup::Staged,
 }
 
 impl Staging {
-    /// Starts writing the dataset `out`; an error if it exists (unless `force`).
-    pub fn new(out: &Path, force: bool) -> Result<Self> {
-        if out.exists() && !force {
-            return Err(DataError::bad(out, "already exists (use --force to replace it)"));
-        }
+    /// Starts writing the dataset `out` for the command `by` (`uamt import`), which reads
+    /// `inputs` (`(flag, path)`: the source folder, lists). Refused before anything is written:
+    /// an `out` that overlaps an input ([`crate::fsutil::check_apart`]), an `out` that exists
+    /// (unless `force`, and then only a dataset folder uamt wrote, see
+    /// [`crate::fsutil::marker`]).
+    pub fn new(out: &Path, force: bool, by: &str, inputs: &[(&str, &Path)]) -> Result<Self> {
         if out.file_name().is_none() {
             return Err(DataError::bad(out, "not a folder name"));
+        }
+        crate::fsutil::check_apart(&[("--out", out)], inputs)?;
+        if std::fs::symlink_metadata(out).is_ok() {
+            if !force {
+                return Err(DataError::bad(out, "already exists (use --force to replace a dataset uamt wrote)"));
+            }
+            marker::check_replaceable_folder(out, "--out")?;
         }
         let parent = parent_dir(out);
         fs::create_dir_all(parent).at(parent)?;
         let dir = temp_name(out);
+        let staged = crate::fsutil::cleanup::stage(&dir);
         for sub in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"] {
             fs::create_dir_all(dir.join(sub)).at(&dir)?;
         }
-        Ok(Staging { dir, out: out.to_path_buf(), force, committed: false })
+        marker::mark_folder(&dir, by)?;
+        Ok(Staging { dir, out: out.to_path_buf(), force, committed: false, _staged: staged })
     }
 
     /// The folder to write into.
@@ -50,13 +63,22 @@ impl Staging {
         &self.dir
     }
 
-    /// Writes the manifest and moves the folder into place.
+    /// Writes the manifest and moves the folder into place (over the old dataset with `force`,
+    /// checked again: still a folder uamt wrote).
     pub fn commit(mut self, manifest: &Manifest) -> Result<PathBuf> {
         manifest.write(&self.dir)?;
-        if self.force && self.out.exists() {
+        if std::fs::symlink_metadata(&self.out).is_ok() {
+            if !self.force {
+                return Err(DataError::bad(&self.out, "appeared while importing: left as it is"));
+            }
+            marker::check_replaceable_folder(&self.out, "--out")?;
             let old = temp_name(&self.out);
             fs::rename(&self.out, &old).at(&self.out)?;
-            fs::rename(&self.dir, &self.out).at(&self.out)?;
+            if let Err(e) = fs::rename(&self.dir, &self.out) {
+                // Put the old dataset back rather than leave neither.
+                let _ = fs::rename(&old, &self.out);
+                return Err(DataError::io(&self.out, e));
+            }
             self.committed = true;
             sync_dir(parent_dir(&self.out))?;
             fs::remove_dir_all(&old).at(&old)?;
@@ -88,11 +110,13 @@ pub struct ImportReport {
     pub labelled: usize,
     /// Test cases written.
     pub test: usize,
+    /// Files found in the source's folders and not imported, with the reason.
+    pub ignored: Vec<(PathBuf, String)>,
 }
 
 /// Reads a case list (one ID per line; blank lines and `#` comments ignored; no duplicates).
 pub fn read_list(path: &Path) -> Result<Vec<String>> {
-    let text = fs::read_to_string(path).at(path)?;
+    let text = crate::fsutil::read_text(path)?;
     let mut seen = HashSet::new();
     let mut ids = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -261,6 +285,20 @@ pub fn find_h5(src: &Path, id: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// `path` (a file found under the source folder `src`) if it stays inside `src` after resolving
+/// symbolic links; else an error naming it: a source folder is untrusted input, like a dataset.
+pub fn inside_src(src: &Path, path: &Path) -> Result<PathBuf> {
+    let base = fs::canonicalize(src).at(src)?;
+    let real = fs::canonicalize(path).at(path)?;
+    if !real.starts_with(&base) {
+        return Err(DataError::bad(
+            path,
+            format!("leads outside the source folder {} (to {}): refused", src.display(), real.display()),
+        ));
+    }
+    Ok(path.to_path_buf())
+}
+
 /// Called after each case of a long one-shot job with (cases done, total, case id).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, &str);
 
@@ -279,13 +317,15 @@ pub fn import_h5_with(opts: &H5Import, progress: Progress<'_>) -> Result<ImportR
     let test_list = c.test_list.clone().unwrap_or_else(|| c.src.join("test.list"));
     let split = Split::from_lists(&train_list, Some(&test_list), c.labelled)?;
     locate_all(&split, (&train_list, Some(&test_list)), |id| find_h5(&c.src, id), "HDF5 file")?;
-    let staging = Staging::new(&c.out, c.force)?;
+    let inputs = [("--src", c.src.as_path()), ("--train-list", &train_list), ("--test-list", &test_list)];
+    let staging = Staging::new(&c.out, c.force, "uamt import h5", &inputs)?;
     let geometry = Geometry::from_spacing(opts.spacing);
     let (mut training, mut test) = (Vec::new(), Vec::new());
     let cases = split.cases();
     let total = split.train.len() + split.test.len();
     for (n, (id, is_test, labelled)) in cases.enumerate() {
         let path = find_h5(&c.src, id).ok_or_else(|| DataError::bad(&c.src, format!("case `{id}` disappeared")))?;
+        let path = inside_src(&c.src, &path)?;
         let case = read_h5_case(&path, opts.max_label)?;
         let entry = entry_for(id, is_test, labelled, ext(c.gzip));
         match opts.resample_to {
@@ -318,7 +358,7 @@ pub fn import_h5_with(opts: &H5Import, progress: Progress<'_>) -> Result<ImportR
 pub(crate) fn report(staging: Staging, manifest: Manifest) -> Result<ImportReport> {
     let (training, labelled, test) = (manifest.num_training, manifest.num_labelled, manifest.num_test);
     let out = staging.commit(&manifest)?;
-    Ok(ImportReport { out, training, labelled, test })
+    Ok(ImportReport { out, training, labelled, test, ignored: Vec::new() })
 }
 
 /// Crop margin per side, in voxels, around the label's x/y bounding box.
@@ -486,12 +526,15 @@ pub fn import_nrrd_with(opts: &NrrdImport, progress: Progress<'_>) -> Result<Imp
     let listed = (train_list.as_deref().unwrap_or(&c.src), test_list.as_deref());
     locate_all(&split, listed, |id| image_of(id).is_file().then(|| image_of(id)), "lgemri.nrrd")?;
     locate_all(&split, listed, |id| label_of(id).is_file().then(|| label_of(id)), "laendo.nrrd")?;
-    let staging = Staging::new(&c.out, c.force)?;
+    let mut inputs = vec![("--src", c.src.as_path())];
+    inputs.extend(train_list.as_deref().map(|p| ("--train-list", p)));
+    inputs.extend(test_list.as_deref().map(|p| ("--test-list", p)));
+    let staging = Staging::new(&c.out, c.force, "uamt import nrrd", &inputs)?;
     let (mut training, mut test) = (Vec::new(), Vec::new());
     let cases = split.cases();
     for (n, (id, is_test, labelled)) in cases.enumerate() {
-        let image = read_nrrd(image_of(id))?;
-        let label = read_nrrd(label_of(id))?;
+        let image = read_nrrd(inside_src(&c.src, &image_of(id))?)?;
+        let label = read_nrrd(inside_src(&c.src, &label_of(id))?)?;
         let margins = match opts.margin {
             Margin::Fixed(m) => [m; 4],
             Margin::Random { lo, hi } => {

@@ -9,7 +9,7 @@
 use super::dataset::{test_entry, training_entry, CaseEntry, Manifest};
 use super::error::{DataError, IoAt, Result};
 use super::import::{ext, report, ImportReport, Progress, Staging};
-use super::nifti::{stem, write_nifti, GzCache, NiftiVolume};
+use super::nifti::{read_header, stem, write_nifti, GzCache, NiftiVolume};
 use super::normalize::{normalize, Normalization, Stats};
 use super::resample::{resample_case, resample_linear, resampled_dims};
 use super::volume::{Geometry, Volume};
@@ -50,9 +50,11 @@ impl Resample {
         let ok = |v: f64| v.is_finite() && v > 0.0;
         match *self {
             Resample::Spacing(s) if !s.iter().all(|&v| ok(v)) => {
-                Err(DataError::invalid("spacing", format!("{s:?} must be positive")))
+                Err(DataError::invalid("--spacing", format!("{s:?} must be positive")))
             }
-            Resample::Factor(f) if !ok(f) => Err(DataError::invalid("downsample", format!("{f} must be positive"))),
+            Resample::Factor(f) if !(ok(f) && (1.0 / 16.0..=16.0).contains(&f)) => {
+                Err(DataError::invalid("--downsample", format!("{f} must be a factor in 1/16..=16")))
+            }
             _ => Ok(()),
         }
     }
@@ -91,10 +93,10 @@ impl Preprocessing {
     /// NRRD, or synthetic).
     pub fn read(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join(PREPROCESSING);
-        if !path.exists() {
+        if std::fs::symlink_metadata(&path).is_err() {
             return Ok(None);
         }
-        let text = fs::read_to_string(&path).at(&path)?;
+        let text = crate::fsutil::read_text(&path)?;
         serde_json::from_str(&text).map(Some).map_err(|e| DataError::bad(&path, format!("invalid record: {e}")))
     }
 
@@ -205,41 +207,74 @@ struct RawCase {
     label: Option<PathBuf>,
 }
 
-/// Case ID of an image file: MSD names it `<id>.nii.gz`; nnU-Net v2 `<id>_0000.nii.gz`.
+/// Case ID of an image file: MSD names it `<id>.nii.gz`; nnU-Net v2 `<id>_0000.nii.gz`. The ID
+/// must be a plain name (outputs are written as `<id>.<kind>`).
 fn case_id(path: &Path, nnunet: bool) -> Result<String> {
     let s = stem(path);
-    if !nnunet {
-        return Ok(s);
-    }
-    match s.rsplit_once('_') {
-        Some((id, "0000")) if !id.is_empty() => Ok(id.to_string()),
-        Some((_, ch)) if ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) => {
-            Err(DataError::bad(path, format!("channel `_{ch}`: only single-channel images (`_0000`) are supported")))
+    let id = if !nnunet {
+        s
+    } else {
+        match s.rsplit_once('_') {
+            Some((id, "0000")) if !id.is_empty() => id.to_string(),
+            Some((_, ch)) if ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(DataError::bad(
+                    path,
+                    format!("channel `_{ch}`: only single-channel images (`_0000`) are supported"),
+                ))
+            }
+            _ => {
+                return Err(DataError::bad(
+                    path,
+                    "unknown channel suffix: nnU-Net images are named `<case>_0000.nii[.gz]` (a folder without \
+                     dataset.json's `training` list is read as nnU-Net v2's layout)",
+                ))
+            }
         }
-        _ => Err(DataError::bad(path, "unknown channel suffix: nnU-Net images are named `<case>_0000.nii[.gz]`")),
-    }
+    };
+    crate::data::dataset::check_case_id(&id).map_err(|why| DataError::bad(path, why))?;
+    Ok(id)
 }
 
-/// The NIfTI files of `dir` (hidden files such as macOS `._*` skipped), sorted.
-fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    if !dir.is_dir() {
+/// Whether `path`'s name is a NIfTI file name (`.nii`, `.nii.gz`, any case) and not hidden.
+fn is_nifti_name(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    !name.starts_with('.') && (name.ends_with(".nii") || name.ends_with(".nii.gz"))
+}
+
+/// Every entry of the folder `dir` (none when it does not exist), sorted.
+fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    if std::fs::symlink_metadata(dir).is_err() {
         return Ok(Vec::new());
     }
     let mut v = Vec::new();
     for e in fs::read_dir(dir).at(dir)? {
-        let p = e.at(dir)?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-        if !name.starts_with('.') && (name.ends_with(".nii") || name.ends_with(".nii.gz")) {
-            v.push(p);
-        }
+        v.push(e.at(dir)?.path());
     }
     v.sort();
     Ok(v)
 }
 
-/// The label file of case `id` in `dir` (`.nii.gz` or `.nii`).
+/// The NIfTI files of `dir`, sorted; what else it holds goes to `ignored` with the reason.
+fn nifti_files(dir: &Path, ignored: &mut Vec<(PathBuf, String)>) -> Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    for p in entries(dir)? {
+        if is_nifti_name(&p) {
+            v.push(p);
+        } else {
+            let why = match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => "a folder (sub-folders are not read)",
+                _ if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) => "a hidden file",
+                _ => "not a NIfTI file (.nii, .nii.gz)",
+            };
+            ignored.push((p, why.into()));
+        }
+    }
+    Ok(v)
+}
+
+/// The label file of case `id` in `dir` (`.nii.gz` or `.nii`), if either name exists.
 fn label_for(dir: &Path, id: &str) -> Option<PathBuf> {
-    [".nii.gz", ".nii"].iter().map(|e| dir.join(format!("{id}{e}"))).find(|p| p.is_file())
+    [".nii.gz", ".nii"].iter().map(|e| dir.join(format!("{id}{e}"))).find(|p| std::fs::symlink_metadata(p).is_ok())
 }
 
 /// The source's `dataset.json` fields the importer uses.
@@ -254,70 +289,179 @@ struct Source {
     modality: String,
     /// The dataset's name.
     name: String,
+    /// Files found in the source's folders that are not imported, with the reason.
+    ignored: Vec<(PathBuf, String)>,
 }
 
-/// Reads the raw folder's layout; every training case must have its label.
+/// The largest class value a label may hold (labels are written as 8-bit integers).
+const MAX_CLASS: u64 = 255;
+
+/// The classes `dataset.json`'s `labels` names, by value: MSD's `{"0": "background"}` or nnU-Net
+/// v2's `{"background": 0}`; every value a distinct integer in 0..=255. Absent: background and
+/// foreground.
+fn read_label_names(j: &serde_json::Value, mpath: &Path) -> Result<Vec<String>> {
+    use serde_json::Value;
+    let bad = |why: String| DataError::bad(mpath, format!("`labels`: {why}"));
+    let Some(v) = j.get("labels") else { return Ok(vec!["background".into(), "foreground".into()]) };
+    let m = v.as_object().ok_or_else(|| {
+        bad(format!(
+            "{v} is not an object such as {{\"0\": \"background\", \"1\": \"atrium\"}} (MSD) or {{\"background\": 0, \
+             \"atrium\": 1}} (nnU-Net)"
+        ))
+    })?;
+    let mut labels: BTreeMap<u64, String> = BTreeMap::new();
+    for (k, v) in m {
+        let (value, name) = match v {
+            Value::String(s) => {
+                let n = k.trim().parse::<u64>().ok().filter(|&n| n <= MAX_CLASS);
+                (n.ok_or_else(|| bad(format!("key `{k}` is not a class value in 0..={MAX_CLASS}")))?, s.clone())
+            }
+            Value::Number(n) => {
+                let value = n.as_u64().filter(|&n| n <= MAX_CLASS);
+                (value.ok_or_else(|| bad(format!("`{k}`: {n} is not a class value in 0..={MAX_CLASS}")))?, k.clone())
+            }
+            other => {
+                return Err(bad(format!(
+                    "`{k}`: {other} is neither a class name nor a class value (region-based labels are not supported)"
+                )))
+            }
+        };
+        if let Some(prev) = labels.insert(value, name.clone()) {
+            return Err(bad(format!("class value {value} is given twice (`{prev}` and `{name}`)")));
+        }
+    }
+    let Some(&max) = labels.keys().max() else { return Err(bad("names no class".into())) };
+    Ok((0..=max).map(|v| labels.get(&v).cloned().unwrap_or_else(|| format!("class {v}"))).collect())
+}
+
+/// A path `dataset.json` gives (`rel`, relative to `src`), refused when absolute or leading
+/// outside `src`; `what` says which entry, for the error.
+fn listed_path(src: &Path, mpath: &Path, rel: &str, what: &str) -> Result<PathBuf> {
+    if rel.contains('\0') || Path::new(rel).is_absolute() {
+        return Err(DataError::bad(
+            mpath,
+            format!("{what}: `{}` is not a path inside the source folder", rel.escape_debug()),
+        ));
+    }
+    let path = src.join(rel);
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Err(DataError::bad(&path, format!("listed in {} ({what}) but missing", mpath.display())));
+    }
+    super::import::inside_src(src, &path)
+}
+
+/// The string field `key` of a `dataset.json` entry, if present; an error when not a string.
+fn field<'a>(e: &'a serde_json::Value, key: &str, mpath: &Path, what: &str) -> Result<Option<&'a str>> {
+    match e.get(key) {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(DataError::bad(mpath, format!("{what}: \"{key}\" is {other}, not a path"))),
+    }
+}
+
+/// Reads the raw folder's layout; every training case must have its label. A source folder is
+/// untrusted input: every path stays inside `src` after resolving links, `dataset.json`'s shape
+/// and `labels` are checked, and every file of `imagesTr/`, `labelsTr/`, `imagesTs/` and
+/// `labelsTs/` that is not imported is listed in `ignored` with the reason.
 fn read_source(src: &Path) -> Result<Source> {
     let mpath = src.join("dataset.json");
-    let text = fs::read_to_string(&mpath).at(&mpath)?;
+    let text = crate::fsutil::read_text(&mpath)?;
     let j: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| DataError::bad(&mpath, format!("invalid JSON: {e}")))?;
+    if !j.is_object() {
+        return Err(DataError::bad(&mpath, "must hold a JSON object (MSD's or nnU-Net's dataset.json)"));
+    }
     let name = j.get("name").and_then(|v| v.as_str()).unwrap_or("imported").to_string();
     let modality = ["modality", "channel_names"]
         .iter()
         .find_map(|k| j.get(*k).and_then(|m| m.get("0")).and_then(|v| v.as_str()))
         .unwrap_or("image")
         .to_string();
-    // MSD: {"0": "background"}; nnU-Net v2: {"background": 0}.
-    let mut labels: BTreeMap<u64, String> = BTreeMap::new();
-    if let Some(m) = j.get("labels").and_then(|v| v.as_object()) {
-        for (k, v) in m {
-            match (k.parse::<u64>(), v) {
-                (Ok(n), serde_json::Value::String(s)) => labels.insert(n, s.clone()),
-                (_, serde_json::Value::Number(n)) => labels.insert(n.as_u64().unwrap_or(u64::MAX), k.clone()),
-                _ => None,
-            };
+    let labels = read_label_names(&j, &mpath)?;
+    let list = match j.get("training") {
+        None => None,
+        Some(serde_json::Value::Array(list)) => Some(list),
+        Some(other) => {
+            return Err(DataError::bad(
+                &mpath,
+                format!(
+                    "`training` is {other}, not a list of {{\"image\": \"./imagesTr/<case>.nii.gz\", \"label\": \
+                     \"./labelsTr/<case>.nii.gz\"}} entries (leave it out for nnU-Net v2's layout)"
+                ),
+            ))
         }
-    }
-    if labels.is_empty() {
-        labels = BTreeMap::from([(0, "background".into()), (1, "foreground".into())]);
-    }
-    let nnunet = j.get("training").and_then(|t| t.as_array()).is_none();
+    };
+    let nnunet = list.is_none();
     let (images_tr, labels_tr) = (src.join("imagesTr"), src.join("labelsTr"));
+    let (images_ts, labels_ts) = (src.join("imagesTs"), src.join("labelsTs"));
+    let mut ignored = Vec::new();
+    let found_tr = nifti_files(&images_tr, &mut ignored)?;
     let mut training = Vec::new();
-    if let Some(list) = j.get("training").and_then(|t| t.as_array()) {
+    if let Some(list) = list {
         for (i, e) in list.iter().enumerate() {
-            let img = e
-                .get("image")
-                .and_then(|v| v.as_str())
-                .ok_or_else(|| DataError::bad(&mpath, format!("training entry {i} has no \"image\"")))?;
-            let image = src.join(img);
+            let what = format!("`training` entry {i}");
+            if !e.is_object() {
+                return Err(DataError::bad(
+                    &mpath,
+                    format!("{what} is {e}, not an object with \"image\" and \"label\""),
+                ));
+            }
+            let img = field(e, "image", &mpath, &what)?
+                .ok_or_else(|| DataError::bad(&mpath, format!("{what} has no \"image\"")))?;
+            let image = listed_path(src, &mpath, img, &what)?;
             let id = case_id(&image, false)?;
-            if !image.is_file() {
-                return Err(DataError::bad(&image, format!("listed in {} but missing", mpath.display())));
-            }
-            let label = match e.get("label").and_then(|v| v.as_str()) {
-                Some(l) => src.join(l),
-                None => labels_tr.join(format!("{id}.nii.gz")),
+            let label = match field(e, "label", &mpath, &what)? {
+                Some(l) => listed_path(src, &mpath, l, &what)?,
+                None => {
+                    let l = labels_tr.join(format!("{id}.nii.gz"));
+                    if std::fs::symlink_metadata(&l).is_err() {
+                        return Err(DataError::bad(&l, format!("missing: the label of training case `{id}`")));
+                    }
+                    super::import::inside_src(src, &l)?
+                }
             };
-            if !label.is_file() {
-                return Err(DataError::bad(&label, format!("missing: the label of training case `{id}`")));
-            }
             training.push(RawCase { id, image, label: Some(label) });
         }
     } else {
-        for image in nifti_files(&images_tr)? {
+        for image in &found_tr {
+            let image = super::import::inside_src(src, image)?;
             let id = case_id(&image, true)?;
             let label = label_for(&labels_tr, &id).ok_or_else(|| {
                 DataError::bad(&image, format!("no label for training case `{id}` in {}", labels_tr.display()))
             })?;
-            training.push(RawCase { id, image, label: Some(label) });
+            training.push(RawCase { id, label: Some(super::import::inside_src(src, &label)?), image });
         }
     }
     let mut test = Vec::new();
-    for image in nifti_files(&src.join("imagesTs"))? {
+    for image in nifti_files(&images_ts, &mut ignored)? {
+        let image = super::import::inside_src(src, &image)?;
         let id = case_id(&image, nnunet)?;
-        test.push(RawCase { label: label_for(&src.join("labelsTs"), &id), id, image });
+        let label = label_for(&labels_ts, &id).map(|l| super::import::inside_src(src, &l)).transpose()?;
+        test.push(RawCase { label, id, image });
+    }
+    // dataset.json's `test` list (MSD): each image must exist; those outside imagesTs/ are
+    // imported too.
+    match j.get("test") {
+        None => {}
+        Some(serde_json::Value::Array(list)) => {
+            for (i, e) in list.iter().enumerate() {
+                let what = format!("`test` entry {i}");
+                let rel = match e {
+                    serde_json::Value::String(s) => s.as_str(),
+                    _ => field(e, "image", &mpath, &what)?
+                        .ok_or_else(|| DataError::bad(&mpath, format!("{what} is {e}, not a path")))?,
+                };
+                let image = listed_path(src, &mpath, rel, &what)?;
+                let same = |c: &RawCase| fs::canonicalize(&c.image).ok() == fs::canonicalize(&image).ok();
+                if !test.iter().any(same) {
+                    let id = case_id(&image, false)?;
+                    test.push(RawCase { id, image, label: None });
+                }
+            }
+        }
+        Some(other) => {
+            return Err(DataError::bad(&mpath, format!("`test` is {other}, not a list of image paths")));
+        }
     }
     let mut seen = HashSet::new();
     if let Some(c) = training.iter().chain(&test).find(|c| !seen.insert(c.id.clone())) {
@@ -326,9 +470,27 @@ fn read_source(src: &Path) -> Result<Source> {
     if training.is_empty() {
         return Err(DataError::bad(src, "no training cases (imagesTr/ is empty and dataset.json lists none)"));
     }
-    let max = labels.keys().copied().max().unwrap_or(1);
-    let labels = (0..=max).map(|v| labels.get(&v).cloned().unwrap_or_else(|| format!("class {v}"))).collect();
-    Ok(Source { training, test, labels, modality, name })
+    // What the folders hold that is not imported.
+    let used: HashSet<PathBuf> = training
+        .iter()
+        .chain(&test)
+        .flat_map(|c| std::iter::once(&c.image).chain(c.label.as_ref()))
+        .filter_map(|p| fs::canonicalize(p).ok())
+        .collect();
+    for p in &found_tr {
+        if !fs::canonicalize(p).is_ok_and(|c| used.contains(&c)) {
+            ignored.push((p.clone(), "not listed in dataset.json's `training`".into()));
+        }
+    }
+    for dir in [&labels_tr, &labels_ts] {
+        for p in nifti_files(dir, &mut ignored)? {
+            if !fs::canonicalize(&p).is_ok_and(|c| used.contains(&c)) {
+                ignored.push((p, "a label without an image of the same case".into()));
+            }
+        }
+    }
+    ignored.sort();
+    Ok(Source { training, test, labels, modality, name, ignored })
 }
 
 /// The indices (into `ids`) of the labelled cases.
@@ -393,7 +555,7 @@ fn crop_box(label: &Volume<u8>, margin: usize, path: &Path) -> Result<([usize; 3
         return Err(DataError::bad(path, "the label has no foreground voxels to crop around"));
     }
     let origin = [0, 1, 2].map(|a| lo[a].saturating_sub(margin));
-    let end = [0, 1, 2].map(|a| (hi[a] + margin + 1).min(label.dims[a]));
+    let end = [0, 1, 2].map(|a| hi[a].saturating_add(margin).saturating_add(1).min(label.dims[a]));
     Ok((origin, [0, 1, 2].map(|a| end[a] - origin[a])))
 }
 
@@ -435,6 +597,79 @@ fn check_same_grid(image: &NiftiVolume, label: &NiftiVolume) -> Result<()> {
     Ok(())
 }
 
+/// The most voxels resampling may leave on an axis below the source's own count: fewer than this
+/// (`--downsample 1000`) is refused.
+const MIN_RESAMPLED_SIDE: usize = 8;
+
+/// Checks a case before any voxel is read, from the headers alone: the image's and label's
+/// geometry are finite and non-degenerate, resampling keeps at least [`MIN_RESAMPLED_SIDE`]
+/// voxels per axis (or the source's own count), and what the case needs in memory fits.
+fn plan_case(case: &RawCase, opts: &RawImport) -> Result<()> {
+    let h = read_header(&case.image)?;
+    h.geometry.check().map_err(|why| DataError::bad(&case.image, why))?;
+    let label = case.label.as_ref().map(|l| read_header(l).map(|h| (l, h))).transpose()?;
+    if let Some((path, lh)) = &label {
+        lh.geometry.check().map_err(|why| DataError::bad(path, why))?;
+    }
+    let source = h.dims.iter().map(|&d| d as u64).product::<u64>();
+    let out = match opts.resample.target(h.geometry.spacing()) {
+        None => h.dims,
+        Some(t) => {
+            let flag = match opts.resample {
+                Resample::Factor(_) => "--downsample",
+                _ => "--spacing",
+            };
+            let dims = resampled_dims(h.dims, h.geometry.spacing(), t)
+                .map_err(|e| DataError::bad(&case.image, format!("{flag}: {e}")))?;
+            if (0..3).any(|a| dims[a] < MIN_RESAMPLED_SIDE.min(h.dims[a])) {
+                return Err(DataError::bad(
+                    &case.image,
+                    format!(
+                        "{flag} would resample its {:?} voxels of {:?} mm to {dims:?} voxels of {t:?} mm: fewer than \
+                         {MIN_RESAMPLED_SIDE} per axis; choose a finer {flag}",
+                        h.dims,
+                        h.geometry.spacing()
+                    ),
+                ));
+            }
+            dims
+        }
+    };
+    let resampled = out.iter().map(|&d| d as u64).product::<u64>();
+    // The decompressed file(s), the float image, the 8-bit label, the resampled pair, the
+    // written copy, and the runtime.
+    let file_bytes =
+        |h: &crate::data::nifti::Header| h.dims.iter().map(|&d| d as u64).product::<u64>() * h.dtype.size() as u64;
+    let need = file_bytes(&h)
+        + label.as_ref().map_or(0, |(_, lh)| file_bytes(lh) + source)
+        + 4 * source
+        + 9 * resampled
+        + crate::footprint::RUNTIME_BYTES;
+    crate::footprint::check_fits(
+        need,
+        &format!("importing this {:?} volume", h.dims),
+        "import it on a machine with more memory, or resample it coarser (--downsample / --spacing) beforehand",
+    )
+    .map_err(|why| DataError::bad(&case.image, why))
+}
+
+/// Refuses a label value that is not a class `dataset.json`'s `labels` names.
+fn check_classes(label: &Volume<u8>, n_classes: usize, path: &Path, src: &Path) -> Result<()> {
+    if let Some(i) = label.data.iter().position(|&v| v as usize >= n_classes) {
+        let [nx, ny, _] = label.dims;
+        let (x, y, z) = (i % nx, (i / nx) % ny, i / (nx * ny));
+        return Err(DataError::bad(
+            path,
+            format!(
+                "label value {} at voxel ({x}, {y}, {z}) is not a class of {}'s `labels` (0..{n_classes})",
+                label.data[i],
+                src.join("dataset.json").display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Imports a raw MSD / nnU-Net folder.
 pub fn import_raw(opts: &RawImport) -> Result<ImportReport> {
     import_raw_with(opts, &mut |_, _, _| {})
@@ -443,6 +678,7 @@ pub fn import_raw(opts: &RawImport) -> Result<ImportReport> {
 /// [`import_raw`], calling `progress(done, total, id)` after each case.
 pub fn import_raw_with(opts: &RawImport, progress: Progress<'_>) -> Result<ImportReport> {
     opts.resample.validate()?;
+    crate::fsutil::check_apart(&[("--out", &opts.out)], &[("--src", &opts.src)])?;
     let source = read_source(&opts.src)?;
     let n = source.training.len();
     if opts.holdout >= n {
@@ -454,7 +690,8 @@ pub fn import_raw_with(opts: &RawImport, progress: Progress<'_>) -> Result<Impor
     let (train, held) = source.training.split_at(n - opts.holdout);
     let ids: Vec<String> = train.iter().map(|c| c.id.clone()).collect();
     let pick = choose_labelled(&ids, &opts.labelled, opts.holdout)?;
-    let staging = Staging::new(&opts.out, opts.force)?;
+    let inputs = [("--src", opts.src.as_path())];
+    let staging = Staging::new(&opts.out, opts.force, "uamt import nifti", &inputs)?;
     let mut record = Preprocessing {
         normalization: opts.normalization,
         resample: opts.resample,
@@ -465,8 +702,10 @@ pub fn import_raw_with(opts: &RawImport, progress: Progress<'_>) -> Result<Impor
     let cases =
         train.iter().zip(&pick).map(|(c, &l)| (c, Some(l))).chain(held.iter().chain(&source.test).map(|c| (c, None)));
     let total = n + source.test.len();
+    let n_classes = source.labels.len();
     let (mut training, mut test) = (Vec::new(), Vec::new());
     for (done, (case, labelled)) in cases.enumerate() {
+        plan_case(case, opts)?;
         let image_file = NiftiVolume::open(&case.image, &GzCache::Memory)?;
         let label_file = case.label.as_ref().map(|l| NiftiVolume::open(l, &GzCache::Memory)).transpose()?;
         if let Some(l) = &label_file {
@@ -475,12 +714,15 @@ pub fn import_raw_with(opts: &RawImport, progress: Progress<'_>) -> Result<Impor
         let mut image = image_file.read_f32()?;
         let stats = normalize(&mut image, opts.normalization, &case.image)?;
         let label = label_file.as_ref().map(|l| l.read_labels()).transpose()?;
+        if let (Some(l), Some(path)) = (&label, &case.label) {
+            check_classes(l, n_classes, path, &opts.src)?;
+        }
+        drop(label_file);
         let g = image_file.header().geometry;
         let (mut image, mut label, mut g) = match opts.resample.target(g.spacing()) {
             None => (image, label, g),
             Some(t) => {
-                resampled_dims(image.dims, g.spacing(), t)?;
-                resample_case(&image, label.as_ref(), &g, t)?
+                resample_case(&image, label.as_ref(), &g, t).map_err(|e| DataError::bad(&case.image, e.to_string()))?
             }
         };
         let mut origin = [0; 3];
@@ -529,7 +771,9 @@ pub fn import_raw_with(opts: &RawImport, progress: Progress<'_>) -> Result<Impor
         opts.holdout
     );
     let labels: Vec<&str> = source.labels.iter().map(String::as_str).collect();
-    report(staging, Manifest::new(&source.name, &description, &source.modality, &labels, training, test))
+    let mut r = report(staging, Manifest::new(&source.name, &description, &source.modality, &labels, training, test))?;
+    r.ignored = source.ignored;
+    Ok(r)
 }
 
 #[cfg(test)]

@@ -170,10 +170,14 @@ fn detached_path(path: &Path, name: &str) -> Result<PathBuf> {
     Ok(target)
 }
 
+/// The largest NRRD file (or detached data file) read: the most voxels taken, of 8 bytes each,
+/// plus a header.
+const MAX_NRRD_BYTES: u64 = ((crate::data::volume::MAX_VOXELS as u64) << 3) + (1 << 20);
+
 /// Reads a 3-D NRRD file.
 pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).at(path)?;
+    let bytes = crate::fsutil::read_regular(path, MAX_NRRD_BYTES)?;
     let (f, data_start) = parse_header(&bytes, path)?;
     let dim = required(&f.dimension, "dimension", path)?;
     if dim != "3" {
@@ -213,7 +217,7 @@ pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
         }
         Some(name) => {
             let p = detached_path(path, name)?;
-            let b = std::fs::read(&p).at(&p)?;
+            let b = crate::fsutil::read_regular(&p, MAX_NRRD_BYTES)?;
             Some((p, b))
         }
         None => None,

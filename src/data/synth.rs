@@ -238,7 +238,7 @@ pub fn write_synth_with(
         let crate::Error::Invalid { key, why } = e else { return Err(DataError::invalid("synth", e.to_string())) };
         return Err(DataError::invalid(key, why));
     }
-    let staging = Staging::new(out, force)?;
+    let staging = Staging::new(out, force, "uamt synth", &[])?;
     let geometry = Geometry::from_spacing(cfg.spacing);
     let (mut training, mut test) = (Vec::new(), Vec::new());
     for i in 0..cfg.cases + cfg.test {

@@ -153,6 +153,26 @@ impl Geometry {
         Geometry { affine }
     }
 
+    /// `Err` (saying what is wrong) unless the affine is finite and non-degenerate: every entry
+    /// finite, every voxel size positive, the three axes independent (the determinant at least
+    /// 1e-6 of the product of the voxel sizes). A zero pixdim, a NaN or an all-zero sform fail.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let a = &self.affine;
+        if a.iter().take(3).flatten().any(|v| !v.is_finite()) {
+            return Err(format!("its affine has a non-finite entry: {:?}", &a[..3]));
+        }
+        let s = self.spacing();
+        if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(format!("its voxel size {s:?} is not positive in every axis (pixdim 0, or a zero sform)"));
+        }
+        let det = a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]);
+        if det.abs() < 1e-6 * s[0] * s[1] * s[2] {
+            return Err(format!("its affine is degenerate (two axes point the same way): {:?}", &a[..3]));
+        }
+        Ok(())
+    }
+
     /// Voxel size along each axis: the lengths of the affine's first three columns.
     pub fn spacing(&self) -> [f64; 3] {
         [0, 1, 2].map(|j| (0..3).map(|i| self.affine[i][j] * self.affine[i][j]).sum::<f64>().sqrt())
@@ -309,6 +329,22 @@ pub const LABEL_KIND: Kind = Kind::Int64;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn should_refuse_degenerate_geometry() {
+        assert!(Geometry::from_spacing([1.25, 0.9, 1.37]).check().is_ok());
+        let rotated = Geometry::from_qform([0.0, 0.0, 0.6], 1.0, [1.3, 0.9, 1.6], [5.0, -3.0, 1.0]).unwrap();
+        assert!(rotated.check().is_ok());
+        assert!(Geometry::from_spacing([1.25, 0.0, 1.37]).check().unwrap_err().contains("not positive"));
+        assert!(Geometry::from_spacing([1.0, f64::NAN, 1.0]).check().unwrap_err().contains("non-finite"));
+        let mut zero = Geometry::from_spacing([1.0; 3]);
+        zero.affine = [[0.0; 4]; 4];
+        assert!(zero.check().is_err());
+        let mut flat = Geometry::from_spacing([1.0; 3]);
+        flat.affine[0][1] = 1.0;
+        flat.affine[1][1] = 0.0; // the y axis now points along x
+        assert!(flat.check().unwrap_err().contains("degenerate"));
+    }
 
     #[test]
     fn should_round_trip_c_order() {

@@ -51,6 +51,20 @@ pub struct PredictedCase {
     pub volume_ml: std::collections::BTreeMap<String, f64>,
 }
 
+/// The names of the files [`predict_file`] writes for the case `id`.
+pub fn output_names(id: &str, opts: &PredictOptions) -> Vec<String> {
+    let ext = if opts.gzip { ".nii.gz" } else { ".nii" };
+    let mut v = vec![format!("{id}.label{ext}")];
+    if opts.maps {
+        v.push(format!("{id}.prob{ext}"));
+        v.push(format!("{id}.uncertainty{ext}"));
+    }
+    if opts.picture {
+        v.push(format!("{id}.png"));
+    }
+    v
+}
+
 /// Segments the NIfTI image `input` and writes `<id>.label.nii[.gz]` (and the optional outputs)
 /// into `out`. `teacher`, when given, draws the Monte-Carlo uncertainty.
 pub fn predict_file(
@@ -63,6 +77,7 @@ pub fn predict_file(
 ) -> Result<PredictedCase> {
     let file = NiftiVolume::open(input, &GzCache::Memory)?;
     let geometry = file.header().geometry;
+    geometry.check().map_err(|why| crate::Error::File { path: input.to_path_buf(), why })?;
     let raw = file.read_f32()?;
     let (net_image, _) = prep.apply(&raw, &geometry, input)?;
     let image_t = net_image.to_tensor()?;

@@ -56,58 +56,25 @@ impl RawTensor {
     }
 }
 
-/// What kind of thing a path is, for refusals.
-fn file_type_name(ft: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if ft.is_dir() {
-        "a folder"
-    } else if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_char_device() {
-        "a character device"
-    } else if ft.is_block_device() {
-        "a block device"
-    } else if ft.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
-}
-
 /// Checks that `path` is (or links to) a regular file of at most [`MAX_FILE_BYTES`], without
 /// opening it; returns its size.
 pub fn check_regular(path: &Path) -> Result<u64> {
-    let err = |why: String| Error::File { path: path.to_path_buf(), why };
-    let meta = std::fs::metadata(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    if !meta.is_file() {
-        return Err(err(format!("{}, not a regular file: refused", file_type_name(&meta.file_type()))));
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(err(format!("{} bytes, more than the limit of {MAX_FILE_BYTES} bytes: refused", meta.len())));
-    }
-    Ok(meta.len())
-}
-
-/// Reads a whole file that passes [`check_regular`]. Opened non-blocking and checked again on the
-/// open handle, so a file swapped for a FIFO or device in between is refused too.
-pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    check_regular(path)?;
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
-        return Err(Error::File { path: path.to_path_buf(), why: "changed while opened: refused".into() });
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
+    let len = crate::fsutil::check_regular(path)?;
+    if len > MAX_FILE_BYTES {
         return Err(Error::File {
             path: path.to_path_buf(),
-            why: "grew past the size limit while read: refused".into(),
+            why: format!("{len} bytes, more than the limit of {MAX_FILE_BYTES} bytes: refused"),
         });
     }
-    Ok(bytes)
+    Ok(len)
+}
+
+/// Reads a whole file that passes [`check_regular`], through [`crate::fsutil::read_regular`]
+/// (checked again on the open handle, so a file swapped for a FIFO or device in between is
+/// refused too).
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    check_regular(path)?;
+    Ok(crate::fsutil::read_regular(path, MAX_FILE_BYTES)?)
 }
 
 /// The file's named tensors, checked but not yet in libtorch, in the file's order (sorted by

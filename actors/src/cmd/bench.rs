@@ -68,8 +68,8 @@ fn peer_command(cfg: &Config, args: &Args, script: &std::path::Path) -> Result<s
     anyhow::ensure!(script.is_file(), "--peer: {} is not a file", script.display());
     let list = args.peer_data.join("train.list");
     anyhow::ensure!(list.is_file(), "--peer-data: {} not found (a UA-MT HDF5 folder has a train.list)", list.display());
-    let ids = std::fs::read_to_string(&list)
-        .map_err(|e| anyhow::anyhow!("--peer-data: {}: {e}", list.display()))?
+    let ids = uamt::fsutil::read_text(&list)
+        .map_err(|e| anyhow::anyhow!("--peer-data: {e}"))?
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count();

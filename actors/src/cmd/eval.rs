@@ -74,6 +74,25 @@ pub struct Args {
     /// Seed of the Monte-Carlo passes' noise and dropout.
     #[arg(long, default_value_t = 0)]
     pub mc_seed: u64,
+    /// With --out: replace files that uamt wrote there before (a file of the same name that uamt
+    /// did not write is never replaced).
+    #[arg(long, requires = "out")]
+    pub force: bool,
+}
+
+impl Args {
+    /// The paths this evaluation reads, by flag.
+    fn inputs(&self) -> Vec<(&'static str, &Path)> {
+        let flags: [(&'static str, &Option<PathBuf>); 6] = [
+            ("--prediction", &self.prediction),
+            ("--reference", &self.reference),
+            ("--weights", &self.weights),
+            ("--checkpoint", &self.checkpoint),
+            ("--config", &self.config),
+            ("--dataset", &self.dataset),
+        ];
+        flags.into_iter().filter_map(|(f, p)| p.as_deref().map(|p| (f, p))).collect()
+    }
 }
 
 fn parse_empty(s: &str) -> Result<EmptyPolicy, String> {
@@ -136,12 +155,32 @@ fn report(args: &Args) -> anyhow::Result<Report> {
             }),
         }),
     };
-    if args.out.is_some() {
+    if let Some(out) = &args.out {
+        // The dataset the checkpoint's config names is read too: never written to.
+        apart(out, &[("the evaluated dataset", &dataset.root)])?;
         // Outputs are `<out>/<id>.<kind>`: every id must be a plain name (Dataset::open checks it
         // already; checked again here, where the files are named).
+        let mut names = Vec::new();
         for case in &dataset.test {
             uamt::data::dataset::check_case_id(&case.id)
                 .map_err(|why| anyhow::anyhow!("refusing to write outputs: {why}"))?;
+            names.extend(
+                ["label.nii.gz", "prob.nii.gz", "uncertainty.nii.gz", "png"].map(|k| format!("{}.{k}", case.id)),
+            );
+        }
+        claim(out, args.force, names)?;
+    }
+    if device == tch::Device::Cpu {
+        let net = args.network_spacing;
+        for case in &dataset.test {
+            let h = case.image.header();
+            let grid = match net {
+                Some(t) => uamt::data::resample::resampled_dims(h.dims, h.geometry.spacing(), t)?,
+                None => h.dims,
+            };
+            let classes = (model.config().n_filters, model.config().n_classes);
+            let mc = if args.out.is_some() { args.mc_passes } else { 0 };
+            super::net::check_inference_memory(classes, &opts.infer, h.dims, grid, mc, case.image.path())?;
         }
     }
     let mut bar = crate::progress::Bar::new("evaluating");
@@ -150,7 +189,26 @@ fn report(args: &Args) -> anyhow::Result<Report> {
     })?)
 }
 
+/// Refuses an `--out` that overlaps what the evaluation reads.
+fn apart(out: &Path, inputs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    Ok(uamt::fsutil::check_apart(&[("--out", out)], inputs)?)
+}
+
+/// Claims the report files and `names` in `--out` before anything is written there.
+fn claim(out: &Path, force: bool, mut names: Vec<String>) -> anyhow::Result<()> {
+    names.extend(["report.json", "report.csv"].map(String::from));
+    let mut dir = uamt::fsutil::OutputDir::open(out, "uamt eval", force)?;
+    Ok(dir.claim(&names)?)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    super::net::check_mc_passes(args.mc_passes)?;
+    if let Some(out) = &args.out {
+        apart(out, &args.inputs())?;
+        if args.prediction.is_some() {
+            claim(out, args.force, Vec::new())?;
+        }
+    }
     let report = report(&args)?;
     if let Some(dir) = &args.out {
         report.write_to(dir)?;

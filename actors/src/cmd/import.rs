@@ -128,6 +128,12 @@ pub fn parse_size(s: &str) -> Result<[usize; 3], String> {
 
 /// Logs what an import or `uamt synth` wrote.
 pub fn log_report(r: &ImportReport) {
+    for (path, why) in &r.ignored {
+        tracing::warn!(file = %path.display(), why = %why, "not imported");
+    }
+    if !r.ignored.is_empty() {
+        tracing::warn!(files = r.ignored.len(), "files in the source's folders were not imported (listed above)");
+    }
     tracing::info!(out = %r.out.display(), training = r.training, labelled = r.labelled, test = r.test, "dataset written");
 }
 
@@ -136,8 +142,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report = match args.source {
         Source::H5(a) => {
             let resample_to = match (a.downsample, a.to_spacing) {
-                (Some(f), _) if !(f.is_finite() && f > 0.0) => {
-                    anyhow::bail!("--downsample must be a positive factor, got {f}")
+                (Some(f), _) if !(f.is_finite() && (1.0 / 16.0..=16.0).contains(&f)) => {
+                    anyhow::bail!("--downsample must be a factor in 1/16..=16, got {f}")
                 }
                 (Some(f), _) => Some(a.spacing.map(|s| s * f)),
                 (None, t) => t,

@@ -25,12 +25,13 @@ pub struct NiftiArgs {
     /// Resample to this voxel size in mm (one value or X,Y,Z).
     #[arg(long, value_parser = parse_spacing, conflicts_with = "downsample")]
     pub spacing: Option<[f64; 3]>,
-    /// Resample by this factor (2: half the resolution in every axis).
+    /// Resample by this factor (2: half the resolution in every axis), within 1/16..=16.
     #[arg(long)]
     pub downsample: Option<f64>,
-    /// Crop training cases to the label box plus this margin in voxels (after resampling).
-    #[arg(long)]
-    pub crop_margin: Option<usize>,
+    /// Crop training cases to the label box plus this margin in voxels (after resampling), at
+    /// most 1024.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(..=1024))]
+    pub crop_margin: Option<u16>,
     /// The first N training cases (in the source's order) are labelled; the rest unlabelled.
     #[arg(long, conflicts_with_all = ["labelled_list", "labelled_fraction"])]
     pub labelled: Option<usize>,
@@ -73,7 +74,7 @@ pub fn run_nifti(a: NiftiArgs, progress: &mut dyn FnMut(usize, usize, &str)) -> 
         out: a.out,
         normalization: a.normalize,
         resample,
-        crop_margin: a.crop_margin,
+        crop_margin: a.crop_margin.map(usize::from),
         labelled,
         holdout: a.holdout,
         gzip: a.gzip,

@@ -103,3 +103,42 @@ pub fn from_checkpoint(
     }
     Ok(FromCheckpoint { model, teacher, config: cfg })
 }
+
+/// The most Monte-Carlo passes taken (`--mc-passes`).
+pub const MAX_MC_PASSES: usize = 256;
+
+/// Refuses more than [`MAX_MC_PASSES`] Monte-Carlo passes.
+pub fn check_mc_passes(passes: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(passes <= MAX_MC_PASSES, "--mc-passes {passes}: at most {MAX_MC_PASSES}");
+    Ok(())
+}
+
+/// Refuses (naming the flags to change) segmenting the volume `file` (of `input` voxels, run on a
+/// grid of `network` voxels) when its estimated peak does not fit this machine's memory.
+pub fn check_inference_memory(
+    (n_filters, n_classes): (i64, i64),
+    window: &InferOptions,
+    input: [usize; 3],
+    network: [usize; 3],
+    mc_passes: usize,
+    file: &Path,
+) -> anyhow::Result<()> {
+    let need = uamt::footprint::inference_bytes(
+        n_filters,
+        n_classes,
+        window.patch,
+        window.batch_size,
+        input,
+        network,
+        mc_passes,
+    );
+    let what = format!(
+        "segmenting {} ({input:?} voxels) with {}x{}x{} windows, {} at a time,",
+        file.display(),
+        window.patch[0],
+        window.patch[1],
+        window.patch[2],
+        window.batch_size
+    );
+    uamt::footprint::check_fits(need, &what, "choose a smaller --patch or --batch").map_err(anyhow::Error::msg)
+}

@@ -6,8 +6,9 @@ use anyhow::Context;
 use std::path::{Path, PathBuf};
 use uamt::data::import_raw::Preprocessing;
 use uamt::data::normalize::Normalization;
-use uamt::eval::predict::{predict_file, PredictOptions, PredictedCase};
+use uamt::eval::predict::{output_names, predict_file, PredictOptions, PredictedCase};
 use uamt::eval::{load_weights, InferOptions, McOptions};
+use uamt::fsutil::OutputDir;
 
 /// Arguments of `uamt predict`.
 #[derive(Debug, clap::Args)]
@@ -55,22 +56,57 @@ pub struct Args {
     /// Print a JSON summary (one object per case, volumes in millilitres) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Replace outputs that uamt wrote in --out before (a file of the same name that uamt did not
+    /// write is never replaced).
+    #[arg(long)]
+    pub force: bool,
 }
 
-/// The NIfTI files `input` names (itself, or the folder's, sorted; hidden files skipped).
+/// The NIfTI files `input` names: itself, or the folder's (sorted; hidden files and the files
+/// uamt wrote there, listed in its `.uamt-written` marker, skipped). A file found in the folder
+/// that is not a regular file is refused, as a named one is.
 fn inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    if input.is_file() {
+    let meta = std::fs::metadata(input).with_context(|| format!("reading {}", input.display()))?;
+    if !meta.is_dir() {
+        uamt::fsutil::check_regular(input)?;
         return Ok(vec![input.to_path_buf()]);
     }
-    let mut v: Vec<PathBuf> = std::fs::read_dir(input)
-        .with_context(|| format!("reading {}", input.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-            !n.starts_with('.') && (n.ends_with(".nii") || n.ends_with(".nii.gz"))
-        })
-        .collect();
+    let ours = uamt::fsutil::marker::written_by_uamt(input);
+    let mut skipped = 0;
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(input).with_context(|| format!("reading {}", input.display()))? {
+        let p = e.with_context(|| format!("reading {}", input.display()))?.path();
+        let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let lower = n.to_lowercase();
+        if n.starts_with('.') || !(lower.ends_with(".nii") || lower.ends_with(".nii.gz")) {
+            continue;
+        }
+        if ours.contains(&n) {
+            skipped += 1;
+            continue;
+        }
+        uamt::fsutil::check_regular(&p)?;
+        v.push(p);
+    }
     v.sort();
+    // `<case>.label.nii.gz` (and `.prob`, `.uncertainty`) next to `<case>.nii[.gz]`: a map of that
+    // image (an earlier prediction, or the user's own label), not a new image.
+    let stems: std::collections::HashSet<String> = v.iter().map(|p| uamt::data::nifti::stem(p)).collect();
+    let before = v.len();
+    v.retain(|p| {
+        let stem = uamt::data::nifti::stem(p);
+        !["label", "prob", "uncertainty"]
+            .iter()
+            .any(|k| stem.strip_suffix(&format!(".{k}")).is_some_and(|case| stems.contains(case)))
+    });
+    skipped += before - v.len();
+    if skipped > 0 {
+        tracing::info!(
+            files = skipped,
+            folder = %input.display(),
+            "skipping uamt's outputs and the label / probability / uncertainty maps of other images there"
+        );
+    }
     if v.is_empty() {
         anyhow::bail!("{}: no .nii or .nii.gz files", input.display());
     }
@@ -79,14 +115,26 @@ fn inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = args.net.device;
-    let (model, teacher, window, dataset) = if let Some(ck) = &args.checkpoint {
+    let mut read: Vec<(&str, &Path)> = vec![("--input", &args.input)];
+    read.extend(args.checkpoint.as_deref().map(|p| ("--checkpoint", p)));
+    read.extend(args.weights.as_deref().map(|p| ("--weights", p)));
+    read.extend(args.dataset.as_deref().map(|p| ("--dataset", p)));
+    uamt::fsutil::check_apart(&[("--out", &args.out)], &read)?;
+    let (model, teacher, window, dataset, classes) = if let Some(ck) = &args.checkpoint {
         let c = super::net::from_checkpoint(ck, None, args.teacher, device)?;
         let ds = (!c.config.data.dataset.as_os_str().is_empty()).then(|| c.config.data.dataset.clone());
-        (c.model, c.teacher, c.config.eval.window, ds)
+        (c.model, c.teacher, c.config.eval.window, ds, (c.config.model.n_filters, c.config.model.n_classes))
     } else {
         let w = args.weights.as_ref().context("give --checkpoint or --weights")?;
-        (load_weights(w, &args.net.weights_config(), device)?, None, InferOptions::default(), None)
+        let cfg = args.net.weights_config();
+        (load_weights(w, &cfg, device)?, None, InferOptions::default(), None, (cfg.n_filters, cfg.n_classes))
     };
+    if args.dataset.is_none() {
+        if let Some(d) = &dataset {
+            // The checkpoint's dataset is read (its preprocessing record): never written to.
+            uamt::fsutil::check_apart(&[("--out", &args.out)], &[("the checkpoint's dataset", d)])?;
+        }
+    }
     let prep = match args.dataset.as_ref().or(dataset.as_ref()) {
         Some(d) => Preprocessing::read(d)?,
         None => None,
@@ -107,11 +155,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         gzip: !args.no_gzip,
     };
     opts.infer.validate("predict")?;
+    super::net::check_mc_passes(args.mc_passes)?;
     let files = inputs(&args.input)?;
+    // Before any work: every output name claimed (none exists unless --force and uamt wrote it),
+    // and every input's memory need checked from its header.
+    let mut names = Vec::new();
+    for f in &files {
+        names.extend(output_names(&uamt::data::nifti::stem(f), &opts));
+        if device == tch::Device::Cpu {
+            let h = uamt::data::nifti::read_header(f)?;
+            let net = match prep.resample.target(h.geometry.spacing()) {
+                Some(t) => uamt::data::resample::resampled_dims(h.dims, h.geometry.spacing(), t)?,
+                None => h.dims,
+            };
+            super::net::check_inference_memory(classes, &opts.infer, h.dims, net, args.mc_passes, f)?;
+        }
+    }
+    let mut out = OutputDir::open(&args.out, "uamt predict", args.force)?;
+    out.claim(&names)?;
     let mut bar = crate::progress::Bar::new("predicting");
     let mut done: Vec<PredictedCase> = Vec::new();
     for (i, f) in files.iter().enumerate() {
-        let case = predict_file(&model, teacher.as_ref(), f, &prep, &args.out, &opts)
+        let case = predict_file(&model, teacher.as_ref(), f, &prep, out.dir(), &opts)
             .with_context(|| format!("segmenting {}", f.display()))?;
         let ml = case.volume_ml.values().sum::<f64>() + 0.0; // + 0.0: an empty sum is -0.0
         let line = format!("{}: {:.2} ml -> {}", case.id, ml, case.labels.display());

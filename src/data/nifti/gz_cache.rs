@@ -37,7 +37,7 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 /// [`crate::data::volume::MAX_VOXELS`]): decompression stops there, and a stream that goes on
 /// past it (a gzip bomb, or trailing garbage) is refused without being decompressed further.
 pub(super) fn gunzip(gz: &Path, mut sink: impl Write) -> Result<()> {
-    let file = File::open(gz).at(gz)?;
+    let file = crate::fsutil::open_regular(gz)?;
     let mut dec = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file));
     let corrupt = |e: std::io::Error| DataError::bad(gz, format!("truncated or corrupt gzip stream: {e}"));
     let mut head = Vec::with_capacity(HEADER_LEN);

@@ -25,7 +25,6 @@ use super::error::{DataError, IoAt, Result};
 use super::volume::Volume;
 use header::parse_header;
 use memmap2::Mmap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// The voxel bytes of an opened file.
@@ -161,24 +160,52 @@ impl NiftiVolume {
         self.read()
     }
 
-    /// The whole volume as class labels; every value must be an integer in 0..=255.
+    /// The whole volume as class labels; every value must be an integer in 0..=255. Decoded a
+    /// z-slice at a time (one byte per voxel at most, never a whole-volume float copy).
     pub fn read_labels(&self) -> Result<Volume<u8>> {
-        let v: Volume<f64> = self.read()?;
-        if let Some((i, bad)) =
-            v.data.iter().enumerate().find(|(_, &x)| !(x.fract() == 0.0 && (0.0..=255.0).contains(&x)))
-        {
-            return Err(DataError::bad(
-                &self.path,
-                format!("label value {bad} at voxel {i} is not an integer in 0..=255"),
-            ));
+        let [nx, ny, nz] = self.dims();
+        let slice = nx * ny;
+        let mut buf = vec![0f64; slice];
+        let mut out = Vec::with_capacity(self.len());
+        for z in 0..nz {
+            self.read_line(z * slice, 1, &mut buf)?;
+            if let Some((i, bad)) =
+                buf.iter().enumerate().find(|(_, &x)| !(x.fract() == 0.0 && (0.0..=255.0).contains(&x)))
+            {
+                return Err(DataError::bad(
+                    &self.path,
+                    format!(
+                        "label value {bad} at voxel ({}, {}, {z}) is not an integer in 0..=255",
+                        i % nx.max(1),
+                        i / nx.max(1)
+                    ),
+                ));
+            }
+            out.extend(buf.iter().map(|&x| x as u8));
         }
-        Ok(v.map(|x| x as u8))
+        Volume::new(self.dims(), out)
     }
 }
 
-/// Maps `path` read-only.
+/// The header of the NIfTI file `path` alone (of a `.nii.gz`, only the first bytes are
+/// decompressed): what a command plans with (memory, geometry) before it reads any voxel.
+pub fn read_header(path: &Path) -> Result<Header> {
+    use std::io::Read;
+    let file = crate::fsutil::open_regular(path)?;
+    let mut head = Vec::with_capacity(header::HEADER_LEN);
+    let limit = header::HEADER_LEN as u64;
+    let read = if is_gz(path) {
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)).take(limit).read_to_end(&mut head)
+    } else {
+        file.take(limit).read_to_end(&mut head)
+    };
+    read.map_err(|e| DataError::bad(path, format!("cannot read the header: {e}")))?;
+    Ok(header::parse_declared(&head, path)?.0)
+}
+
+/// Maps `path` read-only (a regular file only: see [`crate::fsutil::open_regular`]).
 fn map_file(path: &Path) -> Result<Bytes> {
-    let file = File::open(path).at(path)?;
+    let file = crate::fsutil::open_regular(path)?;
     let len = file.metadata().at(path)?.len();
     if len == 0 {
         return Err(DataError::bad(path, "empty file"));

@@ -1,31 +1,15 @@
 //! Atomic file writing shared by every writer: a temporary name in the target's own folder, the
 //! content written and synced, a rename over the target, then the folder synced, so a reader sees
-//! either the old file or the whole new one and a crash leaves no half-written file behind.
+//! either the old file or the whole new one and a crash leaves no half-written file behind. The
+//! target must be a regular file or absent (never a device, FIFO, socket, folder or link, which a
+//! rename would replace), and the temporary file is registered with [`super::cleanup`], so an
+//! interrupt removes it too.
 
+use super::{at, parent_dir, IoError};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-
-/// An I/O failure with the file or folder it concerns.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {source}")]
-pub struct IoError {
-    /// The file or folder concerned.
-    pub path: PathBuf,
-    /// What the operating system said.
-    pub source: std::io::Error,
-}
-
-/// Attaches `path` to an I/O result.
-fn at<T>(r: std::io::Result<T>, path: &Path) -> Result<T, IoError> {
-    r.map_err(|source| IoError { path: path.to_path_buf(), source })
-}
-
-/// The folder holding `path` (`.` for a bare file name).
-pub fn parent_dir(path: &Path) -> &Path {
-    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
-}
 
 /// A hidden, process-unique name next to `path` for writing it before a rename:
 /// `dir/.<name>.tmp-<pid>-<n>`.
@@ -55,17 +39,37 @@ pub fn sync_dir(dir: &Path) -> Result<(), IoError> {
     }
 }
 
+/// Refuses a target that exists and is not a regular file: a rename would put a regular file in
+/// place of a device node, FIFO, socket, folder or symbolic link.
+pub fn check_target(path: &Path) -> Result<(), IoError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(m) => Err(IoError::refused(
+            path,
+            format!("exists and is {}, not a regular file: refusing to replace it", super::kind_of(&m.file_type())),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(IoError { path: path.to_path_buf(), source: e }),
+    }
+}
+
 /// Replaces `path` atomically with a file that `fill` writes at the temporary path it is given:
-/// then the temporary file is synced, renamed over `path` and the folder synced. On any error
-/// the temporary file is removed and `path` is left as it was.
+/// then the temporary file is synced, renamed over `path` and the folder synced. A `path` that
+/// exists and is not a regular file is refused before anything is written ([`check_target`]).
+/// On any error, and on SIGINT/SIGTERM/SIGHUP in a one-shot command, the temporary file is
+/// removed and `path` is left as it was.
 pub fn replace_atomic<E: From<IoError>>(path: &Path, fill: impl FnOnce(&Path) -> Result<(), E>) -> Result<(), E> {
+    check_target(path)?;
     let tmp = temp_name(path);
+    let staged = super::cleanup::stage(&tmp);
     let result = fill(&tmp)
         .and_then(|()| Ok(at(File::open(&tmp).and_then(|f| f.sync_all()), &tmp)?))
+        .and_then(|()| Ok(check_target(path)?))
         .and_then(|()| Ok(at(std::fs::rename(&tmp, path), path)?));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+    drop(staged);
     result?;
     Ok(sync_dir(parent_dir(path))?)
 }
@@ -85,6 +89,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("uamt-fsutil-{name}-{}", std::process::id()));
@@ -118,6 +123,25 @@ mod tests {
         assert_eq!(err.path, path);
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn should_refuse_to_replace_what_is_not_a_regular_file() {
+        let dir = scratch("special");
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(dir.join("elsewhere"), &link).unwrap();
+        for target in [&fifo, &link, &dir] {
+            let err = write_atomic(target, |w| w.write_all(b"x")).unwrap_err();
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+        }
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        // Nothing staged is left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
