@@ -14,7 +14,8 @@
 //!   that the actor pipeline must reproduce.
 //! - [`config`]: the daemon's TOML configuration; [`checkpoint`]: atomic checkpoints and resume;
 //!   [`telemetry`]: the names of every exported metric.
-//! - [`fsutil`]: atomic file writing (temporary name, sync, rename, folder sync) for every writer.
+//! - [`fsutil`]: every touch of a user's file: regular files only, atomic writes, outputs apart
+//!   from inputs, `.uamt-written` markers for `--force`, staging removed on error and interrupt.
 //! - [`data`]: volumes, datasets, importers, synthetic data, augmentation and batches.
 //! - [`eval`]: sliding-window inference, Monte-Carlo uncertainty maps, metrics and reports.
 //! - [`error`]: the library's typed errors; [`check`]: key-named value checks the configs share.

@@ -206,7 +206,9 @@ fn should_refuse_lists_naming_missing_cases_and_too_many_labelled() {
     write_h5_case(&src.join("b.h5"), &tiny_case([6, 4, 3])).unwrap();
     write_list(&src.join("train.list"), &["a", "ghost"]);
     write_list(&src.join("test.list"), &["b"]);
-    let out = src.join("out");
+    // Outputs never lie inside the source folder: a folder of its own.
+    let out_dir = TempDir::new("h5-lists-out");
+    let out = out_dir.join("out");
     let mut opts = H5Import::new(src.path(), &out);
     opts.common.labelled = 1;
     let r = import_h5(&opts);
@@ -338,7 +340,8 @@ fn should_import_challenge_nrrd_with_the_reference_preprocessing() {
     }
     write_list(&src.join("train.list"), &ids[..2]);
     write_list(&src.join("test.list"), &ids[2..]);
-    let out = src.join("out");
+    let out_dir = TempDir::new("nrrd-out");
+    let out = out_dir.join("out");
     let mut opts = NrrdImport::new(src.path(), &out);
     opts.common.labelled = 1;
     opts.patch = [16, 16, 8];
@@ -371,12 +374,14 @@ fn should_import_challenge_nrrd_with_the_reference_preprocessing() {
     }
 
     // The reference's random margins: 10..=19 per side, reproducible by seed.
-    let mut random = NrrdImport::new(src.path(), src.join("r1"));
+    let mut random = NrrdImport::new(src.path(), out_dir.join("r1"));
     random.common.labelled = 1;
     random.patch = [4, 4, 4];
-    let a = import_nrrd(&random).map(|_| Dataset::open(src.join("r1"), &DatasetOptions::default()).unwrap()).unwrap();
-    random.common.out = src.join("r2");
-    let b = import_nrrd(&random).map(|_| Dataset::open(src.join("r2"), &DatasetOptions::default()).unwrap()).unwrap();
+    let a =
+        import_nrrd(&random).map(|_| Dataset::open(out_dir.join("r1"), &DatasetOptions::default()).unwrap()).unwrap();
+    random.common.out = out_dir.join("r2");
+    let b =
+        import_nrrd(&random).map(|_| Dataset::open(out_dir.join("r2"), &DatasetOptions::default()).unwrap()).unwrap();
     for (ca, cb) in a.training.iter().zip(&b.training) {
         assert_eq!(ca.image.read_f32().unwrap(), cb.image.read_f32().unwrap());
         let [w, h, _] = ca.image.dims();
@@ -465,7 +470,7 @@ fn should_name_the_file_when_nrrd_input_is_bad() {
         }
         spoil(&root.join("bad"));
         write_list(&root.join("train.list"), &["good", "bad"]);
-        let out = root.join("out");
+        let out = src.join(format!("{name}-out"));
         let mut opts = NrrdImport::new(&root, &out);
         opts.common.labelled = 1;
         let bad_file = if file == "train.list" { root.join(file) } else { root.join("bad").join(file) };

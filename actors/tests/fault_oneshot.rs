@@ -412,7 +412,7 @@ fn f10_every_case_found_is_imported_or_reported_and_flags_are_bounded() {
     import(&src, &dir.join("ds2"), &[]).refused(&["dataset.json", "`training`", "not a list"]);
     manifest(&src, &training.join(", "), labels, "[]");
     import(&src, &dir.join("ds2"), &["--downsample", "1000"]).refused(&["--downsample", "1/16..=16"]);
-    import(&src, &dir.join("ds2"), &["--downsample", "4"]).refused(&["--downsample", "fewer than 8 per axis"]);
+    import(&src, &dir.join("ds2"), &["--downsample", "4"]).refused(&["--downsample", "fewer than 4 per axis"]);
     let r = import(&src, &dir.join("ds2"), &["--crop-margin", "18446744073709551615"]);
     assert_eq!(r.code, Some(2), "clap's usage error: {}", r.stderr);
     assert!(r.stderr.contains("--crop-margin"), "{}", r.stderr);

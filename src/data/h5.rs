@@ -34,6 +34,14 @@ fn dataset3(file: &hdf5::File, path: &Path, name: &str, integer: bool) -> Result
     // than the file holds, and `read_raw` allocates what it declares.
     bounded_voxel_count(dims, path)
         .map_err(|_| DataError::bad(path, format!("dataset `{name}` shape {dims:?} exceeds {MAX_VOXELS} voxels")))?;
+    // Read as 8-byte values, then converted: what it needs must fit before it is read.
+    let n = dims.iter().map(|&d| d as u64).product::<u64>();
+    crate::footprint::check_fits(
+        n * 10 + crate::footprint::RUNTIME_BYTES,
+        &format!("reading dataset `{name}` of shape {dims:?}"),
+        "import it on a machine with more memory",
+    )
+    .map_err(|why| DataError::bad(path, why))?;
     let desc = ds
         .dtype()
         .and_then(|t| t.to_descriptor())

@@ -347,7 +347,21 @@ fn listed_path(src: &Path, mpath: &Path, rel: &str, what: &str) -> Result<PathBu
     if std::fs::symlink_metadata(&path).is_err() {
         return Err(DataError::bad(&path, format!("listed in {} ({what}) but missing", mpath.display())));
     }
-    super::import::inside_src(src, &path)
+    inside_src(src, &path)
+}
+
+/// `path` (a file found under the source folder `src`) if it stays inside `src` after resolving
+/// symbolic links; else an error naming it: a source folder is untrusted input, like a dataset.
+fn inside_src(src: &Path, path: &Path) -> Result<PathBuf> {
+    let base = fs::canonicalize(src).at(src)?;
+    let real = fs::canonicalize(path).at(path)?;
+    if !real.starts_with(&base) {
+        return Err(DataError::bad(
+            path,
+            format!("leads outside the source folder {} (to {}): refused", src.display(), real.display()),
+        ));
+    }
+    Ok(path.to_path_buf())
 }
 
 /// The string field `key` of a `dataset.json` entry, if present; an error when not a string.
@@ -417,26 +431,26 @@ fn read_source(src: &Path) -> Result<Source> {
                     if std::fs::symlink_metadata(&l).is_err() {
                         return Err(DataError::bad(&l, format!("missing: the label of training case `{id}`")));
                     }
-                    super::import::inside_src(src, &l)?
+                    inside_src(src, &l)?
                 }
             };
             training.push(RawCase { id, image, label: Some(label) });
         }
     } else {
         for image in &found_tr {
-            let image = super::import::inside_src(src, image)?;
+            let image = inside_src(src, image)?;
             let id = case_id(&image, true)?;
             let label = label_for(&labels_tr, &id).ok_or_else(|| {
                 DataError::bad(&image, format!("no label for training case `{id}` in {}", labels_tr.display()))
             })?;
-            training.push(RawCase { id, label: Some(super::import::inside_src(src, &label)?), image });
+            training.push(RawCase { id, label: Some(inside_src(src, &label)?), image });
         }
     }
     let mut test = Vec::new();
     for image in nifti_files(&images_ts, &mut ignored)? {
-        let image = super::import::inside_src(src, &image)?;
+        let image = inside_src(src, &image)?;
         let id = case_id(&image, nnunet)?;
-        let label = label_for(&labels_ts, &id).map(|l| super::import::inside_src(src, &l)).transpose()?;
+        let label = label_for(&labels_ts, &id).map(|l| inside_src(src, &l)).transpose()?;
         test.push(RawCase { label, id, image });
     }
     // dataset.json's `test` list (MSD): each image must exist; those outside imagesTs/ are
@@ -599,7 +613,7 @@ fn check_same_grid(image: &NiftiVolume, label: &NiftiVolume) -> Result<()> {
 
 /// The most voxels resampling may leave on an axis below the source's own count: fewer than this
 /// (`--downsample 1000`) is refused.
-const MIN_RESAMPLED_SIDE: usize = 8;
+const MIN_RESAMPLED_SIDE: usize = 4;
 
 /// Checks a case before any voxel is read, from the headers alone: the image's and label's
 /// geometry are finite and non-degenerate, resampling keeps at least [`MIN_RESAMPLED_SIDE`]
@@ -786,6 +800,51 @@ mod tests {
         assert!(case_id(Path::new("a/la_003_0001.nii.gz"), true).is_err());
         assert!(case_id(Path::new("a/la_003.nii.gz"), true).is_err());
         assert_eq!(case_id(Path::new("a/la_003.nii.gz"), false).unwrap(), "la_003");
+    }
+
+    #[test]
+    fn labels_of_dataset_json_are_bounded_unique_non_negative_integers() {
+        let read = |labels: &str| {
+            let j: serde_json::Value = serde_json::from_str(&format!(r#"{{"labels": {labels}}}"#)).unwrap();
+            read_label_names(&j, Path::new("d/dataset.json")).map_err(|e| e.to_string())
+        };
+        assert_eq!(read(r#"{"0": "bg", "2": "b"}"#).unwrap(), vec!["bg", "class 1", "b"]);
+        assert_eq!(read(r#"{"bg": 0, "a": 1}"#).unwrap(), vec!["bg", "a"]);
+        assert_eq!(read(r#"{"0": "bg", "255": "x"}"#).unwrap().len(), 256);
+        for bad in [
+            r#"{"0": "bg", "4294967296": "x"}"#,
+            r#"{"0": "bg", "256": "x"}"#,
+            r#"{"bg": 0, "a": -1}"#,
+            r#"{"bg": 0, "a": 1e12}"#,
+            r#"{"bg": 0, "a": 1.5}"#,
+            r#"{"bg": 0, "a": 0}"#,
+            r#"{"0": "bg", "00": "a"}"#,
+            r#"{"bg": 0, "a": [1, 2]}"#,
+            r#"{}"#,
+            r#"[1]"#,
+        ] {
+            let e = read(bad).unwrap_err();
+            assert!(e.starts_with("d/dataset.json: `labels`"), "{bad}: {e}");
+        }
+        // Absent: background and foreground.
+        let j = serde_json::json!({});
+        assert_eq!(read_label_names(&j, Path::new("x")).unwrap(), vec!["background", "foreground"]);
+    }
+
+    #[test]
+    fn listed_paths_stay_inside_the_source() {
+        let dir = std::env::temp_dir().join(format!("uamt-listed-{}", std::process::id()));
+        let src = dir.join("src");
+        std::fs::create_dir_all(src.join("imagesTr")).unwrap();
+        std::fs::write(src.join("imagesTr/a.nii"), "x").unwrap();
+        std::fs::write(dir.join("outside.nii"), "x").unwrap();
+        std::os::unix::fs::symlink(dir.join("outside.nii"), src.join("imagesTr/b.nii")).unwrap();
+        let m = src.join("dataset.json");
+        assert!(listed_path(&src, &m, "./imagesTr/a.nii", "entry 0").is_ok());
+        for bad in ["../outside.nii", "./imagesTr/b.nii", dir.join("outside.nii").to_str().unwrap(), "./gone.nii"] {
+            assert!(listed_path(&src, &m, bad, "entry 0").is_err(), "{bad}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -39,7 +39,8 @@ fn nifti_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if path.is_file() && !name.starts_with('.') && (name.ends_with(".nii") || name.ends_with(".nii.gz")) {
+        // Not only regular files: a FIFO or socket of that name fails its case with its kind named.
+        if !path.is_dir() && !name.starts_with('.') && (name.ends_with(".nii") || name.ends_with(".nii.gz")) {
             out.insert(stem(&path), path);
         }
     }

@@ -76,9 +76,10 @@ pub struct H5Args {
 pub struct NrrdArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Fixed crop margin per side in voxels (default: random 10..=19 per side, as the reference).
-    #[arg(long)]
-    pub margin: Option<usize>,
+    /// Fixed crop margin per side in voxels, at most 1024 (default: random 10..=19 per side, as
+    /// the reference).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(..=1024))]
+    pub margin: Option<u16>,
     /// Seed of the random margins.
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
@@ -154,7 +155,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )?
         }
         Source::Nrrd(a) => {
-            let margin = a.margin.map_or(Margin::REFERENCE, Margin::Fixed);
+            let margin = a.margin.map_or(Margin::REFERENCE, |m| Margin::Fixed(usize::from(m)));
             import_nrrd_with(
                 &NrrdImport { common: a.common.into(), patch: a.patch, margin, seed: a.seed },
                 &mut |d, t, id| bar.update(d, t, id),
