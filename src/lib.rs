@@ -39,5 +39,6 @@ pub mod recipe;
 pub mod rng;
 pub mod telemetry;
 pub mod train;
+pub mod uncertainty;
 
 pub use error::{Error, Result};

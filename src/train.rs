@@ -489,7 +489,7 @@ pub fn teacher_passes_on(
 pub fn guidance(out: TeacherOutput, cfg: &StepConfig, n_classes: i64) -> Guidance {
     tch::no_grad(|| match out.mc {
         Some(mc) => {
-            let u = losses::uncertainty(&mc, cfg.method.mc_passes);
+            let u = crate::uncertainty::uncertainty(&mc, cfg.method.mc_passes);
             let threshold = method::threshold(out.iter, cfg.optim.iterations, n_classes);
             let mask = u.lt(threshold).to_kind(Kind::Float);
             Guidance { target: out.target, mask, uncertainty: Some(u), threshold }

@@ -108,7 +108,7 @@ pub struct Evaluator {
     /// The watched folder's bookkeeping.
     watch: Watch,
     /// Where results are shown (`/status`).
-    board: Option<crate::control::StatusBoard>,
+    board: Option<crate::status::StatusBoard>,
 }
 
 impl Evaluator {
@@ -160,7 +160,7 @@ impl Evaluator {
         }
         tracing::info!(name, source, cases = report.cases.len(), dice = s.dice.mean, hd95 = s.hd95.mean, report = %dir.display(), "evaluated");
         if let Some(b) = &self.board {
-            b.on_eval(crate::control::EvalStatus::of(name, source, &report));
+            b.on_eval(crate::status::EvalStatus::of(name, source, &report));
         }
         Ok(report)
     }
@@ -223,7 +223,7 @@ pub struct EvalService {
     /// Whether a folder is watched.
     watching: bool,
     /// Where results are shown (`/status`).
-    board: Option<crate::control::StatusBoard>,
+    board: Option<crate::status::StatusBoard>,
 }
 
 impl Actor for EvalService {
@@ -316,7 +316,7 @@ pub struct EvalHandle {
 
 impl EvalHandle {
     /// Starts the service on an arbiter of its own (call from inside an actix system).
-    pub fn start(mut evaluator: Evaluator, board: Option<crate::control::StatusBoard>) -> Result<Self> {
+    pub fn start(mut evaluator: Evaluator, board: Option<crate::status::StatusBoard>) -> Result<Self> {
         evaluator.board = board.clone();
         let arbiter = Arbiter::new().handle();
         let counters = Arc::new(EvalCounters::default());

@@ -126,14 +126,14 @@ pub fn standard() -> Vec<Box<dyn Sink>> {
 /// The status board's side (`/status`, `/healthz`): every step, with the latest rate.
 pub struct StatusSink {
     /// The board.
-    board: crate::control::StatusBoard,
+    board: crate::status::StatusBoard,
     /// Steps per second and ETA from the latest progress event.
     rate: (f64, f64),
 }
 
 impl StatusSink {
     /// A sink feeding `board`.
-    pub fn new(board: crate::control::StatusBoard) -> Self {
+    pub fn new(board: crate::status::StatusBoard) -> Self {
         StatusSink { board, rate: (0.0, f64::NAN) }
     }
 }

@@ -25,7 +25,8 @@
 //! [`KEEP_ALIVE`], each worker holds at most [`MAX_CONNECTIONS`], and a request body may be at most
 //! [`MAX_BODY`] bytes (the control requests take none).
 
-use crate::control::{Controls, StatusBoard};
+use crate::control::Controls;
+use crate::status::StatusBoard;
 use actix_web::http::header::ContentType;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};

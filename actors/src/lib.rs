@@ -16,8 +16,8 @@
 //! | HTTP control plane (actix-web) | `http` + 2 workers, its own actix system | `/metrics`, `/healthz`, `/status`; `POST /stop`, `POST /checkpoint` into [`control::Controls`] |
 //!
 //! Tensors travel only through bounded crossbeam queues ([`queue`]); actix carries control
-//! messages ([`supervisor`]). Requests in (stop, checkpoint) and the run's state out (the
-//! [`control::StatusBoard`], queue depths) live in [`control`]. Metric names live in
+//! messages ([`supervisor`]). Requests in (stop, checkpoint) live in [`control`], the run's state
+//! out (the [`status::StatusBoard`], queue depths) in [`status`]. Metric names live in
 //! [`uamt::telemetry`]; [`emit`] emits them and [`http`] serves them with the status.
 //! [`setup`] builds a run (dataset, loader, trainer) from a config.
 
@@ -31,4 +31,5 @@ pub mod pipeline;
 pub mod progress;
 pub mod queue;
 pub mod setup;
+pub mod status;
 pub mod supervisor;

@@ -1,10 +1,10 @@
 //! Bounded, instrumented queues: crossbeam channels whose capacity comes from the config. A full
 //! queue blocks its producer (backpressure); every queue exports its depth, capacity, items
 //! pushed and popped and the seconds its producers and consumers spent blocked, and reports its
-//! depth to the process-wide registry that `GET /status` reads ([`crate::control::queue_depths`]).
+//! depth to the process-wide registry that `GET /status` reads ([`crate::status::queue_depths`]).
 
-use crate::control::{self, QueueGauge};
 use crate::emit;
+use crate::status::{self, QueueGauge};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ pub struct Rx<T> {
 pub fn bounded<T>(name: &'static str, capacity: usize) -> (Tx<T>, Rx<T>) {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
     emit::queue_capacity(name, capacity);
-    let gauge = control::register_queue(name, capacity);
+    let gauge = status::register_queue(name, capacity);
     (Tx { name, tx, gauge: gauge.clone() }, Rx { name, rx, gauge })
 }
 

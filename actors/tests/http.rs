@@ -8,8 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use uamt::train::StepReport;
-use uamt_actors::control::{Controls, EvalStatus, Phase, StatusBoard};
+use uamt_actors::control::Controls;
 use uamt_actors::http::{spawn_server, HttpServerHandle, HttpState, MAX_BODY};
+use uamt_actors::status::{EvalStatus, Phase, StatusBoard};
 
 /// How long a test waits on a socket read before it counts as a failure.
 const READ_WAIT: Duration = Duration::from_secs(10);

@@ -15,9 +15,9 @@
 
 use crate::check::{self, limits};
 use crate::data::Volume;
-use crate::method::entropy;
 use crate::model::{Dropout, DropoutMasks, VNet};
 use crate::rng;
+use crate::uncertainty::entropy;
 use crate::{recipe, Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};

@@ -1,4 +1,4 @@
-//! Loss terms and the Monte-Carlo uncertainty. Shapes: logits `[b, C, X, Y, Z]`, labels
+//! Loss terms (the uncertainty they mask by is [`crate::uncertainty`]'s). Shapes: logits `[b, C, X, Y, Z]`, labels
 //! `[b, X, Y, Z]` (int64 class indices).
 
 use tch::{Kind, Reduction, Tensor};
@@ -53,22 +53,4 @@ pub fn softmax_mse(student_logits: &Tensor, teacher_logits: &Tensor) -> Tensor {
 pub fn masked_consistency(dist: &Tensor, mask: &Tensor) -> Tensor {
     let n_classes = dist.size()[1] as f64;
     (mask * dist).sum(Kind::Float) / (mask.sum(Kind::Float) * n_classes + 1e-16)
-}
-
-/// Entropy of class probabilities `p` along the class axis `dim`: `-sum_c p_c ln(p_c + 1e-6)`
-/// (the recipe's formula; the 1e-6 keeps `ln` finite at `p = 0`).
-pub fn entropy(p: &Tensor, dim: i64, keepdim: bool) -> Tensor {
-    -(p * (p + 1e-6).log()).sum_dim_intlist(dim, keepdim, Kind::Float)
-}
-
-/// Predictive entropy of the mean softmax over Monte-Carlo passes.
-/// `logits` is `[T * b, C, X, Y, Z]`, ordered pass-major (pass t holds samples t*b .. t*b+b);
-/// returns `[b, 1, X, Y, Z]` with `-sum_c mu_c ln(mu_c + 1e-6)`.
-pub fn uncertainty(logits: &Tensor, passes: i64) -> Tensor {
-    let size = logits.size();
-    let b = size[0] / passes;
-    let mut shape = vec![passes, b];
-    shape.extend_from_slice(&size[1..]);
-    let mu = logits.softmax(1, Kind::Float).reshape(&shape).mean_dim(0, false, Kind::Float);
-    entropy(&mu, 1, true)
 }

@@ -6,8 +6,9 @@ pub mod losses;
 pub mod ramps;
 pub mod sgd;
 
+pub use crate::uncertainty::{entropy, uncertainty};
 pub use ema::{ema_alpha, ema_update, ema_update_tensors};
-pub use losses::{cross_entropy, dice_loss, entropy, masked_consistency, softmax_mse, supervised_loss, uncertainty};
+pub use losses::{cross_entropy, dice_loss, masked_consistency, softmax_mse, supervised_loss};
 pub use ramps::{consistency_weight, learning_rate, sigmoid_rampup, threshold};
 pub use sgd::Sgd;
 

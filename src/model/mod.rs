@@ -1,5 +1,6 @@
 //! The segmentation network and the named tensors it is made of.
 
+mod layers;
 pub mod params;
 pub mod tensorfile;
 pub mod torchsave;

@@ -4,13 +4,13 @@
 //! run by sliding window over a dataset's test split (`--weights` with `--dataset`).
 //! A table (or `--json`) on stdout, one progress line per case on stderr.
 
-use super::import::parse_spacing;
+use super::parse::spacing as parse_spacing;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use uamt::data::{Dataset, DatasetOptions};
 use uamt::eval::{
-    compare_paths, evaluate_dataset, load_weights, CaseEvent, EmptyPolicy, EvalOptions, InferOptions, McOptions,
-    Outputs, PictureOptions, Report,
+    compare_paths, evaluate_dataset, load_weights, CaseEvent, EmptyPolicy, EvalOptions, InferOptions, Outputs,
+    PictureOptions, Report,
 };
 use uamt::recipe;
 
@@ -65,15 +65,10 @@ pub struct Args {
     /// predicted labels, foreground probability and uncertainty (NIfTI) and a PNG of a few slices.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Monte-Carlo passes (noise + dropout, the recipe's teacher passes) per window for the
-    /// uncertainty map written with --out: the checkpoint's teacher's, or the model's own for
-    /// --weights or a checkpoint without a teacher. 0: the entropy of the prediction instead
-    /// (no extra passes; the map then costs nothing).
-    #[arg(long, default_value_t = recipe::MC_PASSES as usize)]
-    pub mc_passes: usize,
-    /// Seed of the Monte-Carlo passes' noise and dropout.
-    #[arg(long, default_value_t = 0)]
-    pub mc_seed: u64,
+    /// The uncertainty map written with --out: the checkpoint's teacher's Monte-Carlo passes, or
+    /// the model's own for --weights or a checkpoint without a teacher.
+    #[command(flatten)]
+    pub mc: super::net::McArgs,
     /// With --out: replace files that uamt wrote there before (a file of the same name that uamt
     /// did not write is never replaced).
     #[arg(long, requires = "out")]
@@ -139,6 +134,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
         (load_weights(weights, &args.net.weights_config(), device)?, None, open(dir)?, weights, InferOptions::default())
     };
     let infer = args.net.window(&window);
+    let mc = args.mc.options(recipe::MC_PASSES as usize)?;
     let opts = EvalOptions {
         infer,
         empty: args.empty,
@@ -148,11 +144,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
             nifti: true,
             pictures: true,
             picture: PictureOptions::default(),
-            uncertainty: (args.mc_passes > 0).then(|| McOptions {
-                passes: args.mc_passes,
-                seed: args.mc_seed,
-                ..McOptions::default()
-            }),
+            uncertainty: mc.clone(),
         }),
     };
     if let Some(out) = &args.out {
@@ -179,7 +171,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
                 None => h.dims,
             };
             let classes = (model.config().n_filters, model.config().n_classes);
-            let mc = if args.out.is_some() { args.mc_passes } else { 0 };
+            let mc = if args.out.is_some() { args.mc.passes(recipe::MC_PASSES as usize) } else { 0 };
             super::net::check_inference_memory(classes, &opts.infer, h.dims, grid, mc, case.image.path())?;
         }
     }
@@ -202,7 +194,7 @@ fn claim(out: &Path, force: bool, mut names: Vec<String>) -> anyhow::Result<()> 
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    super::net::check_mc_passes(args.mc_passes)?;
+    args.mc.options(recipe::MC_PASSES as usize)?;
     if let Some(out) = &args.out {
         apart(out, &args.inputs())?;
         if args.prediction.is_some() {

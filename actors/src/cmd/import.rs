@@ -57,7 +57,7 @@ pub struct H5Args {
     #[command(flatten)]
     pub common: Common,
     /// Voxel spacing in mm written to the headers: one value or X,Y,Z (LA: 0.625 isotropic).
-    #[arg(long, default_value = "0.625", value_parser = parse_spacing)]
+    #[arg(long, default_value = "0.625", value_parser = super::parse::spacing)]
     pub spacing: [f64; 3],
     /// Highest label value accepted.
     #[arg(long, default_value_t = 1)]
@@ -67,7 +67,7 @@ pub struct H5Args {
     #[arg(long, conflicts_with = "to_spacing")]
     pub downsample: Option<f64>,
     /// Resample to this voxel spacing in mm (one value or X,Y,Z).
-    #[arg(long, value_parser = parse_spacing)]
+    #[arg(long, value_parser = super::parse::spacing)]
     pub to_spacing: Option<[f64; 3]>,
 }
 
@@ -84,7 +84,7 @@ pub struct NrrdArgs {
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
     /// Patch size X,Y,Z the x/y crop must at least cover.
-    #[arg(long, default_value = "112,112,80", value_parser = parse_size)]
+    #[arg(long, default_value = "112,112,80", value_parser = super::parse::size)]
     pub patch: [usize; 3],
 }
 
@@ -99,31 +99,6 @@ impl From<Common> for ImportCommon {
             gzip: c.gzip,
             force: c.force,
         }
-    }
-}
-
-/// `a` or `a,b,c` as three positive numbers.
-pub fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
-    let v: Vec<f64> =
-        s.split(',').map(|x| x.trim().parse::<f64>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
-    let v = match v.as_slice() {
-        [a] => [*a; 3],
-        [a, b, c] => [*a, *b, *c],
-        _ => return Err("give one value or three (X,Y,Z)".into()),
-    };
-    if v.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
-        return Err("spacing must be positive".into());
-    }
-    Ok(v)
-}
-
-/// `X,Y,Z` as three positive integers.
-pub fn parse_size(s: &str) -> Result<[usize; 3], String> {
-    let v: Vec<usize> =
-        s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"))).collect::<Result<_, _>>()?;
-    match v.as_slice() {
-        [a, b, c] if *a > 0 && *b > 0 && *c > 0 => Ok([*a, *b, *c]),
-        _ => Err("give three positive integers X,Y,Z".into()),
     }
 }
 

@@ -1,7 +1,7 @@
 //! `uamt import nifti`: a raw Medical Segmentation Decathlon or nnU-Net folder into a dataset
 //! folder, with normalisation, resampling, an optional crop and the semi-supervised split.
 
-use super::import::parse_spacing;
+use super::parse::spacing as parse_spacing;
 use std::path::PathBuf;
 use uamt::data::import::{read_list, ImportReport};
 use uamt::data::import_raw::{import_raw_with, Labelled, RawImport, Resample};

@@ -7,6 +7,7 @@ pub mod import;
 pub mod import_raw;
 pub mod info;
 pub mod net;
+pub mod parse;
 pub mod predict;
 pub mod synth;
 pub mod train;

@@ -1,12 +1,12 @@
 //! What `uamt eval` and `uamt predict` share: the network's shape for a bare weights file, the
 //! sliding window, the device, and the loading of a checkpoint's student or teacher.
 
-use super::import::parse_size;
+use super::parse::size as parse_size;
 use std::path::Path;
 use tch::Device;
 use uamt::checkpoint::Snapshot;
 use uamt::config::Config;
-use uamt::eval::{model_from_named, Connectivity, InferOptions};
+use uamt::eval::{model_from_named, Connectivity, InferOptions, McOptions};
 use uamt::model::{VNet, VNetConfig};
 use uamt::recipe;
 
@@ -107,10 +107,32 @@ pub fn from_checkpoint(
 /// The most Monte-Carlo passes taken (`--mc-passes`).
 pub const MAX_MC_PASSES: usize = 256;
 
-/// Refuses more than [`MAX_MC_PASSES`] Monte-Carlo passes.
-pub fn check_mc_passes(passes: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(passes <= MAX_MC_PASSES, "--mc-passes {passes}: at most {MAX_MC_PASSES}");
-    Ok(())
+/// The Monte-Carlo uncertainty of `eval` and `predict` (flattened into both).
+#[derive(Debug, clap::Args)]
+pub struct McArgs {
+    /// Monte-Carlo passes (noise + dropout, the recipe's teacher passes) per window for the
+    /// uncertainty map, at most 256; 0: the entropy of the prediction instead (no extra passes).
+    /// Default: 8 (the recipe's T) for `eval`, 0 for `predict`.
+    #[arg(long)]
+    pub mc_passes: Option<usize>,
+    /// Seed of the Monte-Carlo passes' noise and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub mc_seed: u64,
+}
+
+impl McArgs {
+    /// The passes asked for, or `default`.
+    pub fn passes(&self, default: usize) -> usize {
+        self.mc_passes.unwrap_or(default)
+    }
+
+    /// The Monte-Carlo options (`None`: the prediction's entropy); more than [`MAX_MC_PASSES`]
+    /// passes are refused.
+    pub fn options(&self, default: usize) -> anyhow::Result<Option<McOptions>> {
+        let passes = self.passes(default);
+        anyhow::ensure!(passes <= MAX_MC_PASSES, "--mc-passes {passes}: at most {MAX_MC_PASSES}");
+        Ok((passes > 0).then(|| McOptions { passes, seed: self.mc_seed, ..McOptions::default() }))
+    }
 }
 
 /// Refuses (naming the flags to change) segmenting the volume `file` (of `input` voxels, run on a

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use uamt::data::import_raw::Preprocessing;
 use uamt::data::normalize::Normalization;
 use uamt::eval::predict::{output_names, predict_file, PredictOptions, PredictedCase};
-use uamt::eval::{load_weights, InferOptions, McOptions};
+use uamt::eval::{load_weights, InferOptions};
 use uamt::fsutil::OutputDir;
 
 /// Arguments of `uamt predict`.
@@ -42,12 +42,8 @@ pub struct Args {
     /// Also write `<case>.png`: axial slices of the image, the label and the uncertainty.
     #[arg(long)]
     pub png: bool,
-    /// Monte-Carlo passes for the uncertainty (0: the entropy of the prediction).
-    #[arg(long, default_value_t = 0)]
-    pub mc_passes: usize,
-    /// Seed of the Monte-Carlo passes.
-    #[arg(long, default_value_t = 0)]
-    pub mc_seed: u64,
+    #[command(flatten)]
+    pub mc: super::net::McArgs,
     #[command(flatten)]
     pub net: super::net::NetArgs,
     /// Write `.nii` instead of `.nii.gz`.
@@ -146,16 +142,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = PredictOptions {
         infer: args.net.window(&window),
         maps: args.maps,
-        mc: (args.mc_passes > 0).then(|| McOptions {
-            passes: args.mc_passes,
-            seed: args.mc_seed,
-            ..McOptions::default()
-        }),
+        mc: args.mc.options(0)?,
         picture: args.png,
         gzip: !args.no_gzip,
     };
     opts.infer.validate("predict")?;
-    super::net::check_mc_passes(args.mc_passes)?;
     let files = inputs(&args.input)?;
     // Before any work: every output name claimed (none exists unless --force and uamt wrote it),
     // and every input's memory need checked from its header.
@@ -168,7 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Some(t) => uamt::data::resample::resampled_dims(h.dims, h.geometry.spacing(), t)?,
                 None => h.dims,
             };
-            super::net::check_inference_memory(classes, &opts.infer, h.dims, net, args.mc_passes, f)?;
+            super::net::check_inference_memory(classes, &opts.infer, h.dims, net, args.mc.passes(0), f)?;
         }
     }
     let mut out = OutputDir::open(&args.out, "uamt predict", args.force)?;

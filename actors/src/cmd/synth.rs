@@ -1,7 +1,8 @@
 //! `uamt synth`: a synthetic LA-like dataset folder, deterministic by seed. The defaults are
 //! [`SynthConfig::default`]'s, the same set a config's `[data.synth]` defaults to.
 
-use super::import::{log_report, parse_size, parse_spacing};
+use super::import::log_report;
+use super::parse::{size as parse_size, spacing as parse_spacing};
 use std::path::PathBuf;
 use uamt::data::synth::{write_synth_with, SynthConfig};
 
