@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use uamt::data::augment::{extract, Augment};
 use uamt::data::h5::{write_h5_case, H5Case};
-use uamt::data::import::{find_h5, import_h5, H5Import};
+use uamt::data::import_h5::{find_h5, import_h5, H5Import};
 use uamt::data::{synth_case, Dataset, DatasetOptions, Volume};
 use uamt::rng::Rng;
 

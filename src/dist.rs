@@ -707,6 +707,25 @@ impl GradSync {
     }
 }
 
+/// The step calls the collectives through its hook ([`crate::train::GradientHook`]).
+impl crate::train::GradientHook for GradSync {
+    fn before_forward(&self, store: &ParamStore) -> Result<()> {
+        GradSync::before_forward(self, store)
+    }
+
+    fn before_backward(&mut self) -> Result<()> {
+        GradSync::before_backward(self)
+    }
+
+    fn after_backward(&mut self, store: &ParamStore) -> Result<()> {
+        GradSync::after_backward(self, store)
+    }
+
+    fn agreed_stop(&self) -> bool {
+        GradSync::agreed_stop(self)
+    }
+}
+
 /// Compares `tensors` across the ranks: per tensor a float64 sum and sum of squares, reduced
 /// by minimum and maximum; any difference is an error naming `what`, the step and the first
 /// tensor that differs.

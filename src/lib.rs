@@ -33,6 +33,7 @@ pub mod eval;
 pub mod footprint;
 pub mod fsutil;
 pub mod gpu;
+pub mod memory;
 pub mod method;
 pub mod model;
 pub mod recipe;

@@ -621,9 +621,24 @@ pub struct Trainer {
     pub iter: i64,
     /// Hyper-parameters.
     pub cfg: StepConfig,
-    /// Data-parallel training: buffers from rank 0 before each forward pass, gradients averaged
-    /// over the ranks after each backward pass (absent for a single process).
-    pub sync: Option<crate::dist::GradSync>,
+    /// Data-parallel training (`crate::dist::GradSync`): buffers from rank 0 before each forward
+    /// pass, gradients averaged over the ranks after each backward pass (absent for a single
+    /// process).
+    pub sync: Option<Box<dyn GradientHook>>,
+}
+
+/// What a layer around the step (data-parallel training) does at its three points, without the
+/// step knowing of processes: before the student's forward pass, around its backward pass, and
+/// the stop the ranks agreed on.
+pub trait GradientHook: Send + std::fmt::Debug {
+    /// Before each student forward pass (e.g. BatchNorm buffers from rank 0).
+    fn before_forward(&self, store: &crate::model::ParamStore) -> Result<()>;
+    /// Just before the backward pass.
+    fn before_backward(&mut self) -> Result<()>;
+    /// After the backward pass: the gradients as the update should use them.
+    fn after_backward(&mut self, store: &crate::model::ParamStore) -> Result<()>;
+    /// Whether the ranks agreed to stop after the last step.
+    fn agreed_stop(&self) -> bool;
 }
 
 impl Trainer {

@@ -8,7 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use support::*;
 use uamt::data::h5::{read_h5_case, write_h5_case, H5Case};
-use uamt::data::import::{import_h5, import_nrrd, H5Import, Margin, NrrdImport};
+use uamt::data::import_h5::{import_h5, H5Import};
+use uamt::data::import_nrrd::{import_nrrd, Margin, NrrdImport};
 use uamt::data::nrrd::read_nrrd;
 use uamt::data::{Dataset, DatasetOptions, GzCache, NiftiVolume, Volume};
 

@@ -95,7 +95,7 @@ fn check_against_ddp(file: &'static str, method: uamt::train::Method, later: f64
         let mut tr = Trainer::new(&net, cfg, tch::Device::Cpu).unwrap();
         tr.student.store().load_named(&fx.prefixed("student.init"), &fx.path, false).unwrap();
         tr.teacher.as_ref().unwrap().store().load_named(&fx.prefixed("teacher.init"), &fx.path, false).unwrap();
-        tr.sync = Some(GradSync::on(w.step.clone(), 0.01, true));
+        tr.sync = Some(Box::new(GradSync::on(w.step.clone(), 0.01, true)));
         let p = format!("r{rank}");
         let (images, labels) = (fx.get(&format!("{p}.images")), fx.get(&format!("{p}.labels")));
         for it in 0..3 {

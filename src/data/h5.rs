@@ -36,8 +36,8 @@ fn dataset3(file: &hdf5::File, path: &Path, name: &str, integer: bool) -> Result
         .map_err(|_| DataError::bad(path, format!("dataset `{name}` shape {dims:?} exceeds {MAX_VOXELS} voxels")))?;
     // Read as 8-byte values, then converted: what it needs must fit before it is read.
     let n = dims.iter().map(|&d| d as u64).product::<u64>();
-    crate::footprint::check_fits(
-        n * 10 + crate::footprint::RUNTIME_BYTES,
+    crate::memory::check_fits(
+        n * 10 + crate::memory::RUNTIME_BYTES,
         &format!("reading dataset `{name}` of shape {dims:?}"),
         "import it on a machine with more memory",
     )

@@ -27,10 +27,14 @@ pub mod dataset;
 pub mod error;
 pub mod h5;
 pub mod import;
+pub mod import_h5;
+pub mod import_nrrd;
 pub mod import_raw;
 pub mod nifti;
 pub mod normalize;
 pub mod nrrd;
+pub mod preprocessing;
+pub mod raw_source;
 pub mod resample;
 pub mod sampler;
 pub mod sigbus;
@@ -41,9 +45,9 @@ pub mod volume;
 pub use augment::{extract, Augment, VoxelSource};
 pub use dataset::{Case, Dataset, DatasetOptions, Manifest};
 pub use error::DataError;
-pub use import::{
-    import_h5, import_h5_with, import_nrrd, import_nrrd_with, H5Import, ImportReport, Margin, NrrdImport, Progress,
-};
+pub use import::{ImportReport, Progress};
+pub use import_h5::{import_h5, import_h5_with, H5Import};
+pub use import_nrrd::{import_nrrd, import_nrrd_with, Margin, NrrdImport};
 pub use nifti::{write_nifti, DType, GzCache, NiftiVolume};
 pub use sampler::{BatchIndices, BatchSampler, HostBatch, LoaderConfig, PatchLoader, SamplerConfig};
 pub use synth::{synth_case, write_synth, write_synth_with, SynthConfig};

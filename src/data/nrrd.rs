@@ -202,9 +202,8 @@ pub fn read_nrrd(path: impl AsRef<Path>) -> Result<NrrdVolume> {
     };
     let n = bounded_voxel_count(dims, path)?;
     let nbytes = n.checked_mul(dtype.size()).ok_or_else(|| DataError::bad(path, "sizes too large"))?;
-    crate::footprint::check_fits(
-        (bytes.len() as u64).saturating_add(nbytes as u64).saturating_add(8 * n as u64)
-            + crate::footprint::RUNTIME_BYTES,
+    crate::memory::check_fits(
+        (bytes.len() as u64).saturating_add(nbytes as u64).saturating_add(8 * n as u64) + crate::memory::RUNTIME_BYTES,
         &format!("reading this {dims:?} volume"),
         "import it on a machine with more memory",
     )

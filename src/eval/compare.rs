@@ -4,8 +4,7 @@
 //! files are the predictions of `<case>`, its probability and uncertainty maps are left aside.
 
 use super::metrics::{case_metrics, CaseMetrics, EmptyPolicy};
-use super::report::{CaseFailure, CaseResult, Report};
-use super::CaseEvent;
+use super::report::{CaseEvent, CaseFailure, CaseResult, Report};
 use crate::data::nifti::{stem, GzCache, NiftiVolume};
 use crate::{Error, Result};
 use std::collections::BTreeMap;

@@ -213,7 +213,7 @@ impl Prediction {
         let classes = self.probabilities.size()[0];
         let probs: Vec<Volume<f32>> =
             (0..classes).map(|c| Volume::<f32>::from_tensor(&self.probabilities.get(c))).collect::<Result<_, _>>()?;
-        let (_, labels) = crate::data::import_raw::labels_in_grid(&probs, dims)?;
+        let (_, labels) = crate::data::preprocessing::labels_in_grid(&probs, dims)?;
         Ok(match largest {
             Some(conn) => largest_component(&labels, conn),
             None => labels,

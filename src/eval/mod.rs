@@ -29,7 +29,7 @@ pub use infer::{
 };
 pub use metrics::{case_metrics, CaseMetrics, EmptyPolicy};
 pub use picture::{case_picture, Picture, PictureOptions};
-pub use report::{CaseFailure, CaseResult, Report, Stat, Summary};
+pub use report::{CaseEvent, CaseFailure, CaseResult, Report, Stat, Summary};
 
 use crate::data::resample::{resample_case, resample_linear};
 use crate::data::{write_nifti, Case, Dataset, Volume};
@@ -71,41 +71,6 @@ pub struct EvalOptions {
     /// own grid (trilinear, then argmax), where the metrics and outputs are computed. A model
     /// trained at a reduced resolution is so scored against the original labels. `None`: as is.
     pub network_spacing: Option<[f64; 3]>,
-}
-
-/// Progress: one case done (or failed).
-#[derive(Debug)]
-pub struct CaseEvent<'a> {
-    /// 0-based position among the cases evaluated.
-    pub index: usize,
-    /// Number of cases evaluated.
-    pub total: usize,
-    /// The case's name.
-    pub id: &'a str,
-    /// Its metrics, or why it failed.
-    pub outcome: std::result::Result<&'a CaseMetrics, &'a str>,
-    /// Wall time it took, seconds.
-    pub seconds: f64,
-}
-
-impl CaseEvent<'_> {
-    /// One plain line for a log or a terminal.
-    pub fn line(&self) -> String {
-        let head = format!("[{}/{}] {}", self.index + 1, self.total, self.id);
-        let fmt = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
-        match self.outcome {
-            Ok(m) => format!(
-                "{head}: dice {:.4} jaccard {:.4} hd95 {} asd {}{} ({:.1} s)",
-                m.dice,
-                m.jaccard,
-                fmt(m.hd95),
-                fmt(m.asd),
-                if m.empty_prediction { " [empty prediction]" } else { "" },
-                self.seconds
-            ),
-            Err(e) => format!("{head}: failed: {e}"),
-        }
-    }
 }
 
 /// A V-Net shaped by `config` on `device` with its weights taken from `named` (every tensor of

@@ -6,8 +6,8 @@
 
 use super::infer::{mc_uncertainty, sliding_window, InferOptions, McOptions};
 use super::picture::{case_picture, PictureOptions};
-use crate::data::import_raw::Preprocessing;
 use crate::data::nifti::stem;
+use crate::data::preprocessing::Preprocessing;
 use crate::data::resample::resample_linear;
 use crate::data::{write_nifti, GzCache, NiftiVolume, Volume};
 use crate::model::VNet;

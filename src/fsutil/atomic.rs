@@ -5,7 +5,7 @@
 //! rename would replace), and the temporary file is registered with [`super::cleanup`], so an
 //! interrupt removes it too.
 
-use super::{at, parent_dir, IoError};
+use super::io::{at, parent_dir, IoError};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ pub fn check_target(path: &Path) -> Result<(), IoError> {
         Ok(m) if m.file_type().is_file() => Ok(()),
         Ok(m) => Err(IoError::refused(
             path,
-            format!("exists and is {}, not a regular file: refusing to replace it", super::kind_of(&m.file_type())),
+            format!("exists and is {}, not a regular file: refusing to replace it", super::io::kind_of(&m.file_type())),
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(IoError { path: path.to_path_buf(), source: e }),

@@ -1,5 +1,5 @@
 //! What is being written and must not outlive a failure or an interrupt: temporary files of
-//! [`super::replace_atomic`] and the staging folders of imports. Each is registered while it
+//! [`super::atomic::replace_atomic`] and the staging folders of imports. Each is registered while it
 //! exists ([`stage`]); the guard unregisters it once it is renamed into place or removed.
 //!
 //! A one-shot command (`import`, `predict`, `export`, `eval`, `synth`, `info`) calls

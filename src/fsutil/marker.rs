@@ -9,7 +9,9 @@
 //!   marker says uamt wrote it.
 //! - A file the marker lists is uamt's output, so `predict` does not read it as an input.
 
-use super::{kind_of, read_text, write_atomic, IoError};
+use super::atomic::write_atomic;
+use super::io::{kind_of, IoError};
+use super::open::read_text;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,7 +57,7 @@ pub fn mark_folder(dir: &Path, by: &str) -> Result<(), IoError> {
 
 /// Refuses to replace `dir` unless it is a folder (not a link) that uamt wrote whole.
 pub fn check_replaceable_folder(dir: &Path, flag: &str) -> Result<(), IoError> {
-    let meta = super::at(std::fs::symlink_metadata(dir), dir)?;
+    let meta = super::io::at(std::fs::symlink_metadata(dir), dir)?;
     if !meta.is_dir() {
         return Err(IoError::refused(
             dir,
@@ -97,7 +99,7 @@ impl OutputDir {
             Ok(m) => {
                 return Err(IoError::refused(dir, format!("exists and is {}, not a folder", kind_of(&m.file_type()))))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => super::at(std::fs::create_dir_all(dir), dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => super::io::at(std::fs::create_dir_all(dir), dir)?,
             Err(e) => return Err(IoError { path: dir.to_path_buf(), source: e }),
         }
         Ok(OutputDir { dir: dir.to_path_buf(), by: by.into(), force, record: Record::read(dir) })

@@ -4,7 +4,7 @@
 //! and checked again on the open handle (opened non-blocking), so a file swapped in between is
 //! refused as well.
 
-use super::{at, kind_of, IoError};
+use super::io::{at, kind_of, IoError};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;

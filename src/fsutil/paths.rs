@@ -4,7 +4,7 @@
 //! input (the same path, or the same file through a hard link), contains one (a folder above it)
 //! or lies inside one is refused, naming both.
 
-use super::{at, IoError};
+use super::io::{at, IoError};
 use std::path::{Component, Path, PathBuf};
 
 /// `path` made absolute and canonical as far as it exists: symbolic links in the existing part

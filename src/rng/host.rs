@@ -2,7 +2,7 @@
 //! synthetic data; streams are keyed by a seed and a path of integers, so a batch or a case can
 //! be drawn by any thread in any order and still come out the same.
 
-use super::{key, splitmix64_nth};
+use super::mix::{key, splitmix64_nth};
 
 /// xoshiro256** seeded through SplitMix64. Not cryptographic; plenty for shuffles and noise.
 #[derive(Debug, Clone, PartialEq, Eq)]

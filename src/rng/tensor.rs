@@ -7,7 +7,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::splitmix64;
+use super::mix::splitmix64;
 
 const MASK32: i64 = 0xFFFF_FFFF;
 

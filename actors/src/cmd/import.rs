@@ -2,7 +2,9 @@
 //! (written to a temporary folder and renamed into place, so a failed import leaves nothing).
 
 use std::path::PathBuf;
-use uamt::data::import::{import_h5_with, import_nrrd_with, H5Import, ImportCommon, ImportReport, Margin, NrrdImport};
+use uamt::data::import::{ImportCommon, ImportReport};
+use uamt::data::import_h5::{import_h5_with, H5Import};
+use uamt::data::import_nrrd::{import_nrrd_with, Margin, NrrdImport};
 
 /// Arguments of `uamt import`.
 #[derive(Debug, clap::Args)]

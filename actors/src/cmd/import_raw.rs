@@ -4,8 +4,9 @@
 use super::parse::spacing as parse_spacing;
 use std::path::PathBuf;
 use uamt::data::import::{read_list, ImportReport};
-use uamt::data::import_raw::{import_raw_with, Labelled, RawImport, Resample};
+use uamt::data::import_raw::{import_raw_with, Labelled, RawImport};
 use uamt::data::normalize::Normalization;
+use uamt::data::preprocessing::Resample;
 
 /// Arguments of `uamt import nifti`.
 #[derive(Debug, clap::Args)]

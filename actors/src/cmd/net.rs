@@ -162,5 +162,5 @@ pub fn check_inference_memory(
         window.patch[2],
         window.batch_size
     );
-    uamt::footprint::check_fits(need, &what, "choose a smaller --patch or --batch").map_err(anyhow::Error::msg)
+    uamt::memory::check_fits(need, &what, "choose a smaller --patch or --batch").map_err(anyhow::Error::msg)
 }

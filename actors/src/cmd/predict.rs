@@ -4,8 +4,8 @@
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
-use uamt::data::import_raw::Preprocessing;
 use uamt::data::normalize::Normalization;
+use uamt::data::preprocessing::Preprocessing;
 use uamt::eval::predict::{output_names, predict_file, PredictOptions, PredictedCase};
 use uamt::eval::{load_weights, InferOptions};
 use uamt::fsutil::OutputDir;

@@ -128,7 +128,7 @@ pub fn run(args: Args) -> Result<()> {
     // free memory cannot be asked here; the estimate is logged, the allocator's error is clean).
     let footprint = uamt::footprint::Footprint::of(&cfg);
     if device == tch::Device::Cpu {
-        if let Some(available) = uamt::footprint::available_memory() {
+        if let Some(available) = uamt::memory::available_memory() {
             // Ranks on one host share its memory (LOCAL_WORLD_SIZE of them, when told).
             match launch.as_ref().and_then(|l| l.local_world).map(|n| n as u64).filter(|n| *n > 1) {
                 Some(n) => footprint.check(available / n, &format!("this rank's share (1/{n}) of this machine"))?,
@@ -251,7 +251,7 @@ fn train(
         uamt::dist::share_start(&w.step, &mut trainer)?;
         let sync = uamt::dist::GradSync::new(w, controls.stop_flag());
         let sync = if w.cfg.overlap { sync.overlapping(trainer.student.store())? } else { sync };
-        trainer.sync = Some(sync);
+        trainer.sync = Some(Box::new(sync));
     }
     let mut run = Run::new(cfg.clone(), device, loader, trainer);
     run.checkpoints = first;

@@ -2,7 +2,7 @@
 //! copies keyed by the source's path, size and modification time, then mapped like any `.nii`.
 
 use super::header::{parse_declared, HEADER_LEN};
-use super::stem;
+use super::names::stem;
 use crate::data::error::{DataError, IoAt, Result};
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};

@@ -13,12 +13,14 @@
 mod decode;
 mod gz_cache;
 mod header;
+mod names;
 mod write;
 
 pub(crate) use decode::decode_line;
 pub use decode::FromVoxel;
 pub use gz_cache::GzCache;
 pub use header::{DType, Header, Scale};
+pub use names::{is_gz, stem};
 pub use write::{write_nifti, NiftiElement};
 
 use super::error::{DataError, IoAt, Result};
@@ -55,22 +57,6 @@ pub struct NiftiVolume {
     header: Header,
     /// The whole file's bytes (header included).
     bytes: Bytes,
-}
-
-/// Whether `path` names a gzip-compressed NIfTI file.
-pub fn is_gz(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"))
-}
-
-/// `path`'s name without `.nii` / `.nii.gz`.
-pub fn stem(path: &Path) -> String {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    for ext in [".nii.gz", ".nii"] {
-        if name.len() > ext.len() && name.to_ascii_lowercase().ends_with(ext) {
-            return name[..name.len() - ext.len()].to_string();
-        }
-    }
-    name
 }
 
 impl NiftiVolume {

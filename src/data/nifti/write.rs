@@ -2,7 +2,7 @@
 //! is a rotation times a scaling), the voxels, optional gzip, all written atomically.
 
 use super::header::{DType, DATA_OFFSET, HEADER_LEN};
-use super::is_gz;
+use super::names::is_gz;
 use crate::data::error::{DataError, Result};
 use crate::data::volume::{Geometry, Volume};
 use std::io::Write;
