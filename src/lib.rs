@@ -9,10 +9,12 @@
 //! - [`rng`]: the ground floor's seeded random numbers: one SplitMix64, stream keys, the
 //!   counter-based tensor generator that makes every pass reproducible by construction and the
 //!   host generator for sampling, augmentation and synthetic data.
-//! - [`method`]: the method's math: losses, uncertainty, ramps, EMA, SGD, learning-rate schedule.
+//! - [`uncertainty`]: entropy and the Monte-Carlo uncertainty, used by the method and evaluation.
+//! - [`method`]: the method's math: losses, ramps, EMA, SGD, learning-rate schedule.
 //! - [`train`]: one full sequential UA-MT iteration ([`train::Trainer::step`]), the ground truth
 //!   that the actor pipeline must reproduce.
 //! - [`config`]: the daemon's TOML configuration; [`checkpoint`]: atomic checkpoints and resume;
+//!   [`memory`]: what a command may allocate; [`footprint`]: what a config or a window needs;
 //!   [`telemetry`]: the names of every exported metric.
 //! - [`fsutil`]: every touch of a user's file: regular files only, atomic writes, outputs apart
 //!   from inputs, `.uamt-written` markers for `--force`, staging removed on error and interrupt.
