@@ -29,6 +29,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod error;
 pub mod eval;
