@@ -150,7 +150,6 @@ pub fn run(args: Args) -> Result<()> {
         let ended = crate::pipeline::spawn::run_caught("training", || {
             train(cfg, device, &args, launch, controls, board, &addr)
         })
-        .map(|_| ())
         .map_err(|e| format!("{e:#}"));
         addr.do_send(TrainingEnded(ended));
     })?;
@@ -209,11 +208,21 @@ fn train(
     controls: Controls,
     board: StatusBoard,
     supervisor: &actix::Addr<Supervisor>,
-) -> Result<pipeline::Outcome> {
-    // Data-parallel: meet the other ranks first (a rank that fails later ends theirs too).
+) -> Result<()> {
+    // Data-parallel: meet the other ranks first (a rank that fails later ends theirs too). A
+    // stop (signal, POST /stop) during the rendezvous ends it at once: exit 0, no step made.
     let world = match launch {
         Some(l) => {
-            let w = uamt::dist::World::connect(l, &cfg.distributed)?;
+            let (rank, size) = (l.rank, l.world);
+            let Some(w) = uamt::dist::World::connect_or_stop(l, &cfg.distributed, &controls.stop_flag())? else {
+                tracing::warn!(
+                    rank,
+                    world = size,
+                    reason = controls.stop_reason().unwrap_or("stop"),
+                    "stopped during the rendezvous, before any step: no checkpoint written"
+                );
+                return Ok(());
+            };
             tracing::info!(rank = w.launch.rank, world = w.launch.world, "all ranks connected");
             Some(Arc::new(w))
         }
@@ -284,7 +293,7 @@ fn train(
         checkpoint = ?outcome.last_checkpoint,
         "done"
     );
-    Ok(outcome)
+    Ok(())
 }
 
 #[cfg(test)]
