@@ -7,7 +7,6 @@ use crate::http::{HttpServerHandle, HttpState};
 use crate::pipeline::{self, Run};
 use crate::setup::{loader_for, open_dataset, start, start_follower, StartOptions};
 use crate::supervisor::{StartEval, Supervisor, TrainingEnded};
-use actix::Actor;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -142,8 +141,10 @@ pub fn run(args: Args) -> Result<()> {
     let failure = Arc::new(std::sync::Mutex::new(None));
     let watching = !cfg.eval.watch_dir.as_os_str().is_empty();
     let system = actix::System::new();
+    // The supervisor (and its signal handlers) first: whatever fails after this returns an error
+    // without a panic, and a signal is never fatal.
     let supervisor =
-        system.block_on(async { Supervisor::new(controls.clone(), board.clone(), watching, failure.clone()).start() });
+        crate::supervisor::start(&system, Supervisor::new(controls.clone(), board.clone(), watching, failure.clone()))?;
     let _http = telemetry(&cfg, addr_file.as_deref(), &board, &controls, &labels)?;
     let addr = supervisor.clone();
     std::thread::Builder::new().name("training".into()).spawn(move || {
