@@ -49,15 +49,28 @@ enum Command {
     Export(cmd::export::Args),
 }
 
-/// Installs the global subscriber: level from RUST_LOG (default info), lines on stderr.
+/// Installs the global subscriber: level from RUST_LOG (default info), lines on stderr. Colours
+/// only when stderr is a terminal (and NO_COLOR is unset).
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    use tracing_subscriber::util::SubscriberInitExt;
     let no_colour = matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty());
     let colour = std::io::stderr().is_terminal() && !no_colour;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    subscriber(format, colour, std::io::stderr).init();
+}
+
+/// The subscriber writing to `writer`. A line that cannot be written (stderr gone: the terminal
+/// of a run started without nohup closed) is dropped: tracing-subscriber's own report of the
+/// failed write is an `eprintln!` to that same stderr, which panics the logging thread (the
+/// training thread before its final checkpoint, the supervisor before the exit).
+fn subscriber<W>(format: LogFormat, colour: bool, writer: W) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).log_internal_errors(false);
     match format {
-        LogFormat::Text => builder.with_ansi(colour).init(),
-        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Text => Box::new(builder.with_ansi(colour).finish()),
+        LogFormat::Json => Box::new(builder.json().with_ansi(false).finish()),
     }
 }
 
@@ -79,5 +92,37 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Predict(a) => cmd::predict::run(a),
         Command::Export(a) => cmd::export::run(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    /// Logging to a stderr whose reader is gone (a closed pipe here, a hung-up terminal in
+    /// use) drops the lines without a panic. The logging runs in a child (this test again) whose
+    /// stderr is a pipe closed before it writes: a panic there fails the child.
+    #[test]
+    fn a_log_line_to_a_closed_stderr_is_dropped_without_a_panic() {
+        if std::env::var_os("UAMT_TEST_CLOSED_STDERR").is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            for format in [LogFormat::Text, LogFormat::Json] {
+                let sub = subscriber(format, false, std::io::stderr);
+                tracing::subscriber::with_default(sub, || tracing::info!("into a closed pipe"));
+            }
+            return;
+        }
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::a_log_line_to_a_closed_stderr_is_dropped_without_a_panic", "--nocapture"])
+            .env("UAMT_TEST_CLOSED_STDERR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stderr.take());
+        let status = child.wait().unwrap();
+        assert!(status.success(), "logging to a closed stderr failed the child: {status}");
     }
 }

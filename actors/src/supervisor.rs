@@ -3,16 +3,79 @@
 //! siblings-in-care: a training stage that fails ends the run with a non-zero exit naming the
 //! stage; an evaluation that fails is the evaluation service's business alone.
 //!
-//! Signals: SIGTERM/SIGINT finish the current step, write a checkpoint and exit 0; a second one
-//! forces the exit after [`FORCE_GRACE`]; SIGUSR1 asks for a checkpoint (harmless before training
-//! starts: the handlers are installed before anything else happens). After training, with a
-//! watched folder, the daemon keeps evaluating until a signal or `POST /stop`. Shutdown waits for
-//! a running evaluation at most [`EVAL_GRACE`] (after a signal or a failure).
+//! Signals ([`SIGNALS`]): SIGTERM, SIGINT and SIGHUP (a closed terminal) finish the current step,
+//! write a checkpoint and exit 0; a second one forces the exit after [`FORCE_GRACE`]; SIGUSR1 asks
+//! for a checkpoint; SIGUSR2 is ignored (logged). The handlers are installed by [`start`], before
+//! the HTTP server and training start, so a signal is harmless at any point after that. After
+//! training, with a watched folder, the daemon keeps evaluating until a signal or `POST /stop`.
+//! Shutdown waits for a running evaluation at most [`EVAL_GRACE`] (after a signal or a failure).
 
 use crate::control::{Controls, StatusBoard};
 use crate::evaluator::{EvalHandle, Evaluator, Finish};
 use actix::prelude::*;
+use actix_rt::signal::unix::SignalKind;
 use std::time::Duration;
+
+/// What a signal does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSignal {
+    /// Finish the current step, write a checkpoint and exit 0 (a second one forces the exit).
+    Stop,
+    /// Write a checkpoint after the current step and go on.
+    Checkpoint,
+    /// Nothing but a log line at info.
+    Ignore,
+}
+
+/// The signals the daemon handles and what each does; every other one keeps the system's
+/// default. SIGHUP (the terminal of a run started without nohup closed) stops like SIGTERM, so
+/// that no step since the last checkpoint is lost.
+pub const SIGNALS: [(&str, OnSignal); 5] = [
+    ("SIGTERM", OnSignal::Stop),
+    ("SIGINT", OnSignal::Stop),
+    ("SIGHUP", OnSignal::Stop),
+    ("SIGUSR1", OnSignal::Checkpoint),
+    ("SIGUSR2", OnSignal::Ignore),
+];
+
+/// What the signal `name` does ([`SIGNALS`]); `None` for one the daemon does not handle.
+pub fn on_signal(name: &str) -> Option<OnSignal> {
+    SIGNALS.iter().find(|(n, _)| *n == name).map(|(_, what)| *what)
+}
+
+/// The signal called `name` in [`SIGNALS`].
+fn kind(name: &str) -> Option<SignalKind> {
+    Some(match name {
+        "SIGTERM" => SignalKind::terminate(),
+        "SIGINT" => SignalKind::interrupt(),
+        "SIGHUP" => SignalKind::hangup(),
+        "SIGUSR1" => SignalKind::user_defined1(),
+        "SIGUSR2" => SignalKind::user_defined2(),
+        _ => return None,
+    })
+}
+
+/// Starts `supervisor` on `system` and returns once it runs, its signal handlers installed.
+/// From then on a start-up failure may drop `system` without running it: the actor inside has
+/// started (one that had not would be started during that drop, outside any runtime, and panic
+/// with "there is no reactor running").
+pub fn start(system: &actix::SystemRunner, supervisor: Supervisor) -> anyhow::Result<Addr<Supervisor>> {
+    system.block_on(async {
+        let addr = supervisor.start();
+        addr.send(Started).await.map_err(|e| anyhow::anyhow!("the supervisor did not start: {e}"))?;
+        Ok(addr)
+    })
+}
+
+/// Answered once the supervisor runs ([`start`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Started;
+
+impl Handler<Started> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, _: Started, _: &mut Self::Context) {}
+}
 
 /// How long a second signal leaves the run to finish its checkpoint before the process exits.
 pub const FORCE_GRACE: Duration = Duration::from_secs(5);
@@ -88,13 +151,9 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        use actix_rt::signal::unix::{signal, SignalKind};
-        for (kind, name) in [
-            (SignalKind::terminate(), "SIGTERM"),
-            (SignalKind::interrupt(), "SIGINT"),
-            (SignalKind::user_defined1(), "SIGUSR1"),
-        ] {
-            match signal(kind) {
+        for (name, _) in SIGNALS {
+            let Some(kind) = kind(name) else { continue };
+            match actix_rt::signal::unix::signal(kind) {
                 Ok(mut s) => {
                     let me = ctx.address();
                     actix::spawn(async move {
@@ -123,9 +182,16 @@ pub struct Signal(pub &'static str);
 impl Handler<Signal> for Supervisor {
     type Result = ();
     fn handle(&mut self, Signal(name): Signal, ctx: &mut Self::Context) {
-        if name == "SIGUSR1" {
-            self.controls.request_checkpoint();
-            return;
+        match on_signal(name) {
+            Some(OnSignal::Stop) => {}
+            Some(OnSignal::Checkpoint) => {
+                self.controls.request_checkpoint();
+                return;
+            }
+            Some(OnSignal::Ignore) | None => {
+                tracing::info!(signal = name, "signal ignored");
+                return;
+            }
         }
         self.signals += 1;
         if self.signals == 1 {
@@ -194,5 +260,52 @@ impl Handler<TrainingEnded> for Supervisor {
             ),
             Ok(()) => self.finish(0, EVAL_DRAIN, ctx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SIGHUP is SIGTERM's twin, SIGUSR2 does nothing, SIGUSR1 asks for a checkpoint, and every
+    /// signal of the table has a handler to install.
+    #[test]
+    fn sighup_stops_like_sigterm_and_sigusr2_is_ignored() {
+        assert_eq!(on_signal("SIGHUP"), on_signal("SIGTERM"));
+        assert_eq!(on_signal("SIGTERM"), Some(OnSignal::Stop));
+        assert_eq!(on_signal("SIGINT"), Some(OnSignal::Stop));
+        assert_eq!(on_signal("SIGUSR1"), Some(OnSignal::Checkpoint));
+        assert_eq!(on_signal("SIGUSR2"), Some(OnSignal::Ignore));
+        assert_eq!(on_signal("SIGWINCH"), None);
+        for (name, _) in SIGNALS {
+            assert!(kind(name).is_some(), "{name} has no handler");
+        }
+    }
+
+    /// A start-up failure after the supervisor started drops the actix system unrun: no panic
+    /// (before, the actor was first polled inside that drop and its signal handlers panicked;
+    /// tokio catches a panic in a task's drop, so the test watches the panic hook).
+    #[test]
+    fn dropping_the_system_after_start_does_not_panic() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static PANICKED: AtomicBool = AtomicBool::new(false);
+        let me = std::thread::current().id();
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().id() == me {
+                PANICKED.store(true, Ordering::SeqCst);
+            }
+            before(info)
+        }));
+        let system = actix::System::new();
+        let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let controls = Controls::new();
+        let board = StatusBoard::new(10, Duration::from_secs(60));
+        let sup = Supervisor::new(controls, board, false, failure);
+        let addr = start(&system, sup).expect("started");
+        assert!(addr.connected());
+        drop(addr);
+        drop(system);
+        assert!(!PANICKED.load(Ordering::SeqCst), "a panic while the system was dropped");
     }
 }

@@ -51,19 +51,29 @@ void finish(const c10::intrusive_ptr<c10d::Work>& work, int64_t timeout_ms, cons
 
 extern "C" {
 
-// Connects to (serve = 1: serves) the store at addr:port and waits until all `world` ranks are
-// there, for at most timeout_ms. Under torchrun the agent serves it and every rank is a client.
-int uamt_dist_store(const char* addr, int port, int serve, int world, int64_t timeout_ms, void** out) {
+// Connects to (serve = 1: serves) the store at addr:port, giving up after connect_ms. Waiting
+// for the other ranks is the caller's (uamt_dist_store_add on a key of its own, between which it
+// can look at its deadline and a stop request: TCPStore's own wait for workers cannot be
+// interrupted). The store's operations then wait at most timeout_ms. Under torchrun the agent
+// serves it and every rank is a client.
+int uamt_dist_store(const char* addr, int port, int serve, int world, int64_t connect_ms, int64_t timeout_ms,
+                    void** out) {
   return guarded([&] {
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<std::uint16_t>(port);
     opts.isServer = serve != 0;
     opts.numWorkers = static_cast<std::size_t>(world);
-    opts.waitWorkers = true;
-    opts.timeout = ms(timeout_ms);
+    opts.waitWorkers = false;
+    opts.timeout = ms(connect_ms);
     Store store = c10::make_intrusive<c10d::TCPStore>(std::string(addr), opts);
+    store->setTimeout(ms(timeout_ms));
     *out = new Store(std::move(store));
   });
+}
+
+// Adds `delta` to the counter `key` (0: reads it); the new value in *value.
+int uamt_dist_store_add(void* store, const char* key, int64_t delta, int64_t* value) {
+  return guarded([&] { *value = (*static_cast<Store*>(store))->add(std::string(key), delta); });
 }
 
 void uamt_dist_store_free(void* store) {

@@ -7,7 +7,6 @@ use crate::http::{HttpServerHandle, HttpState};
 use crate::pipeline::{self, Run};
 use crate::setup::{loader_for, open_dataset, start, start_follower, StartOptions};
 use crate::supervisor::{StartEval, Supervisor, TrainingEnded};
-use actix::Actor;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -142,15 +141,16 @@ pub fn run(args: Args) -> Result<()> {
     let failure = Arc::new(std::sync::Mutex::new(None));
     let watching = !cfg.eval.watch_dir.as_os_str().is_empty();
     let system = actix::System::new();
+    // The supervisor (and its signal handlers) first: whatever fails after this returns an error
+    // without a panic, and a signal is never fatal.
     let supervisor =
-        system.block_on(async { Supervisor::new(controls.clone(), board.clone(), watching, failure.clone()).start() });
+        crate::supervisor::start(&system, Supervisor::new(controls.clone(), board.clone(), watching, failure.clone()))?;
     let _http = telemetry(&cfg, addr_file.as_deref(), &board, &controls, &labels)?;
     let addr = supervisor.clone();
     std::thread::Builder::new().name("training".into()).spawn(move || {
         let ended = crate::pipeline::spawn::run_caught("training", || {
             train(cfg, device, &args, launch, controls, board, &addr)
         })
-        .map(|_| ())
         .map_err(|e| format!("{e:#}"));
         addr.do_send(TrainingEnded(ended));
     })?;
@@ -209,11 +209,21 @@ fn train(
     controls: Controls,
     board: StatusBoard,
     supervisor: &actix::Addr<Supervisor>,
-) -> Result<pipeline::Outcome> {
-    // Data-parallel: meet the other ranks first (a rank that fails later ends theirs too).
+) -> Result<()> {
+    // Data-parallel: meet the other ranks first (a rank that fails later ends theirs too). A
+    // stop (signal, POST /stop) during the rendezvous ends it at once: exit 0, no step made.
     let world = match launch {
         Some(l) => {
-            let w = uamt::dist::World::connect(l, &cfg.distributed)?;
+            let (rank, size) = (l.rank, l.world);
+            let Some(w) = uamt::dist::World::connect_or_stop(l, &cfg.distributed, &controls.stop_flag())? else {
+                tracing::warn!(
+                    rank,
+                    world = size,
+                    reason = controls.stop_reason().unwrap_or("stop"),
+                    "stopped during the rendezvous, before any step: no checkpoint written"
+                );
+                return Ok(());
+            };
             tracing::info!(rank = w.launch.rank, world = w.launch.world, "all ranks connected");
             Some(Arc::new(w))
         }
@@ -284,7 +294,7 @@ fn train(
         checkpoint = ?outcome.last_checkpoint,
         "done"
     );
-    Ok(outcome)
+    Ok(())
 }
 
 #[cfg(test)]
