@@ -8,9 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-// Until every caller names `crate::status` (this module does not use them).
-pub use crate::status::{EvalStatus, Phase, StatusBoard};
-
 /// Locks `m`, taking the data even if a panicking thread poisoned it: every value guarded here
 /// is a plain record that stays consistent between statements.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

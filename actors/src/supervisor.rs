@@ -10,8 +10,9 @@
 //! training, with a watched folder, the daemon keeps evaluating until a signal or `POST /stop`.
 //! Shutdown waits for a running evaluation at most [`EVAL_GRACE`] (after a signal or a failure).
 
-use crate::control::{Controls, StatusBoard};
+use crate::control::Controls;
 use crate::evaluator::{EvalHandle, Evaluator, Finish};
+use crate::status::StatusBoard;
 use actix::prelude::*;
 use actix_rt::signal::unix::SignalKind;
 use std::time::Duration;

@@ -1,11 +1,12 @@
 //! `uamt train`: the daemon. Without `--config` it runs the built-in demo (synthetic data made on
 //! first use, 4 filters, 32x32x16 patches, CPU, a few minutes on 2 cores).
 
-use crate::control::{Controls, Phase, StatusBoard};
+use crate::control::Controls;
 use crate::evaluator::Evaluator;
 use crate::http::{HttpServerHandle, HttpState};
 use crate::pipeline::{self, Run};
 use crate::setup::{loader_for, open_dataset, start, start_follower, StartOptions};
+use crate::status::{Phase, StatusBoard};
 use crate::supervisor::{StartEval, Supervisor, TrainingEnded};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
