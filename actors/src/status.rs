@@ -246,6 +246,11 @@ impl StatusBoard {
         lock(&self.board).end = end;
     }
 
+    /// Seconds per step at the last measured rate, if there is one.
+    pub fn seconds_per_step(&self) -> Option<f64> {
+        lock(&self.board).it_per_s.filter(|r| *r > 0.0).map(|r| 1.0 / r)
+    }
+
     /// Records a step read back from the device, with the rate and ETA the caller measured.
     /// Non-finite rates and ETAs are recorded as unknown.
     pub fn on_step(&self, report: &StepReport, it_per_s: f64, eta_s: f64) {

@@ -80,6 +80,8 @@ impl Handler<Started> for Supervisor {
 
 /// How long a second signal leaves the run to finish its checkpoint before the process exits.
 pub const FORCE_GRACE: Duration = Duration::from_secs(5);
+/// The least a data-parallel step is given to finish after a stop signal ([`stuck_grace`]).
+pub const STUCK_MIN: Duration = Duration::from_secs(5);
 /// How long shutdown waits for an evaluation in progress after a signal or a failure.
 pub const EVAL_GRACE: Duration = Duration::from_secs(10);
 /// How long a normal end of training waits for the evaluations it asked for.
@@ -103,6 +105,17 @@ pub struct Supervisor {
     finishing: bool,
     /// Why the run failed, if it did (the process exits non-zero with it).
     failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Data-parallel runs: after a stop signal, how long at least a step may take to finish
+    /// before it counts as stuck in a collective (see [`stuck_grace`]).
+    stuck_after: Option<Duration>,
+}
+
+/// How long a data-parallel step may go on after a stop signal before the process gives up on
+/// it: a collective waiting on a stalled rank would otherwise hold the stop for the whole
+/// `distributed.timeout_s`. Three of the last measured step's time, and at least `min`.
+pub fn stuck_grace(min: Duration, seconds_per_step: Option<f64>) -> Duration {
+    let three_steps = seconds_per_step.filter(|s| s.is_finite() && *s > 0.0).map_or(0.0, |s| 3.0 * s);
+    min.max(Duration::from_secs_f64(three_steps.min(86_400.0)))
 }
 
 impl Supervisor {
@@ -122,7 +135,16 @@ impl Supervisor {
             signals: 0,
             finishing: false,
             failure,
+            stuck_after: None,
         }
+    }
+
+    /// A data-parallel run: a stop signal that the current step does not honour within
+    /// [`stuck_grace`] (at least `min`) ends the process with exit code 1, naming the cause; the
+    /// checkpoints already written stay.
+    pub fn data_parallel(mut self, min: Duration) -> Self {
+        self.stuck_after = Some(min);
+        self
     }
 
     /// Stops the evaluation service (waiting at most `grace` for the evaluation in progress)
@@ -200,6 +222,19 @@ impl Handler<Signal> for Supervisor {
             self.board.on_stop_requested();
             if self.training_over {
                 self.finish(0, EVAL_GRACE, ctx);
+            } else if let Some(min) = self.stuck_after {
+                let grace = stuck_grace(min, self.board.seconds_per_step());
+                ctx.run_later(grace, move |act, _| {
+                    if !act.training_over {
+                        tracing::error!(
+                            signal = name,
+                            waited_s = grace.as_secs_f64(),
+                            "the step did not finish after the stop signal: a collective is waiting on another rank \
+                             (stalled or gone); exiting without a final checkpoint (the last one written stays)"
+                        );
+                        std::process::exit(1);
+                    }
+                });
             }
         } else {
             tracing::warn!(
@@ -267,6 +302,17 @@ impl Handler<TrainingEnded> for Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stuck_step_gets_three_steps_and_at_least_the_minimum() {
+        let min = Duration::from_secs(5);
+        assert_eq!(stuck_grace(min, None), min);
+        assert_eq!(stuck_grace(min, Some(0.2)), min);
+        assert_eq!(stuck_grace(min, Some(4.0)), Duration::from_secs(12));
+        assert_eq!(stuck_grace(min, Some(f64::NAN)), min);
+        assert_eq!(stuck_grace(min, Some(f64::INFINITY)), min);
+        assert_eq!(stuck_grace(min, Some(1e12)), Duration::from_secs(86_400));
+    }
 
     /// SIGHUP is SIGTERM's twin, SIGUSR2 does nothing, SIGUSR1 asks for a checkpoint, and every
     /// signal of the table has a handler to install.

@@ -133,6 +133,28 @@ fn a_killed_or_stalled_rank_ends_the_other_with_an_error_within_the_timeout() {
 }
 
 #[test]
+fn a_stop_is_not_held_by_a_collective_waiting_on_a_stalled_rank() {
+    let dir = TempDir::new("dist-stuck-stop");
+    // A long collective timeout: the stop must not wait for it.
+    let timeout = 120.0;
+    let cfg = write_config(&dir, 100_000, timeout);
+    let port = free_port();
+    let mut r0 = rank(&dir, &cfg, 0, port, &[]);
+    let r1 = rank(&dir, &cfg, 1, port, &[]);
+    wait_for("rank 1's third step", 120, || log(&dir, 1).contains("iteration=3 "));
+    signal(&r1, SIGSTOP);
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&r0, SIGTERM);
+    let (status, waited) = wait_exit(&mut r0, 30.0);
+    let text = log(&dir, 0);
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("a collective is waiting on another rank"), "{text}");
+    assert!(waited < 20.0, "the stop took {waited:.1} s with a {timeout} s collective timeout");
+    eprintln!("rank 0 exited {waited:.1} s after SIGTERM");
+    drop(r1);
+}
+
+#[test]
 fn a_stop_on_one_rank_stops_both_after_the_same_step_and_both_resume_from_rank_0() {
     let dir = TempDir::new("dist-stop");
     // The all-reduce started during backward: the stop vote travels in its last bucket.

@@ -144,8 +144,13 @@ pub fn run(args: Args) -> Result<()> {
     let system = actix::System::new();
     // The supervisor (and its signal handlers) first: whatever fails after this returns an error
     // without a panic, and a signal is never fatal.
-    let supervisor =
-        crate::supervisor::start(&system, Supervisor::new(controls.clone(), board.clone(), watching, failure.clone()))?;
+    let mut supervisor = Supervisor::new(controls.clone(), board.clone(), watching, failure.clone());
+    if launch.is_some() {
+        // A stop that a collective stuck on a stalled rank holds ends the process within seconds,
+        // not after distributed.timeout_s.
+        supervisor = supervisor.data_parallel(crate::supervisor::STUCK_MIN);
+    }
+    let supervisor = crate::supervisor::start(&system, supervisor)?;
     let _http = telemetry(&cfg, addr_file.as_deref(), &board, &controls, &labels)?;
     let addr = supervisor.clone();
     std::thread::Builder::new().name("training".into()).spawn(move || {
