@@ -244,3 +244,39 @@ fn mc_uncertainty_depends_on_seed_and_passes_not_on_batching() {
     assert!((&a - &det).abs().mean(Kind::Float).double_value(&[]) > 1e-4);
     assert!(mc_uncertainty(&model, &image, &opts([8, 8, 4], 5), &McOptions { passes: 0, ..mc.clone() }).is_err());
 }
+
+/// Every way to get an inference model from the same weights (a checkpoint with the default
+/// `[device]` section, an exported `.safetensors`, an `.npz`) gives the same network: the same
+/// layout (channels-last on a CPU from 8 filters) and the same logits, bit for bit.
+#[test]
+fn every_weights_source_gives_the_checkpoint_path_s_model() {
+    let dir = support::TempDir::new("weights-sources");
+    let config = VNetConfig { n_filters: 8, ..VNetConfig::default() };
+    let mut cfg = uamt::config::Config::demo();
+    cfg.model = config.clone();
+    let tr = uamt::train::Trainer::seeded(&cfg.model, cfg.step_config(), Device::Cpu, 3).unwrap();
+    // BatchNorm statistics away from their defaults, so that eval mode uses them.
+    tch::no_grad(|| {
+        for (name, t) in tr.student.store().named_tensors() {
+            if name.ends_with("running_mean") || name.ends_with("running_var") {
+                t.shallow_clone().copy_(&(Tensor::rand_like(&t) + 0.5));
+            }
+        }
+    });
+    let ck = uamt::checkpoint::Snapshot::of_trainer(&tr, 3, &cfg.to_toml()).write_atomic(dir.path()).unwrap();
+    let snap = uamt::checkpoint::Snapshot::read(&ck).unwrap();
+    let from_ck = uamt::eval::inference_model(&config, Device::Cpu, &snap.student, &ck, &cfg.device).unwrap();
+    assert!(from_ck.channels_last(), "8 filters on a CPU run channels-last");
+    let st = dir.join("w.safetensors");
+    Tensor::write_safetensors(&snap.student, &st).unwrap();
+    let npz = dir.join("w.npz");
+    Tensor::write_npz(&snap.student, &npz).unwrap();
+    let image = Tensor::randn([1, 1, 32, 32, 16], (Kind::Float, Device::Cpu));
+    let want = tch::no_grad(|| from_ck.forward_with(&image, false, Dropout::Random)).unwrap();
+    for path in [&st, &npz] {
+        let m = uamt::eval::load_weights(path, &config, Device::Cpu).unwrap();
+        assert_eq!(m.channels_last(), from_ck.channels_last(), "{}", path.display());
+        let got = tch::no_grad(|| m.forward_with(&image, false, Dropout::Random)).unwrap();
+        assert_eq!(f64::try_from((&got - &want).abs().max()).unwrap(), 0.0, "{}", path.display());
+    }
+}

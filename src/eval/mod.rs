@@ -86,9 +86,26 @@ pub fn model_from_named(
     Ok(model)
 }
 
-/// [`model_from_named`] on a weights file (`.safetensors`, `.npz`, or tch's `.ot`).
+/// The one way to make a model for inference from named weights, whatever their source (a
+/// checkpoint's student or teacher, an exported weights file): shaped by `config`, on `device`,
+/// its activations channels-last where `layout` (a `[device]` section) says so, as in training.
+pub fn inference_model(
+    config: &VNetConfig,
+    device: Device,
+    named: &[(String, Tensor)],
+    origin: &Path,
+    layout: &crate::device::DeviceConfig,
+) -> Result<VNet> {
+    let mut model = model_from_named(config, device, named, origin)?;
+    model.set_channels_last(layout.channels_last(config.n_filters, device));
+    Ok(model)
+}
+
+/// [`inference_model`] on a weights file (`.safetensors`, `.npz`, or tch's `.ot`), with the
+/// default `[device]` layout (channels-last on a CPU from 8 filters), as a checkpoint with the
+/// default config gets.
 pub fn load_weights(path: &Path, config: &VNetConfig, device: Device) -> Result<VNet> {
-    model_from_named(config, device, &read_named(path)?, path)
+    inference_model(config, device, &read_named(path)?, path, &crate::device::DeviceConfig::default())
 }
 
 /// Segments one case, scores it against its label and writes the requested outputs; `teacher`,

@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::Device;
 use uamt::checkpoint::Snapshot;
 use uamt::config::Config;
-use uamt::eval::{model_from_named, Connectivity, InferOptions, McOptions};
+use uamt::eval::{inference_model, Connectivity, InferOptions, McOptions};
 use uamt::model::{VNet, VNetConfig};
 use uamt::recipe;
 
@@ -86,21 +86,16 @@ pub fn from_checkpoint(
         Some(p) => Config::load(p)?,
         None => Config::from_toml(&snap.config, ck)?,
     };
-    let t = snap.teacher.as_ref().map(|t| model_from_named(&cfg.model, device, t, ck)).transpose()?;
+    let load = |named: &[(String, tch::Tensor)]| inference_model(&cfg.model, device, named, ck, &cfg.device);
+    let t = snap.teacher.as_ref().map(|t| load(t)).transpose()?;
     let (model, teacher) = if teacher {
         let t = t.ok_or_else(|| {
             anyhow::anyhow!("{}: --teacher, but this checkpoint has no teacher (supervised training)", ck.display())
         })?;
         (t, None) // the teacher segments and also draws the uncertainty
     } else {
-        (model_from_named(&cfg.model, device, &snap.student, ck)?, t)
+        (load(&snap.student)?, t)
     };
-    let (mut model, mut teacher) = (model, teacher);
-    let cl = cfg.device.channels_last(cfg.model.n_filters, device);
-    model.set_channels_last(cl);
-    if let Some(t) = &mut teacher {
-        t.set_channels_last(cl);
-    }
     Ok(FromCheckpoint { model, teacher, config: cfg })
 }
 
