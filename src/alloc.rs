@@ -27,3 +27,20 @@ pub fn tune() {
         }
     }
 }
+
+/// For the inference commands (`predict`, `eval`): every allocation from the heap, none mapped
+/// (glibc's `M_MMAP_MAX` = 0), on top of [`tune`]. A full-resolution activation of a sliding
+/// window (64 MiB for a 112x112x80 window with 16 filters) is above the 32 MiB ceiling of the mmap
+/// threshold, so [`tune`] cannot keep it: without this, every window maps and unmaps its largest
+/// tensors anew. Not for training, whose allocator settings are measured separately. The
+/// environment variable `MALLOC_MMAP_MAX_`, where set, wins. Call before other threads allocate.
+pub fn tune_for_inference() {
+    tune();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_MAX_").is_none() {
+        // SAFETY: as in `tune`.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+        }
+    }
+}

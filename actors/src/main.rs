@@ -75,8 +75,11 @@ where
 }
 
 fn main() -> anyhow::Result<()> {
-    uamt::alloc::tune();
     let cli = Cli::parse();
+    match cli.command {
+        Command::Predict(_) | Command::Eval(_) => uamt::alloc::tune_for_inference(),
+        _ => uamt::alloc::tune(),
+    }
     // One-shot commands: an interrupt removes what is half-written (the daemon finishes its step
     // and checkpoints instead, see supervisor.rs). Before any other thread starts.
     if !matches!(cli.command, Command::Train(_) | Command::Bench(_)) {
