@@ -88,7 +88,9 @@ pub fn model_from_named(
 
 /// The one way to make a model for inference from named weights, whatever their source (a
 /// checkpoint's student or teacher, an exported weights file): shaped by `config`, on `device`,
-/// its activations channels-last where `layout` (a `[device]` section) says so, as in training.
+/// its activations channels-last where `layout` (a `[device]` section) says so, as in training,
+/// and its BatchNorm folded into the convolutions ([`VNet::folded_for_inference`]: eval-mode and
+/// Monte-Carlo passes only).
 pub fn inference_model(
     config: &VNetConfig,
     device: Device,
@@ -98,7 +100,7 @@ pub fn inference_model(
 ) -> Result<VNet> {
     let mut model = model_from_named(config, device, named, origin)?;
     model.set_channels_last(layout.channels_last(config.n_filters, device));
-    Ok(model)
+    Ok(model.folded_for_inference())
 }
 
 /// [`inference_model`] on a weights file (`.safetensors`, `.npz`, or tch's `.ot`), with the

@@ -345,6 +345,41 @@ pub(super) struct Unit {
 }
 
 impl Unit {
+    /// This unit for eval-mode passes only: with BatchNorm, its running statistics and affine
+    /// map folded into the convolution, `w * g / sqrt(v + eps)` per output channel and
+    /// `(b - m) * g / sqrt(v + eps) + beta`, so that a pass is convolution and ReLU (one read and
+    /// write of the activation less); without BatchNorm, the same weights. Computed in float64,
+    /// stored as the convolution's own type.
+    pub(super) fn folded(&self, channels_last: bool) -> Unit {
+        let Some(bn) = &self.norm else {
+            return Unit { conv: self.conv.view(), norm: None };
+        };
+        let kind = self.conv.weight.kind();
+        let scale = tch::no_grad(|| {
+            let g = bn.weight.to_kind(Kind::Double);
+            let v = bn.running_var.to_kind(Kind::Double);
+            g / (v + 1e-5).sqrt()
+        });
+        let (weight, bias) = tch::no_grad(|| {
+            // A convolution's weight is [out, in, k, k, k]; a transposed one's [in, out, k, k, k].
+            let axis = if self.conv.transposed { 1 } else { 0 };
+            let mut shape = vec![1i64; 5];
+            shape[axis] = -1;
+            let w = self.conv.weight.to_kind(Kind::Double) * scale.reshape(shape.as_slice());
+            let b = (self.conv.bias.to_kind(Kind::Double) - bn.running_mean.to_kind(Kind::Double)) * &scale
+                + bn.bias.to_kind(Kind::Double);
+            (with_layout(&w.to_kind(kind).contiguous(), channels_last), b.to_kind(kind))
+        });
+        let conv = Conv {
+            weight,
+            bias,
+            stride: self.conv.stride,
+            padding: self.conv.padding,
+            transposed: self.conv.transposed,
+        };
+        Unit { conv, norm: None }
+    }
+
     pub(super) fn forward(&self, x: &Tensor, train: Bn, channels_last: bool) -> Result<Tensor> {
         let y = self.conv.forward(x, channels_last);
         let groups = match train {
@@ -420,6 +455,12 @@ impl Block {
             })
             .collect();
         Block { units }
+    }
+
+    /// This block for eval-mode passes only: each unit's eval-mode BatchNorm folded into its
+    /// convolution (new tensors, laid out as `channels_last` says; see [`Unit::folded`]).
+    pub(super) fn folded(&self, channels_last: bool) -> Self {
+        Block { units: self.units.iter().map(|u| u.folded(channels_last)).collect() }
     }
 
     pub(super) fn view(&self) -> Self {

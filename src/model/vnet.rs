@@ -107,6 +107,9 @@ pub struct VNet {
     bf16: bool,
     /// Run the convolutions channels-last (see [`VNet::set_channels_last`]).
     channels_last: bool,
+    /// BatchNorm folded into the convolutions: eval-mode passes only
+    /// ([`VNet::folded_for_inference`]).
+    folded: bool,
 }
 
 impl VNet {
@@ -152,6 +155,7 @@ impl VNet {
             out_conv,
             bf16: false,
             channels_last: false,
+            folded: false,
         })
     }
 
@@ -226,6 +230,31 @@ impl VNet {
             out_conv: self.out_conv.view(),
             bf16: self.bf16,
             channels_last: self.channels_last,
+            folded: false,
+        }
+    }
+
+    /// This network for eval-mode passes only (`forward_with(.., false, ..)`, `forward_mc`), with
+    /// every eval-mode BatchNorm folded into the convolution before it: a pass is then
+    /// convolution, bias and ReLU per unit. Its own tensors (later training of `self` is not
+    /// seen) and no parameter store; training-mode passes through it would skip BatchNorm, so it
+    /// refuses them. Logits equal the unfolded network's to float rounding.
+    pub fn folded_for_inference(&self) -> VNet {
+        let cl = self.channels_last;
+        let f = |blocks: &[Block]| blocks.iter().map(|b| b.folded(cl)).collect::<Vec<_>>();
+        let arr4 = |b: Vec<Block>| -> [Block; 4] { b.try_into().unwrap_or_else(|_| unreachable!("four blocks")) };
+        let enc: [Block; 5] = f(&self.enc).try_into().unwrap_or_else(|_| unreachable!("five blocks"));
+        VNet {
+            config: self.config.clone(),
+            store: ParamStore::new(self.device()),
+            enc,
+            down: arr4(f(&self.down)),
+            up: arr4(f(&self.up)),
+            dec: arr4(f(&self.dec)),
+            out_conv: self.out_conv.view(),
+            bf16: self.bf16,
+            channels_last: self.channels_last,
+            folded: true,
         }
     }
 
@@ -342,6 +371,12 @@ impl VNet {
 
     /// The forward pass with BatchNorm's mode (`bn_train`) and dropout (`None`: off) chosen apart.
     fn forward_modes(&self, x: &Tensor, bn_train: Bn, dropout: Option<Dropout<'_>>) -> Result<Tensor> {
+        if self.folded && bn_train != Bn::Eval {
+            return Err(Error::invalid(
+                "model",
+                "a network with BatchNorm folded into its convolutions runs eval-mode passes only",
+            ));
+        }
         let masks = match dropout {
             Some(Dropout::Masks(m)) => Some(m),
             _ => None,
@@ -415,6 +450,53 @@ mod tests {
     /// The largest absolute difference.
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])
+    }
+
+    /// BatchNorm folded into the convolutions: the eval-mode and Monte-Carlo logits of the
+    /// unfolded network to float rounding, in both layouts; training-mode passes refused.
+    #[test]
+    fn folded_batchnorm_gives_the_same_logits() {
+        for channels_last in [false, true] {
+            let config = VNetConfig { n_filters: 8, ..Default::default() };
+            let mut net = VNet::with_init(&config, Device::Cpu, Init::Seeded(4)).unwrap();
+            tch::no_grad(|| {
+                for (name, t) in net.store().named_tensors() {
+                    if t.kind() != Kind::Float {
+                        continue; // num_batches_tracked
+                    }
+                    let r = Tensor::rand_like(&t);
+                    match name.rsplit('.').next() {
+                        Some("running_var") => t.shallow_clone().copy_(&(r + 0.2)),
+                        Some("running_mean") => t.shallow_clone().copy_(&(r - 0.5)),
+                        Some("weight") if t.dim() == 1 => t.shallow_clone().copy_(&(r + 0.5)),
+                        Some("bias") if t.dim() == 1 => t.shallow_clone().copy_(&(r * 0.2)),
+                        _ => {}
+                    }
+                }
+            });
+            net.set_channels_last(channels_last);
+            let folded = net.folded_for_inference();
+            let x = Tensor::randn([2, 1, 32, 32, 16], (Kind::Float, Device::Cpu));
+            let masks = DropoutMasks::draw(&config, 2, |s| Tensor::rand(s, (Kind::Float, Device::Cpu)));
+            for (what, want, got) in [
+                (
+                    "eval",
+                    tch::no_grad(|| net.forward_with(&x, false, Dropout::Random)).unwrap(),
+                    tch::no_grad(|| folded.forward_with(&x, false, Dropout::Random)).unwrap(),
+                ),
+                (
+                    "monte carlo",
+                    tch::no_grad(|| net.forward_mc(&x, &masks)).unwrap(),
+                    tch::no_grad(|| folded.forward_mc(&x, &masks)).unwrap(),
+                ),
+            ] {
+                let scale = f64::try_from(want.abs().max()).unwrap();
+                let rel = max_diff(&want, &got) / scale;
+                assert!(rel < 1e-5, "{what}, channels_last {channels_last}: {rel:e} of {scale}");
+            }
+            let err = folded.forward_with(&x, true, Dropout::Random).unwrap_err().to_string();
+            assert!(err.contains("eval-mode passes only"), "{err}");
+        }
     }
 
     /// Channels-last weights: restrided in place (views follow), saved in the default strides,
