@@ -5,6 +5,8 @@
 //! - [`infer`]: the reference's sliding window (`test_single_case`), largest-component option.
 //! - [`metrics`]: Dice, Jaccard, hd95, asd as `medpy.metric.binary` defines them; [`edt`]: the
 //!   exact Euclidean distance transform they rest on.
+//! - [`calibration`]: how far the probabilities and the uncertainty can be trusted (ECE, Brier
+//!   score, AUROC of the uncertainty as a detector of errors, the reliability diagram's bins).
 //! - [`report`]: per-case results, mean and std, JSON / CSV / table.
 //! - [`picture`]: a PNG of a few axial slices per case.
 //! - [`predict`]: label maps of new, unlabelled images in their own geometry (`uamt predict`).
@@ -15,6 +17,7 @@
 //! What the daemon calls: `model_from_named` when a checkpoint arrives, then `evaluate_dataset`
 //! with a progress callback, then [`Report::write_json`] / [`Report::write_csv`].
 
+pub mod calibration;
 pub mod compare;
 pub mod edt;
 pub mod infer;
