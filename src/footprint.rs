@@ -178,7 +178,8 @@ impl Footprint {
 /// activations (`batch` windows of `patch`, forward only, as the evaluation window above), and the
 /// volume-sized buffers: the input image, its copy on the network's grid (padded to the patch),
 /// the class probabilities and window counts accumulated there, the probabilities and label map
-/// back on the input's grid, the probability and uncertainty maps, the Monte-Carlo accumulators.
+/// back on the input's grid, the probability and uncertainty maps, the Monte-Carlo accumulators,
+/// and what the calibration metrics sort (4 bytes and a flag per voxel: one more map).
 pub fn inference_bytes(
     n_filters: i64,
     n_classes: i64,
@@ -198,7 +199,7 @@ pub fn inference_bytes(
         .saturating_mul(batch.max(1) as u64);
     let mc = if mc_passes > 0 { 2 + c } else { 0 };
     let on_grid = grid.saturating_mul(1 + c + 1 + mc);
-    let on_input = input.saturating_mul(1 + c + 3);
+    let on_input = input.saturating_mul(1 + c + 4);
     activations.saturating_add(on_grid).saturating_add(on_input).saturating_mul(F32).saturating_add(RUNTIME_BYTES)
 }
 

@@ -13,7 +13,8 @@ use uamt::config::Config;
 use uamt::data::synth::{write_synth, SynthConfig};
 use uamt::data::{write_nifti, Dataset, DatasetOptions, Geometry, GzCache, NiftiVolume, Volume};
 use uamt::eval::{
-    case_metrics, evaluate_dataset, mc_uncertainty, model_from_named, EmptyPolicy, EvalOptions, InferOptions, McOptions,
+    case_metrics, evaluate_dataset, mc_uncertainty, model_from_named, Calibration, EmptyPolicy, EvalOptions,
+    InferOptions, McOptions,
 };
 use uamt::model::{VNet, VNetConfig};
 use uamt::train::Trainer;
@@ -89,6 +90,11 @@ fn should_print_metrics_of_two_nifti_files_as_json() {
         "the spacing is anisotropic: {case}"
     );
     assert_eq!(case["empty_prediction"], false);
+    // Label files carry no probabilities: no calibration metric, no reliability bins.
+    for key in ["ece", "brier", "uncertainty_auroc"] {
+        assert!(case.get(key).is_none() && report["summary"].get(key).is_none(), "{key}: {report}");
+    }
+    assert!(report.get("reliability").is_none() && report.get("uncertainty").is_none(), "{report}");
     assert_eq!(report["summary"]["dice"]["n"], 1);
     assert!((num(&report["summary"]["dice"]["mean"]) - 4.0 / 6.0).abs() < 1e-12);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -444,4 +450,106 @@ fn a_model_run_at_a_coarser_voxel_size_is_scored_in_the_image_s_own_grid() {
     let m = case_metrics(&labels, &reference, case.image.header().spacing, EmptyPolicy::Zeros).unwrap();
     assert_eq!(m.dice, report.cases[0].metrics.dice);
     assert_eq!(m.reference_voxels, report.cases[0].metrics.reference_voxels);
+}
+
+#[test]
+fn should_score_the_probabilities_and_the_uncertainty_of_a_checkpoint() {
+    let dir = tmp("calibration");
+    let (data, out) = (dir.join("data"), dir.join("out"));
+    write_synth(
+        &data,
+        &SynthConfig { cases: 1, labelled: 1, test: 2, size: [36, 32, 18], ..SynthConfig::default() },
+        false,
+    )
+    .unwrap();
+    let config = Config::demo();
+    let tr = Trainer::seeded(&config.model, config.step_config(), Device::Cpu, 23).unwrap();
+    let ck = Snapshot::of_trainer(&tr, 23, &config.to_toml()).write_atomic(&dir.join("ck")).unwrap();
+    let (ck_s, data_s, out_s) = (ck.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let common = ["--checkpoint", ck_s, "--dataset", data_s, "--device", "cpu", "--json"];
+    let with_out = [&common[..], &["--out", out_s, "--mc-passes", "2", "--mc-seed", "3"]].concat();
+    let report = json(&run(&with_out));
+
+    // Per case the three metrics, and their means over the cases where they are defined.
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    let mut defined = 0;
+    for c in cases {
+        for key in ["ece", "brier"] {
+            assert!((0.0..=1.0).contains(&num(&c[key])), "{key}: {c}");
+        }
+        match &c["uncertainty_auroc"] {
+            Value::Null => {}
+            v => {
+                assert!((0.0..=1.0).contains(&num(v)), "{c}");
+                defined += 1;
+            }
+        }
+    }
+    let s = &report["summary"];
+    assert_eq!((s["ece"]["n"].as_u64(), s["brier"]["n"].as_u64()), (Some(2), Some(2)), "{s}");
+    assert_eq!(s["uncertainty_auroc"]["n"], defined, "the mean covers the defined cases: {s}");
+    let mean = (num(&cases[0]["ece"]) + num(&cases[1]["ece"])) / 2.0;
+    assert!((num(&s["ece"]["mean"]) - mean).abs() < 1e-12);
+    // The AUROC scores the map written: the teacher's Monte-Carlo uncertainty.
+    assert_eq!(
+        report["uncertainty"],
+        serde_json::json!({"kind": "monte_carlo", "passes": 2, "seed": 3, "teacher": true}),
+        "{report}"
+    );
+
+    // The metrics are those of the maps written (labels, probability, uncertainty).
+    let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
+    let mut voxels = 0u64;
+    for (case, got) in dataset.test.iter().zip(cases) {
+        let open = |kind: &str| NiftiVolume::open(out.join(format!("{}.{kind}.nii.gz", case.id)), &GzCache::Memory);
+        let prob = open("prob").unwrap().read_f32().unwrap();
+        let unc = open("uncertainty").unwrap().read_f32().unwrap();
+        let labels = open("label").unwrap().read_labels().unwrap();
+        let reference = case.label.as_ref().unwrap().read_labels().unwrap();
+        let (want, _) = Calibration::of(&prob.data, &labels.data, &reference.data, &unc.data).unwrap();
+        assert!((num(&got["ece"]) - want.ece.unwrap()).abs() < 1e-12, "{got} vs {want:?}");
+        assert!((num(&got["brier"]) - want.brier.unwrap()).abs() < 1e-12, "{got} vs {want:?}");
+        assert_eq!(got["uncertainty_auroc"].as_f64(), want.uncertainty_auroc, "{got}");
+        voxels += prob.data.len() as u64;
+    }
+    // The reliability bins pool every voxel of every case; the diagram is drawn next to the report.
+    let bins: u64 = report["reliability"]["voxels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(bins, voxels);
+    let written = support::read_json(&out.join("report.json"));
+    assert_eq!(written["reliability"], report["reliability"]);
+    let png = png::Decoder::new(std::fs::File::open(out.join("reliability.png")).unwrap()).read_info().unwrap();
+    assert_eq!(png.info().color_type, png::ColorType::Rgb);
+    assert!(png.info().width >= 400 && png.info().height >= 400, "{}x{}", png.info().width, png.info().height);
+    let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with(",ece,brier,uncertainty_auroc"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 2 + 2, "{csv}");
+
+    // Without --out, no Monte-Carlo passes: the AUROC scores the prediction's entropy; the
+    // probabilities, so ECE and Brier, are the same.
+    let plain = json(&run(&common));
+    assert_eq!(plain["uncertainty"], serde_json::json!({"kind": "entropy"}), "{plain}");
+    for (a, b) in plain["cases"].as_array().unwrap().iter().zip(cases) {
+        assert!((num(&a["ece"]) - num(&b["ece"])).abs() < 1e-6 && (num(&a["brier"]) - num(&b["brier"])).abs() < 1e-6);
+        assert!(a.get("uncertainty_auroc").is_some(), "null where undefined, never absent: {a}");
+    }
+    // The table says it too.
+    let table = run(&common[..common.len() - 1]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.lines().next().unwrap().contains("ECE") && table.contains("AUROC(u)"), "{table}");
+    assert!(table.contains("entropy of the prediction") && table.contains("of 2 cases"), "{table}");
+
+    // The diagram's name is claimed like every output: a file uamt did not write is not replaced.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("reliability.png"), b"mine").unwrap();
+    let o = Command::new(uamt())
+        .arg("eval")
+        .args(common)
+        .args(["--out", other.to_str().unwrap(), "--mc-passes", "0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("reliability.png"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(other.join("reliability.png")).unwrap(), b"mine");
 }

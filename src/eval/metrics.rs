@@ -14,6 +14,7 @@
 //! reference evaluation does ([`EmptyPolicy::Zeros`]), and the result says so
 //! (`empty_prediction`); an empty reference leaves the distances undefined (`None`).
 
+use super::calibration::Calibration;
 use super::edt::squared_edt;
 use crate::data::Volume;
 use crate::{Error, Result};
@@ -55,6 +56,10 @@ pub struct CaseMetrics {
     pub empty_prediction: bool,
     /// The reference has no foreground: the distances are undefined.
     pub empty_reference: bool,
+    /// ECE, Brier score and uncertainty AUROC (see [`super::calibration`]): only where a model
+    /// was run (its probabilities and uncertainty known), absent for label files compared.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
 }
 
 /// Foreground (non-zero) voxels of a label volume.
@@ -249,6 +254,7 @@ pub fn mask_metrics(
         reference_voxels: nr,
         empty_prediction: np == 0,
         empty_reference: nr == 0,
+        calibration: None,
     };
     if np == 0 {
         if empty == EmptyPolicy::Zeros {

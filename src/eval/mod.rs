@@ -5,8 +5,10 @@
 //! - [`infer`]: the reference's sliding window (`test_single_case`), largest-component option.
 //! - [`metrics`]: Dice, Jaccard, hd95, asd as `medpy.metric.binary` defines them; [`edt`]: the
 //!   exact Euclidean distance transform they rest on.
+//! - [`calibration`]: how far the probabilities and the uncertainty can be trusted (ECE, Brier
+//!   score, AUROC of the uncertainty as a detector of errors, the reliability diagram's bins).
 //! - [`report`]: per-case results, mean and std, JSON / CSV / table.
-//! - [`picture`]: a PNG of a few axial slices per case.
+//! - [`picture`]: a PNG of a few axial slices per case, and the reliability diagram.
 //! - [`predict`]: label maps of new, unlabelled images in their own geometry (`uamt predict`).
 //! - [`compare`]: metrics between label files made elsewhere.
 //! - here: [`evaluate_dataset`], the whole evaluation of a model on a dataset's test split, and
@@ -15,6 +17,7 @@
 //! What the daemon calls: `model_from_named` when a checkpoint arrives, then `evaluate_dataset`
 //! with a progress callback, then [`Report::write_json`] / [`Report::write_csv`].
 
+pub mod calibration;
 pub mod compare;
 pub mod edt;
 pub mod infer;
@@ -23,13 +26,14 @@ pub mod picture;
 pub mod predict;
 pub mod report;
 
+pub use calibration::{Calibration, Reliability, UncertaintySource};
 pub use compare::{compare_files, compare_paths};
 pub use infer::{
     largest_component, mc_uncertainty, sliding_window, Connectivity, InferOptions, McOptions, Prediction, WindowPlan,
 };
 pub use metrics::{case_metrics, CaseMetrics, EmptyPolicy};
-pub use picture::{case_picture, Picture, PictureOptions};
-pub use report::{CaseEvent, CaseFailure, CaseResult, Report, Stat, Summary};
+pub use picture::{case_picture, reliability_picture, Picture, PictureOptions};
+pub use report::{CaseEvent, CaseFailure, CaseResult, Report, Stat, Summary, RELIABILITY_PNG};
 
 use crate::data::resample::{resample_case, resample_linear};
 use crate::data::{write_nifti, Case, Dataset, Volume};
@@ -37,7 +41,7 @@ use crate::model::{params::read_named, VNet, VNetConfig};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// What is written for each case besides the metrics.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +58,9 @@ pub struct Outputs {
     /// The uncertainty map: `Some`: the Monte-Carlo uncertainty of the teacher (see
     /// [`mc_uncertainty`]; the evaluated model itself when no teacher is given), what UA-MT's
     /// teacher sees; `None`: the entropy of the deterministic prediction (no extra passes).
+    /// The uncertainty AUROC scores this map; without outputs it scores the entropy (the
+    /// Monte-Carlo passes cost `passes` forward passes per window more, paid only when the map
+    /// is written).
     pub uncertainty: Option<McOptions>,
 }
 
@@ -110,9 +117,29 @@ pub fn load_weights(path: &Path, config: &VNetConfig, device: Device) -> Result<
     inference_model(config, device, &read_named(path)?, path, &crate::device::DeviceConfig::default())
 }
 
-/// Segments one case, scores it against its label and writes the requested outputs; `teacher`,
-/// when given, is the model whose Monte-Carlo uncertainty is drawn (a checkpoint's teacher).
+/// The uncertainty that [`evaluate_case`] maps and scores under `opts` (`teacher`: whether a
+/// teacher is given).
+pub fn uncertainty_source(opts: &EvalOptions, teacher: bool) -> UncertaintySource {
+    match opts.outputs.as_ref().and_then(|o| o.uncertainty.as_ref()) {
+        Some(mc) => UncertaintySource::MonteCarlo { passes: mc.passes, seed: mc.seed, teacher },
+        None => UncertaintySource::Entropy,
+    }
+}
+
+/// Segments one case, scores it against its label (segmentation and calibration metrics) and
+/// writes the requested outputs; `teacher`, when given, is the model whose Monte-Carlo
+/// uncertainty is drawn (a checkpoint's teacher).
 pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &EvalOptions) -> Result<CaseMetrics> {
+    Ok(evaluate_case_binned(model, teacher, case, opts)?.0)
+}
+
+/// [`evaluate_case`], with the case's reliability bins.
+fn evaluate_case_binned(
+    model: &VNet,
+    teacher: Option<&VNet>,
+    case: &Case,
+    opts: &EvalOptions,
+) -> Result<(CaseMetrics, Reliability)> {
     let label = case
         .label
         .as_ref()
@@ -132,18 +159,27 @@ pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &E
     let labels = pred.labels_in(image.dims, opts.infer.largest_component)?;
     // Maps made on the network's grid, in the image's.
     let back = |v: Volume<f32>| if v.dims == image.dims { Ok(v) } else { resample_linear(&v, image.dims) };
-    let metrics = case_metrics(&labels, &reference, header.spacing, opts.empty)?;
+    let mut metrics = case_metrics(&labels, &reference, header.spacing, opts.empty)?;
+    let uncertainty = match opts.outputs.as_ref().and_then(|o| o.uncertainty.as_ref()) {
+        Some(mc) => mc_uncertainty(teacher.unwrap_or(model), &image_t, &opts.infer, mc)?,
+        None => pred.entropy(),
+    };
+    let uncertainty = back(Volume::<f32>::from_tensor(&uncertainty)?)?;
+    // Every non-zero label is foreground: its probability is that of every class but 0 (class
+    // 1's, what `prob.nii.gz` holds, for two classes).
+    let classes = pred.probabilities.size()[0];
+    let foreground = pred.probabilities.f_narrow(0, 1, classes - 1)?.f_sum_dim_intlist(0, false, Kind::Float)?;
+    let probability = back(Volume::<f32>::from_tensor(&foreground)?)?;
+    let (calibration, bins) = Calibration::of(&probability.data, &labels.data, &reference.data, &uncertainty.data)?;
+    metrics.calibration = Some(calibration);
     if let Some(out) = &opts.outputs {
         std::fs::create_dir_all(&out.dir).map_err(|e| Error::Io { path: out.dir.clone(), source: e })?;
-        let uncertainty = match &out.uncertainty {
-            Some(mc) => mc_uncertainty(teacher.unwrap_or(model), &image_t, &opts.infer, mc)?,
-            None => pred.entropy(),
-        };
-        let uncertainty = back(Volume::<f32>::from_tensor(&uncertainty)?)?;
         if out.nifti {
             let file = |kind: &str| out.dir.join(format!("{}.{kind}.nii.gz", case.id));
             write_nifti(file("label"), &labels, &header.geometry)?;
-            write_nifti(file("prob"), &back(Volume::<f32>::from_tensor(&pred.foreground())?)?, &header.geometry)?;
+            let class1 =
+                if classes == 2 { probability } else { back(Volume::<f32>::from_tensor(&pred.foreground())?)? };
+            write_nifti(file("prob"), &class1, &header.geometry)?;
             write_nifti(file("uncertainty"), &uncertainty, &header.geometry)?;
         }
         if out.pictures {
@@ -151,7 +187,7 @@ pub fn evaluate_case(model: &VNet, teacher: Option<&VNet>, case: &Case, opts: &E
             pic.write_png(&out.dir.join(format!("{}.png", case.id)))?;
         }
     }
-    Ok(metrics)
+    Ok((metrics, bins))
 }
 
 /// Evaluates `model` on `cases`: a case that fails (unreadable, no label, ...) is listed in the
@@ -166,9 +202,15 @@ pub fn evaluate_cases(
 ) -> Report {
     let mut results = Vec::new();
     let mut failures = Vec::new();
+    let mut pooled: Option<Reliability> = None;
     for (index, case) in cases.iter().enumerate() {
         let t0 = Instant::now();
-        let outcome = evaluate_case(model, teacher, case, opts).map_err(|e| e.to_string());
+        let outcome = evaluate_case_binned(model, teacher, case, opts)
+            .map(|(metrics, bins)| {
+                pooled.get_or_insert_with(Reliability::default).merge(&bins);
+                metrics
+            })
+            .map_err(|e| e.to_string());
         let event = CaseEvent {
             index,
             total: cases.len(),
@@ -182,7 +224,10 @@ pub fn evaluate_cases(
             Err(error) => failures.push(CaseFailure { id: case.id.clone(), error }),
         }
     }
-    Report::new(source, results, failures)
+    let mut report = Report::new(source, results, failures);
+    report.uncertainty = Some(uncertainty_source(opts, teacher.is_some()));
+    report.reliability = pooled;
+    report
 }
 
 /// Evaluates `model` on the test split of `dataset` (see [`evaluate_cases`]); an error only when

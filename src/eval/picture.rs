@@ -13,7 +13,10 @@
 //! slices are spread evenly over the z range of the reference's foreground (the prediction's
 //! without a reference, the whole volume when both are empty). Small volumes are enlarged by an
 //! integer factor so that a panel is at least [`PictureOptions::min_panel_width`] pixels wide.
+//!
+//! Also the reliability diagram of an evaluation ([`reliability_picture`]).
 
+use super::calibration::{Reliability, BINS};
 use crate::data::Volume;
 use crate::fsutil::write_atomic;
 use crate::{Error, Result};
@@ -355,6 +358,122 @@ pub fn case_picture(
     Ok(pic)
 }
 
+/// Colours of the reliability diagram, on white.
+const PAPER: [u8; 3] = [255, 255, 255];
+const INK: [u8; 3] = [20, 20, 20];
+const GRID: [u8; 3] = [225, 225, 225];
+const DIAGONAL: [u8; 3] = [140, 140, 140];
+const OBSERVED: [u8; 3] = [30, 90, 200];
+const MISS: [u8; 3] = [220, 40, 40];
+const COUNTS: [u8; 3] = [110, 110, 110];
+/// Side of the diagram's square plot, pixels.
+const PLOT: usize = 420;
+/// Left edge of the plot (room for the tick labels).
+const PLOT_LEFT: usize = 48;
+/// Top edge of the plot (room for four lines of legend and axis title, and the top tick label).
+const PLOT_TOP: usize = GAP_PX + 5 * LINE_PX + GAP_PX;
+/// Height of the bin-count panel under the plot.
+const COUNT_PANEL: usize = 90;
+/// Half the side of a bin's marker.
+const MARKER: usize = 4;
+
+/// Where the reliability diagram puts the point `(x, y)` of the unit square (x right, y up).
+fn plot_pixel(x: f64, y: f64) -> (usize, usize) {
+    let side = (PLOT - 1) as f64;
+    let u = PLOT_LEFT + (x.clamp(0.0, 1.0) * side).round() as usize;
+    let v = PLOT_TOP + PLOT - 1 - (y.clamp(0.0, 1.0) * side).round() as usize;
+    (u, v)
+}
+
+/// Top edge of the bin-count panel.
+fn count_top() -> usize {
+    PLOT_TOP + PLOT + 3 * LINE_PX + 2 * GAP_PX
+}
+
+impl Picture {
+    /// A one-pixel line from `(u0, v0)` to `(u1, v1)` (clipped).
+    fn line(&mut self, (u0, v0): (usize, usize), (u1, v1): (usize, usize), c: [u8; 3]) {
+        let (du, dv) = (u1 as f64 - u0 as f64, v1 as f64 - v0 as f64);
+        let steps = du.abs().max(dv.abs()).max(1.0) as usize;
+        for i in 0..=steps {
+            let t = i as f64 / steps as f64;
+            let (u, v) = ((u0 as f64 + t * du).round() as usize, (v0 as f64 + t * dv).round() as usize);
+            if u < self.width && v < self.height {
+                self.set(u, v, c);
+            }
+        }
+    }
+}
+
+/// The reliability diagram of `bins`: in a unit square, for every non-empty bin a blue square at
+/// (mean predicted foreground probability, observed foreground frequency), joined bin to bin,
+/// a red line from the diagonal (perfect calibration, grey) to it; under the square, the voxels
+/// of each bin as bars on a log scale. A legend above gives the voxels and the ECE of the pooled
+/// bins (not the mean of the cases' ECEs).
+pub fn reliability_picture(bins: &Reliability) -> Result<Picture> {
+    let width = PLOT_LEFT + PLOT + 3 * GAP_PX + text_width("1.0");
+    let height = count_top() + COUNT_PANEL + LINE_PX + GAP_PX;
+    let mut pic = Picture::filled(width, height, PAPER);
+    // Legend.
+    let total = bins.total();
+    let ece = bins.ece().map_or("-".into(), |e| format!("{e:.4}"));
+    let (u, v) = (GAP_PX, GAP_PX);
+    pic.text(u, v, &format!("RELIABILITY, ALL CASES POOLED, {BINS} BINS"), INK);
+    pic.text(u, v + LINE_PX, &format!("{total} VOXELS, POOLED ECE {ece}"), INK);
+    let x = pic.text(u, v + 2 * LINE_PX, "DIAGONAL: CALIBRATED", DIAGONAL);
+    let x = pic.text(x, v + 2 * LINE_PX, "  ", INK);
+    let x = pic.text(x, v + 2 * LINE_PX, "BINS", OBSERVED);
+    pic.text(x, v + 2 * LINE_PX, "  GAP", MISS);
+    pic.text(u, v + 3 * LINE_PX, "Y: OBSERVED FOREGROUND FREQUENCY", INK);
+    // Grid, ticks and frame.
+    for t in 0..=5 {
+        let f = t as f64 / 5.0;
+        let label = format!("{f:.1}");
+        let (gu, gv) = plot_pixel(f, f);
+        pic.line(plot_pixel(f, 0.0), plot_pixel(f, 1.0), GRID);
+        pic.line(plot_pixel(0.0, f), plot_pixel(1.0, f), GRID);
+        pic.text(PLOT_LEFT - GAP_PX - text_width(&label), gv.saturating_sub(5 * TEXT_SCALE / 2), &label, INK);
+        let lu = (gu + 1).saturating_sub(text_width(&label) / 2);
+        pic.text(lu, PLOT_TOP + PLOT + GAP_PX, &label, INK);
+    }
+    pic.text(PLOT_LEFT, PLOT_TOP + PLOT + GAP_PX + LINE_PX, "X: PREDICTED FOREGROUND PROBABILITY", INK);
+    for (a, b) in
+        [((0.0, 0.0), (1.0, 0.0)), ((1.0, 0.0), (1.0, 1.0)), ((1.0, 1.0), (0.0, 1.0)), ((0.0, 1.0), (0.0, 0.0))]
+    {
+        pic.line(plot_pixel(a.0, a.1), plot_pixel(b.0, b.1), INK);
+    }
+    pic.line(plot_pixel(0.0, 0.0), plot_pixel(1.0, 1.0), DIAGONAL);
+    // The bins: gaps first, then the curve, then the markers on top.
+    let points: Vec<(f64, f64)> =
+        (0..BINS).filter_map(|k| Some((bins.mean_probability(k)?, bins.frequency(k)?))).collect();
+    for &(p, f) in &points {
+        pic.line(plot_pixel(p, p), plot_pixel(p, f), MISS);
+    }
+    for w in points.windows(2) {
+        pic.line(plot_pixel(w[0].0, w[0].1), plot_pixel(w[1].0, w[1].1), OBSERVED);
+    }
+    for &(p, f) in &points {
+        let (mu, mv) = plot_pixel(p, f);
+        pic.rect(mu.saturating_sub(MARKER), mv.saturating_sub(MARKER), 2 * MARKER + 1, 2 * MARKER + 1, OBSERVED);
+    }
+    // Voxels per bin, log scale: a bar of full height holds the largest bin.
+    let top = count_top();
+    let most = bins.voxels.iter().copied().max().unwrap_or(0);
+    pic.text(PLOT_LEFT, top - LINE_PX, &format!("VOXELS PER BIN, LOG SCALE, 1 TO {most}"), INK);
+    for k in 0..BINS {
+        let n = bins.voxels[k];
+        if n == 0 {
+            continue;
+        }
+        let h = ((1.0 + (n as f64).ln()) / (1.0 + (most as f64).ln()) * COUNT_PANEL as f64).round() as usize;
+        let (u0, _) = plot_pixel(k as f64 / BINS as f64, 0.0);
+        let (u1, _) = plot_pixel((k + 1) as f64 / BINS as f64, 0.0);
+        pic.rect(u0 + 1, top + COUNT_PANEL - h, (u1 - u0).saturating_sub(1).max(1), h, COUNTS);
+    }
+    pic.line((PLOT_LEFT, top + COUNT_PANEL), (PLOT_LEFT + PLOT - 1, top + COUNT_PANEL), INK);
+    Ok(pic)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +527,44 @@ mod tests {
         assert!(labels.iter().all(|l| l.iter().filter(|&&b| b).count() > 20));
         assert_ne!(labels[0], labels[1]);
         assert_ne!(labels[1], labels[2]);
+    }
+
+    #[test]
+    fn the_reliability_diagram_puts_each_bin_where_it_belongs() {
+        // Bin 1 (p in [1/15, 2/15)): 10 voxels of mean p 0.1, 3 foreground: a point at (0.1, 0.3).
+        // Bin 13: 1000 voxels of mean p 0.9, all foreground: (0.9, 1.0).
+        let mut bins = Reliability::default();
+        bins.voxels[1] = 10;
+        bins.probability_sum[1] = 1.0;
+        bins.foreground[1] = 3;
+        bins.voxels[13] = 1000;
+        bins.probability_sum[13] = 900.0;
+        bins.foreground[13] = 1000;
+        let p = reliability_picture(&bins).unwrap();
+        assert_eq!(
+            (p.width, p.height),
+            (PLOT_LEFT + PLOT + 3 * GAP_PX + text_width("1.0"), count_top() + COUNT_PANEL + LINE_PX + GAP_PX)
+        );
+        let at = |x: f64, y: f64| {
+            let (u, v) = plot_pixel(x, y);
+            p.get(u, v)
+        };
+        assert_eq!(at(0.1, 0.3), OBSERVED);
+        assert_eq!(at(0.9, 1.0), OBSERVED);
+        assert_eq!(at(0.9, 0.95), MISS, "the gap under bin 13's point, above the diagonal");
+        assert_eq!(at(0.5, 0.5), DIAGONAL);
+        assert_eq!(at(0.3, 0.7), PAPER);
+        // Count bars: bin 13 full height, bin 1 shorter (log scale), bin 7 none.
+        let column = |k: usize| {
+            let (u, _) = plot_pixel((k as f64 + 0.5) / BINS as f64, 0.0);
+            (count_top()..count_top() + COUNT_PANEL).filter(|&v| p.get(u, v) == COUNTS).count()
+        };
+        assert_eq!(column(13), COUNT_PANEL);
+        assert!(column(1) > 10 && column(1) < COUNT_PANEL / 2, "{}", column(1));
+        assert_eq!(column(7), 0);
+        // An evaluation without voxels still draws its axes.
+        let empty = reliability_picture(&Reliability::default()).unwrap();
+        assert_eq!(empty.width, p.width);
     }
 
     #[test]

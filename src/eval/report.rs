@@ -1,7 +1,9 @@
 //! An evaluation's results: the metrics of every case, their mean and standard deviation, the
 //! cases that could not be evaluated; written as JSON and CSV (atomically) and as a table.
 
+use super::calibration::{Calibration, Reliability, UncertaintySource};
 use super::metrics::CaseMetrics;
+use super::picture::reliability_picture;
 use crate::fsutil::write_atomic;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -71,12 +73,25 @@ pub struct Summary {
     pub empty_predictions: usize,
     /// Cases whose reference is empty.
     pub empty_references: usize,
+    /// Expected calibration error (cases evaluated by running a model only; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ece: Option<Stat>,
+    /// Brier score (as `ece`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brier: Option<Stat>,
+    /// Uncertainty AUROC over the cases where it is defined (`n` says how many).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncertainty_auroc: Option<Stat>,
 }
 
 impl Summary {
     /// The summary of `cases`.
     pub fn of(cases: &[CaseResult]) -> Self {
         let stat = |f: fn(&CaseMetrics) -> Option<f64>| Stat::of(cases.iter().map(|c| f(&c.metrics)));
+        let calibrated = cases.iter().any(|c| c.metrics.calibration.is_some());
+        let calibration = |f: fn(&Calibration) -> Option<f64>| {
+            calibrated.then(|| Stat::of(cases.iter().map(|c| c.metrics.calibration.as_ref().and_then(f))))
+        };
         Summary {
             dice: stat(|m| Some(m.dice)),
             jaccard: stat(|m| Some(m.jaccard)),
@@ -86,6 +101,9 @@ impl Summary {
             asd_mm: stat(|m| m.asd_mm),
             empty_predictions: cases.iter().filter(|c| c.metrics.empty_prediction).count(),
             empty_references: cases.iter().filter(|c| c.metrics.empty_reference).count(),
+            ece: calibration(|c| c.ece),
+            brier: calibration(|c| c.brier),
+            uncertainty_auroc: calibration(|c| c.uncertainty_auroc),
         }
     }
 }
@@ -102,7 +120,20 @@ pub struct Report {
     /// Cases that could not be evaluated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<CaseFailure>,
+    /// The uncertainty that `uncertainty_auroc` scores (where a model was run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncertainty: Option<UncertaintySource>,
+    /// The reliability diagram's bins, pooled over every voxel of every evaluated case (where a
+    /// model was run); drawn as [`RELIABILITY_PNG`] by [`Report::write_to`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reliability: Option<Reliability>,
 }
+
+/// The reliability diagram's file name, next to `report.json`.
+pub const RELIABILITY_PNG: &str = "reliability.png";
+
+/// CSV column names of the calibration metrics, after [`COLUMNS`] where a model was run.
+const CALIBRATION_COLUMNS: [&str; 3] = ["ece", "brier", "uncertainty_auroc"];
 
 /// CSV / table column names of the per-case metrics, in order.
 const COLUMNS: [&str; 11] = [
@@ -127,7 +158,13 @@ impl Report {
     /// A report of `cases` (summary computed) and `failures`.
     pub fn new(source: impl Into<String>, cases: Vec<CaseResult>, failures: Vec<CaseFailure>) -> Self {
         let summary = Summary::of(&cases);
-        Report { source: source.into(), cases, summary, failures }
+        Report { source: source.into(), cases, summary, failures, uncertainty: None, reliability: None }
+    }
+
+    /// The calibration statistics, when the cases have them.
+    fn calibration_stats(&self) -> Option<[Stat; 3]> {
+        let s = &self.summary;
+        Some([s.ece?, s.brier?, s.uncertainty_auroc?])
     }
 
     /// Pretty-printed JSON.
@@ -138,11 +175,18 @@ impl Report {
 
     /// CSV: a header, one row per case (undefined distances empty), then a `mean` and a `std`
     /// row. Case ids are quoted when they hold a comma or a quote.
+    /// Where a model was run, three more columns: `ece`, `brier`, `uncertainty_auroc` (empty
+    /// where undefined).
     pub fn to_csv(&self) -> String {
-        let mut out = COLUMNS.join(",") + "\n";
+        let calibration = self.calibration_stats();
+        let mut header = COLUMNS.to_vec();
+        if calibration.is_some() {
+            header.extend(CALIBRATION_COLUMNS);
+        }
+        let mut out = header.join(",") + "\n";
         for c in &self.cases {
             let m = &c.metrics;
-            let row = [
+            let mut row = [
                 csv_field(&c.id),
                 format!("{}", m.dice),
                 format!("{}", m.jaccard),
@@ -154,7 +198,12 @@ impl Report {
                 m.reference_voxels.to_string(),
                 m.empty_prediction.to_string(),
                 m.empty_reference.to_string(),
-            ];
+            ]
+            .to_vec();
+            if calibration.is_some() {
+                let c = m.calibration.unwrap_or(Calibration { ece: None, brier: None, uncertainty_auroc: None });
+                row.extend([opt(c.ece), opt(c.brier), opt(c.uncertainty_auroc)]);
+            }
             out += &(row.join(",") + "\n");
         }
         let s = &self.summary;
@@ -166,17 +215,31 @@ impl Report {
                 ["", "", s.empty_predictions.to_string().as_str(), s.empty_references.to_string().as_str()]
                     .map(String::from),
             );
+            if let Some(cal) = &calibration {
+                row.extend(cal.iter().map(|t| opt(pick(t))));
+            }
             out += &(row.join(",") + "\n");
         }
         out
     }
 
     /// A table for people: Dice and Jaccard in %, distances in voxels and mm, then mean and std.
+    /// Where a model was run, also ECE, Brier score and uncertainty AUROC (`-`: undefined), and
+    /// a line saying which uncertainty and how many cases the AUROC's mean covers.
     pub fn table(&self) -> String {
-        let header =
-            ["case", "Dice %", "Jaccard %", "95HD", "ASD", "95HD mm", "ASD mm", "note"].map(String::from).to_vec();
+        let calibration = self.calibration_stats();
+        let mut header = ["case", "Dice %", "Jaccard %", "95HD", "ASD", "95HD mm", "ASD mm"].map(String::from).to_vec();
+        if calibration.is_some() {
+            header.extend(["ECE", "Brier", "AUROC(u)"].map(String::from));
+        }
+        header.push("note".into());
         let pct = |v: Option<f64>| v.map_or("-".into(), |x| format!("{:.2}", 100.0 * x));
         let num = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
+        let fine = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.4}"));
+        let cal = |c: Option<Calibration>| {
+            let c = c.unwrap_or(Calibration { ece: None, brier: None, uncertainty_auroc: None });
+            [fine(c.ece), fine(c.brier), fine(c.uncertainty_auroc)]
+        };
         let mut rows = vec![header];
         for c in &self.cases {
             let m = &c.metrics;
@@ -186,7 +249,7 @@ impl Report {
                 (false, true) => "empty reference",
                 (false, false) => "",
             };
-            rows.push(vec![
+            let mut row = vec![
                 c.id.clone(),
                 pct(Some(m.dice)),
                 pct(Some(m.jaccard)),
@@ -194,20 +257,37 @@ impl Report {
                 num(m.asd),
                 num(m.hd95_mm),
                 num(m.asd_mm),
-                note.into(),
-            ]);
+            ];
+            if calibration.is_some() {
+                row.extend(cal(m.calibration));
+            }
+            row.push(note.into());
+            rows.push(row);
         }
         let s = &self.summary;
         let stats = [s.hd95, s.asd, s.hd95_mm, s.asd_mm];
         let mut mean = vec![format!("mean (n={})", self.cases.len()), pct(s.dice.mean), pct(s.jaccard.mean)];
         mean.extend(stats.iter().map(|t| num(t.mean)));
-        mean.push(String::new());
         let mut std = vec!["std".to_string(), pct(s.dice.std), pct(s.jaccard.std)];
         std.extend(stats.iter().map(|t| num(t.std)));
+        if let Some(c) = &calibration {
+            mean.extend(c.iter().map(|t| fine(t.mean)));
+            std.extend(c.iter().map(|t| fine(t.std)));
+        }
+        mean.push(String::new());
         std.push(String::new());
         rows.push(mean);
         rows.push(std);
         let mut text = format_table(&rows);
+        if let Some([_, _, auroc]) = calibration {
+            let source = self.uncertainty.map_or("the uncertainty".to_string(), |u| u.to_string());
+            text += &format!(
+                "AUROC(u): how well the {source} finds the wrongly labelled voxels; its mean covers {} of {} \
+                 cases (undefined where a case has no wrong or no right voxel)\n",
+                auroc.n,
+                self.cases.len()
+            );
+        }
         for f in &self.failures {
             text += &format!("failed: {}: {}\n", f.id, f.error);
         }
@@ -220,11 +300,16 @@ impl Report {
         Ok(write_atomic(path, |w| w.write_all(text.as_bytes()))?)
     }
 
-    /// Creates `dir` if needed and writes `report.json` and `report.csv` into it (each atomically).
+    /// Creates `dir` if needed and writes `report.json` and `report.csv` into it, and where the
+    /// report has reliability bins the diagram [`RELIABILITY_PNG`] (each atomically).
     pub fn write_to(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
         self.write_json(&dir.join("report.json"))?;
-        self.write_csv(&dir.join("report.csv"))
+        self.write_csv(&dir.join("report.csv"))?;
+        if let Some(r) = &self.reliability {
+            reliability_picture(r)?.write_png(&dir.join(RELIABILITY_PNG))?;
+        }
+        Ok(())
     }
 
     /// Writes `to_csv()` to `path` atomically.
@@ -308,6 +393,7 @@ mod tests {
             reference_voxels: 12,
             empty_prediction: false,
             empty_reference: hd95.is_none(),
+            calibration: None,
         };
         CaseResult { id: id.into(), metrics }
     }

@@ -1,7 +1,8 @@
 //! `uamt eval`: segmentation metrics (Dice, Jaccard, 95 % Hausdorff, average surface distance,
 //! as medpy defines them) either between label volumes made elsewhere (`--prediction` against
 //! `--reference`: two NIfTI files, or two folders matched by file name), or of a weights file
-//! run by sliding window over a dataset's test split (`--weights` with `--dataset`).
+//! run by sliding window over a dataset's test split (`--weights` with `--dataset`); a model's
+//! evaluation also scores its probabilities and uncertainty (ECE, Brier score, uncertainty AUROC).
 //! A table (or `--json`) on stdout, one progress line per case on stderr.
 
 use super::parse::spacing as parse_spacing;
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use uamt::data::{Dataset, DatasetOptions};
 use uamt::eval::{
     compare_paths, evaluate_dataset, load_weights, CaseEvent, EmptyPolicy, EvalOptions, InferOptions, Outputs,
-    PictureOptions, Report,
+    PictureOptions, Report, RELIABILITY_PNG,
 };
 use uamt::recipe;
 
@@ -62,11 +63,13 @@ pub struct Args {
     #[arg(long, value_parser = parse_spacing, conflicts_with = "prediction")]
     pub network_spacing: Option<[f64; 3]>,
     /// Write report.json and report.csv here; with --weights or --checkpoint also per case the
-    /// predicted labels, foreground probability and uncertainty (NIfTI) and a PNG of a few slices.
+    /// predicted labels, foreground probability and uncertainty (NIfTI) and a PNG of a few slices,
+    /// and the reliability diagram of all cases (reliability.png).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// The uncertainty map written with --out: the checkpoint's teacher's Monte-Carlo passes, or
-    /// the model's own for --weights or a checkpoint without a teacher.
+    /// The uncertainty map written with --out, which the uncertainty AUROC then scores: the
+    /// checkpoint's teacher's Monte-Carlo passes, or the model's own for --weights or a checkpoint
+    /// without a teacher. Without --out the AUROC scores the prediction's entropy (no extra passes).
     #[command(flatten)]
     pub mc: super::net::McArgs,
     /// With --out: replace files that uamt wrote there before (a file of the same name that uamt
@@ -160,6 +163,7 @@ fn report(args: &Args) -> anyhow::Result<Report> {
                 ["label.nii.gz", "prob.nii.gz", "uncertainty.nii.gz", "png"].map(|k| format!("{}.{k}", case.id)),
             );
         }
+        names.push(RELIABILITY_PNG.to_string());
         claim(out, args.force, names)?;
     }
     if device == tch::Device::Cpu {
