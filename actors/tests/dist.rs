@@ -17,14 +17,6 @@ const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
 const SIGSTOP: i32 = 19;
 
-fn signal(d: &Daemon, sig: i32) {
-    extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    // SAFETY: plain libc call on our own child.
-    assert_eq!(unsafe { kill(d.id() as i32, sig) }, 0);
-}
-
 /// A tiny UA-MT config for both ranks, everything under `dir`.
 fn write_config(dir: &Path, iterations: i64, timeout_s: f64) -> PathBuf {
     write_config_listening(dir, iterations, timeout_s, "", "")
@@ -122,7 +114,7 @@ fn a_killed_or_stalled_rank_ends_the_other_with_an_error_within_the_timeout() {
         let mut r0 = rank(&dir, &cfg, 0, port, &[]);
         let r1 = rank(&dir, &cfg, 1, port, &[]);
         wait_for("rank 1's third step", 120, || log(&dir, 1).contains("iteration=3 "));
-        signal(&r1, sig);
+        r1.signal(sig);
         let (status, waited) = wait_exit(&mut r0, timeout + 20.0);
         let text = log(&dir, 0);
         assert!(!status.success(), "{name}: rank 0 exited 0\n{text}");
@@ -142,9 +134,9 @@ fn a_stop_is_not_held_by_a_collective_waiting_on_a_stalled_rank() {
     let mut r0 = rank(&dir, &cfg, 0, port, &[]);
     let r1 = rank(&dir, &cfg, 1, port, &[]);
     wait_for("rank 1's third step", 120, || log(&dir, 1).contains("iteration=3 "));
-    signal(&r1, SIGSTOP);
+    r1.signal(SIGSTOP);
     std::thread::sleep(Duration::from_millis(500));
-    signal(&r0, SIGTERM);
+    r0.signal(SIGTERM);
     let (status, waited) = wait_exit(&mut r0, 30.0);
     let text = log(&dir, 0);
     assert_eq!(status.code(), Some(1), "{text}");
@@ -169,7 +161,7 @@ fn a_stop_on_one_rank_stops_both_after_the_same_step_and_both_resume_from_rank_0
         let line = text.lines().find(|l| l.starts_with("uamt_iterations_total")).unwrap_or_else(|| panic!("{text}"));
         assert!(line.contains(&format!("rank=\"{r}\"")), "rank {r}: {line}");
     }
-    signal(&r1, SIGTERM);
+    r1.signal(SIGTERM);
     let (s1, _) = wait_exit(&mut r1, 60.0);
     let (s0, _) = wait_exit(&mut r0, 60.0);
     let (l0, l1) = (log(&dir, 0), log(&dir, 1));

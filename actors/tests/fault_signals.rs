@@ -8,7 +8,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 use support::{free_port, Daemon, TempDir};
 use uamt::checkpoint;
@@ -17,14 +17,6 @@ const SIGHUP: i32 = 1;
 const SIGINT: i32 = 2;
 const SIGUSR2: i32 = 12;
 const SIGTERM: i32 = 15;
-
-fn signal(d: &Daemon, sig: i32) {
-    extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    // SAFETY: plain libc call on our own child.
-    assert_eq!(unsafe { kill(d.id() as i32, sig) }, 0);
-}
 
 /// A tiny UA-MT config under `dir` (no metrics endpoint, a log line per step), `extra` appended.
 fn write_config(dir: &Path, iterations: i64, extra: &str) -> PathBuf {
@@ -43,13 +35,8 @@ fn write_config(dir: &Path, iterations: i64, extra: &str) -> PathBuf {
 
 /// Starts `uamt train --config <config>` in `dir` with `env`, logging to `dir/log`.
 fn start(dir: &Path, config: &Path, env: &[(&str, String)]) -> Daemon {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uamt"));
-    cmd.args(["train", "--config"]).arg(config).current_dir(dir).stdout(Stdio::null());
-    cmd.stderr(std::fs::File::create(dir.join("log")).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Daemon::new(cmd.spawn().unwrap())
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    support::start_train(env!("CARGO_BIN_EXE_uamt"), config, dir, &env)
 }
 
 /// torchrun's variables for rank `rank` of 2 with rank 0 at `addr:port`.
@@ -154,7 +141,7 @@ fn sigterm_or_sigint_during_the_rendezvous_ends_the_rank_at_once() {
         // Well into the rendezvous.
         std::thread::sleep(Duration::from_millis(1000));
         assert!(d.child().try_wait().unwrap().is_none(), "{name}: exited before the signal\n{}", log(dir));
-        signal(d, *sig);
+        d.signal(*sig);
         let (status, took) = wait_exit(d, 10.0, name);
         let text = log(dir);
         eprintln!("{name}: exited {took:.2} s after signal {sig} ({status})");
@@ -173,7 +160,7 @@ fn sighup_finishes_the_step_writes_a_checkpoint_and_exits_0() {
     let cfg = write_config(&dir, 100_000, "");
     let mut d = start(&dir, &cfg, &[]);
     wait_for("the second step", 120, || log(&dir).contains("iteration=2 "));
-    signal(&d, SIGHUP);
+    d.signal(SIGHUP);
     let (status, took) = wait_exit(&mut d, 60.0, "SIGHUP");
     let text = log(&dir);
     eprintln!("SIGHUP: exited after {took:.2} s ({status})");
@@ -242,7 +229,7 @@ fn sigusr2_is_ignored_and_the_run_finishes() {
     let cfg = write_config(&dir, iterations, "");
     let mut d = start(&dir, &cfg, &[]);
     wait_for("the second step", 120, || log(&dir).contains("iteration=2 "));
-    signal(&d, SIGUSR2);
+    d.signal(SIGUSR2);
     wait_for("the signal's log line", 10, || log(&dir).contains("SIGUSR2"));
     let (status, _) = wait_exit(&mut d, 120.0, "SIGUSR2");
     let text = log(&dir);

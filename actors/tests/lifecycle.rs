@@ -13,15 +13,6 @@ use support::{Daemon, TempDir};
 use tch::Tensor;
 use uamt::checkpoint;
 
-/// Sends `sig` to the daemon.
-fn signal(d: &Daemon, sig: i32) {
-    extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    // SAFETY: plain libc call on our own child.
-    assert_eq!(unsafe { kill(d.id() as i32, sig) }, 0);
-}
-
 /// Waits for the daemon to exit, at most `secs`.
 fn wait_exit(d: &mut Daemon, secs: u64) -> std::process::ExitStatus {
     let t0 = Instant::now();
@@ -53,13 +44,7 @@ fn write_config(dir: &Path, iterations: i64, every: i64, extra: &str) -> PathBuf
 }
 
 fn start(config: &Path, dir: &Path, env: &[(&str, &str)]) -> Daemon {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uamt"));
-    cmd.args(["train", "--config"]).arg(config).current_dir(dir).stdout(Stdio::null());
-    cmd.stderr(std::fs::File::create(dir.join("log")).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Daemon::new(cmd.spawn().unwrap())
+    support::start_train(env!("CARGO_BIN_EXE_uamt"), config, dir, env)
 }
 
 /// The daemon's log without colour escapes (were there any).
@@ -137,7 +122,7 @@ fn an_evaluation_that_fails_leaves_training_running_and_the_next_file_is_evaluat
     let before = checkpoint::latest(&dir.join("ckpt")).unwrap().0;
     wait_for("training to go on", 120, || checkpoint::latest(&dir.join("ckpt")).unwrap().0 > before);
     assert!(d.child().try_wait().unwrap().is_none(), "the daemon must keep running");
-    signal(&d, SIGTERM);
+    d.signal(SIGTERM);
     assert!(wait_exit(&mut d, 120).success());
 }
 
@@ -148,11 +133,11 @@ fn sigusr1_before_training_is_harmless_and_a_second_sigterm_forces_the_exit() {
     let mut d = start(&cfg, &dir, &[]);
     // As soon as the daemon logs anything, its handlers are installed.
     wait_for("the first log line", 60, || !log(&dir).is_empty());
-    signal(&d, SIGUSR1);
+    d.signal(SIGUSR1);
     wait_for("a training step", 240, || log(&dir).contains("iteration="));
     assert!(d.child().try_wait().unwrap().is_none(), "SIGUSR1 must not kill the daemon");
-    signal(&d, SIGTERM);
-    signal(&d, SIGTERM);
+    d.signal(SIGTERM);
+    d.signal(SIGTERM);
     let status = wait_exit(&mut d, 60);
     // Either the step and its checkpoint finished within the grace (exit 0) or the forced exit
     // (130); never a hang.
@@ -189,7 +174,7 @@ fn sigterm_at_random_points_always_leaves_a_final_checkpoint_to_resume_from() {
         let mut d = Daemon::new(cmd.spawn().unwrap());
         wait_for("the first log line", 60, || !log(&dir).is_empty());
         std::thread::sleep(delay);
-        signal(&d, SIGTERM);
+        d.signal(SIGTERM);
         let status = wait_exit(&mut d, 120);
         let text = log(&dir);
         assert!(status.success(), "trial {trial} ({delay:?}): {status:?}\n{text}");

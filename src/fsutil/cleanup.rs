@@ -51,13 +51,33 @@ fn remove_paths<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> usize {
     let mut removed = 0;
     for path in paths {
         let gone = match std::fs::symlink_metadata(path) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).is_ok(),
+            Ok(m) if m.is_dir() => remove_folder(path),
             Ok(_) => std::fs::remove_file(path).is_ok(),
             Err(_) => false,
         };
         removed += usize::from(gone);
     }
     removed
+}
+
+/// Removes the folder `path` and all it holds while another thread may still be writing into it:
+/// first renamed aside (atomic: from then on nothing can be created under `path`, so the writer's
+/// next file fails), then removed, trying again for about a second if an entry appears in
+/// between. Whether it is gone.
+fn remove_folder(path: &Path) -> bool {
+    let aside = super::atomic::temp_name(&path.with_file_name(format!(
+        "{}.removing",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    )));
+    let target = if std::fs::rename(path, &aside).is_ok() { aside } else { path.to_path_buf() };
+    for _ in 0..200 {
+        match std::fs::remove_dir_all(&target) {
+            Ok(()) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+    false
 }
 
 /// The signals a one-shot command cleans up after.
@@ -116,6 +136,28 @@ unsafe impl Send for SigSet {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_is_removed_while_another_thread_still_writes_into_it() {
+        let dir = std::env::temp_dir().join(format!("uamt-cleanup-busy-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("imagesTr")).unwrap();
+        let writer = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                // Writes until the folder is gone (as an import does until its next write fails).
+                for i in 0.. {
+                    if std::fs::write(dir.join(format!("imagesTr/{i}.nii")), [0u8; 4096]).is_err() {
+                        return i;
+                    }
+                }
+                unreachable!()
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(remove_folder(&dir));
+        assert!(!dir.exists());
+        assert!(writer.join().unwrap() > 0);
+    }
 
     #[test]
     fn staged_paths_are_removed_until_their_guard_is_dropped() {

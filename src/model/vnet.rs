@@ -217,31 +217,13 @@ impl VNet {
     /// and the running statistics still end as if they had run one after another (to float
     /// rounding: the fold rounds the batch statistics to float32 first).
     pub fn pass_view(&self) -> VNet {
-        let v = |blocks: &[Block]| blocks.iter().map(Block::view).collect::<Vec<_>>();
-        let arr4 = |b: Vec<Block>| -> [Block; 4] { b.try_into().unwrap_or_else(|_| unreachable!("four blocks")) };
-        let enc: [Block; 5] = v(&self.enc).try_into().unwrap_or_else(|_| unreachable!("five blocks"));
-        VNet {
-            config: self.config.clone(),
-            store: ParamStore::new(self.device()),
-            enc,
-            down: arr4(v(&self.down)),
-            up: arr4(v(&self.up)),
-            dec: arr4(v(&self.dec)),
-            out_conv: self.out_conv.view(),
-            bf16: self.bf16,
-            channels_last: self.channels_last,
-            folded: false,
-        }
+        self.rebuilt(Block::view, false)
     }
 
-    /// This network for eval-mode passes only (`forward_with(.., false, ..)`, `forward_mc`), with
-    /// every eval-mode BatchNorm folded into the convolution before it: a pass is then
-    /// convolution, bias and ReLU per unit. Its own tensors (later training of `self` is not
-    /// seen) and no parameter store; training-mode passes through it would skip BatchNorm, so it
-    /// refuses them. Logits equal the unfolded network's to float rounding.
-    pub fn folded_for_inference(&self) -> VNet {
-        let cl = self.channels_last;
-        let f = |blocks: &[Block]| blocks.iter().map(|b| b.folded(cl)).collect::<Vec<_>>();
+    /// A network of this one's shape and settings, without a parameter store, whose blocks are
+    /// `block` of this one's and whose output convolution is a view of this one's.
+    fn rebuilt(&self, block: impl Fn(&Block) -> Block, folded: bool) -> VNet {
+        let f = |blocks: &[Block]| blocks.iter().map(&block).collect::<Vec<_>>();
         let arr4 = |b: Vec<Block>| -> [Block; 4] { b.try_into().unwrap_or_else(|_| unreachable!("four blocks")) };
         let enc: [Block; 5] = f(&self.enc).try_into().unwrap_or_else(|_| unreachable!("five blocks"));
         VNet {
@@ -254,8 +236,18 @@ impl VNet {
             out_conv: self.out_conv.view(),
             bf16: self.bf16,
             channels_last: self.channels_last,
-            folded: true,
+            folded,
         }
+    }
+
+    /// This network for eval-mode passes only (`forward_with(.., false, ..)`, `forward_mc`), with
+    /// every eval-mode BatchNorm folded into the convolution before it: a pass is then
+    /// convolution, bias and ReLU per unit. Its own tensors (later training of `self` is not
+    /// seen) and no parameter store; training-mode passes through it would skip BatchNorm, so it
+    /// refuses them. Logits equal the unfolded network's to float rounding.
+    pub fn folded_for_inference(&self) -> VNet {
+        let cl = self.channels_last;
+        self.rebuilt(|b| b.folded(cl), true)
     }
 
     /// The batch statistics of a [`VNet::pass_view`]'s last training-mode pass, per BatchNorm

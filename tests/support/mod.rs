@@ -104,6 +104,26 @@ impl Daemon {
     pub fn child(&mut self) -> &mut Child {
         &mut self.0
     }
+
+    /// Sends the signal `sig` to the process.
+    pub fn signal(&self, sig: i32) {
+        extern "C" {
+            fn kill(pid: i32, sig: i32) -> i32;
+        }
+        // SAFETY: plain libc call on our own child.
+        assert_eq!(unsafe { kill(self.0.id() as i32, sig) }, 0);
+    }
+}
+
+/// Starts `<bin> train --config <config>` in `dir` with `env`, stderr to `dir/log`, guarded.
+pub fn start_train(bin: &str, config: &Path, dir: &Path, env: &[(&str, &str)]) -> Daemon {
+    let mut cmd = Command::new(bin);
+    cmd.args(["train", "--config"]).arg(config).current_dir(dir).stdout(std::process::Stdio::null());
+    cmd.stderr(std::fs::File::create(dir.join("log")).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Daemon::new(cmd.spawn().unwrap())
 }
 
 impl std::ops::Deref for Daemon {
