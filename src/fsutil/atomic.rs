@@ -5,20 +5,10 @@
 //! rename would replace), and the temporary file is registered with [`super::cleanup`], so an
 //! interrupt removes it too.
 
-use super::io::{at, parent_dir, IoError};
+use super::io::{at, parent_dir, temp_name, IoError};
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// A hidden, process-unique name next to `path` for writing it before a rename:
-/// `dir/.<name>.tmp-<pid>-<n>`.
-pub fn temp_name(path: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    parent_dir(path).join(format!(".{name}.tmp-{}-{n}", std::process::id()))
-}
+use std::path::Path;
 
 /// Flushes the folder `dir`'s entries (a rename into it) to disk. File systems that cannot sync
 /// a folder are not an error.
@@ -90,6 +80,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::
 mod tests {
     use super::*;
     use std::os::unix::fs::FileTypeExt;
+    use std::path::PathBuf;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("uamt-fsutil-{name}-{}", std::process::id()));

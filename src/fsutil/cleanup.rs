@@ -1,5 +1,5 @@
 //! What is being written and must not outlive a failure or an interrupt: temporary files of
-//! [`super::atomic::replace_atomic`] and the staging folders of imports. Each is registered while it
+//! [`super::replace_atomic`] and the staging folders of imports. Each is registered while it
 //! exists ([`stage`]); the guard unregisters it once it is renamed into place or removed.
 //!
 //! A one-shot command (`import`, `predict`, `export`, `eval`, `synth`, `info`) calls
@@ -65,7 +65,7 @@ fn remove_paths<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> usize {
 /// next file fails), then removed, trying again for about a second if an entry appears in
 /// between. Whether it is gone.
 fn remove_folder(path: &Path) -> bool {
-    let aside = super::atomic::temp_name(&path.with_file_name(format!(
+    let aside = super::io::temp_name(&path.with_file_name(format!(
         "{}.removing",
         path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     )));

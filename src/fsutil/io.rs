@@ -1,6 +1,7 @@
 //! The error every part of `fsutil` returns, and the small helpers they share.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An I/O failure, or a refusal, with the file or folder it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -49,4 +50,13 @@ pub fn kind_of(t: &std::fs::FileType) -> &'static str {
     } else {
         "a special file"
     }
+}
+
+/// A hidden, process-unique name next to `path` for writing it before a rename:
+/// `dir/.<name>.tmp-<pid>-<n>`.
+pub fn temp_name(path: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    parent_dir(path).join(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }

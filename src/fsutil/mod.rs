@@ -17,8 +17,8 @@ pub mod marker;
 pub mod open;
 pub mod paths;
 
-pub use atomic::{check_target, replace_atomic, sync_dir, temp_name, write_atomic};
-pub use io::{kind_of, parent_dir, IoError};
+pub use atomic::{check_target, replace_atomic, sync_dir, write_atomic};
+pub use io::{kind_of, parent_dir, temp_name, IoError};
 pub use marker::OutputDir;
 pub use open::{check_regular, open_regular, read_regular, read_text};
 pub use paths::{check_apart, resolve};
