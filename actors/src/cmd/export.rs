@@ -53,8 +53,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let format = format_of(&args.out)?;
     uamt::fsutil::check_apart(&[("--out", &args.out)], &[("--checkpoint", &args.checkpoint)])?;
     let name = args.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut dir = OutputDir::open(uamt::fsutil::parent_dir(&args.out), "uamt export", args.force)?;
+    // The checkpoint is read (and refused if bad) before anything is created at --out.
     let snap = Snapshot::read(&args.checkpoint)?;
+    let mut dir = OutputDir::open(uamt::fsutil::parent_dir(&args.out), "uamt export", args.force)?;
     let named = if args.teacher {
         snap.teacher.with_context(|| format!("{}: --teacher, but it has no teacher", args.checkpoint.display()))?
     } else {
