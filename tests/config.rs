@@ -98,7 +98,7 @@ fn a_config_round_trips_through_toml() {
 #[test]
 fn a_cuda_device_is_checked_at_start_and_the_cuda_backend_is_linked() {
     let mut d = uamt::config::DeviceConfig { device: "cuda".into(), ..Default::default() };
-    let gpus = tch::Cuda::device_count();
+    let gpus = uamt::device::cuda_device_count();
     match d.resolve() {
         Ok(dev) => assert!(gpus > 0 && dev == tch::Device::Cuda(0)),
         Err(e) => assert!(gpus == 0 && e.to_string().contains("device.device"), "{e}"),
@@ -230,7 +230,7 @@ fn a_config_naming_a_gpu_parses_on_any_machine_and_is_checked_at_start() {
     // readable on a CPU machine); resolving at start-up is what refuses a missing GPU.
     let c = Config::from_toml("[device]\ndevice = \"cuda:7\"\nprecision = \"tf32\"", Path::new("g.toml")).unwrap();
     assert_eq!(c.device.device, "cuda:7");
-    let gpus = tch::Cuda::device_count();
+    let gpus = uamt::device::cuda_device_count();
     if gpus <= 7 {
         assert!(c.device.resolve().unwrap_err().to_string().contains("device.device"));
     }

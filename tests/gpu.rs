@@ -106,7 +106,7 @@ fn streams_are_a_no_op_on_the_cpu_and_a_clear_error_without_a_gpu() {
     assert!(s.stream().is_none());
     let t = Tensor::ones([3], (Kind::Float, Device::Cpu));
     Ready::now(Device::Cpu).unwrap().wait(Device::Cpu, [&t]).unwrap();
-    if tch::Cuda::device_count() == 0 {
+    if uamt::device::cuda_device_count() == 0 {
         let err = OwnStream::new(Device::Cuda(0)).unwrap_err().to_string();
         assert!(err.contains("CUDA stream"), "{err}");
     } else {

@@ -196,3 +196,43 @@ fn sigterm_at_random_points_always_leaves_a_final_checkpoint_to_resume_from() {
     }
     assert!(before > 0, "six runs of up to 3 s made no step at all");
 }
+
+/// The shared objects the dynamic loader loaded for `uamt args...` (its `LD_DEBUG=files` trace).
+fn loaded_libraries(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_uamt")).args(args).env("LD_DEBUG", "files").output().unwrap();
+    String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.contains("file=")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn only_a_cuda_device_loads_libtorch_s_cuda_backend() {
+    // `uamt --version`, and a CPU command, never pay for the CUDA libraries (0.4 s and 470 MB).
+    let version = loaded_libraries(&["--version"]);
+    assert!(version.contains("libtorch_cpu"), "the trace names what is loaded: {version}");
+    assert!(!version.contains("libtorch_cuda"), "{version}");
+    let cpu = loaded_libraries(&[
+        "predict",
+        "--device",
+        "cpu",
+        "--weights",
+        "/nonexistent.safetensors",
+        "--input",
+        "/nonexistent",
+        "--out",
+        "/nonexistent-out",
+    ]);
+    assert!(!cpu.contains("libtorch_cuda"), "{cpu}");
+    // Asking for a GPU loads the backend (where the libtorch built against has one), so that
+    // libtorch can answer; without a GPU the answer is the usual error.
+    let cuda = loaded_libraries(&[
+        "predict",
+        "--device",
+        "cuda:0",
+        "--weights",
+        "/nonexistent.safetensors",
+        "--input",
+        "/nonexistent",
+        "--out",
+        "/nonexistent-out",
+    ]);
+    assert_eq!(cuda.contains("libtorch_cuda"), cfg!(libtorch_cuda), "{cuda}");
+}

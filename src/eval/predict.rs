@@ -49,6 +49,9 @@ pub struct PredictedCase {
     pub network_dims: [usize; 3],
     /// Segmented volume per non-background class value, in millilitres.
     pub volume_ml: std::collections::BTreeMap<String, f64>,
+    /// Seconds spent segmenting (the sliding window and the label map in the input's grid; not
+    /// reading, preprocessing, maps or writing).
+    pub inference_seconds: f64,
 }
 
 /// The names of the files [`predict_file`] writes for the case `id`.
@@ -81,10 +84,12 @@ pub fn predict_file(
     let raw = file.read_f32()?;
     let (net_image, _) = prep.apply(&raw, &geometry, input)?;
     let image_t = net_image.to_tensor()?;
+    let started = std::time::Instant::now();
     let pred = sliding_window(model, &image_t, &opts.infer)?;
     let dims = raw.dims;
     let resampled = net_image.dims != dims;
     let labels = pred.labels_in(dims, opts.infer.largest_component)?;
+    let inference_seconds = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(out).map_err(|e| crate::Error::Io { path: out.to_path_buf(), source: e })?;
     let id = stem(input);
     let ext = if opts.gzip { ".nii.gz" } else { ".nii" };
@@ -128,5 +133,6 @@ pub fn predict_file(
         orientation: geometry.orientation(),
         network_dims: net_image.dims,
         volume_ml,
+        inference_seconds,
     })
 }

@@ -184,7 +184,7 @@ fn adapt_to_rank(cfg: &mut Config, l: &uamt::dist::Launch) -> Result<()> {
     // the collectives stage the tensors through host memory (Gloo), untested on GPUs so far.
     if let Ok(tch::Device::Cuda(_)) = cfg.device.resolve() {
         if matches!(cfg.device.device.trim(), "auto" | "cuda") {
-            let count = tch::Cuda::device_count().max(1) as usize;
+            let count = uamt::device::cuda_device_count().max(1);
             cfg.device.device = format!("cuda:{}", l.local_rank % count);
         }
     }
