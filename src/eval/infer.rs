@@ -346,7 +346,7 @@ fn window_average(
             p
         };
         let classes = model.config().n_classes;
-        let score = Tensor::f_zeros([classes, padded[0], padded[1], padded[2]], (Kind::Float, device))?;
+        let mut score = Tensor::f_zeros([classes, padded[0], padded[1], padded[2]], (Kind::Float, device))?;
         let window = |t: &Tensor, dim0: i64, s: &[usize; 3]| -> Result<Tensor> {
             Ok(t.f_narrow(dim0, s[0] as i64, px)?.f_narrow(dim0 + 1, s[1] as i64, py)?.f_narrow(
                 dim0 + 2,
@@ -362,9 +362,13 @@ fn window_average(
                 let _ = window(&score, 1, s)?.f_add_(&y.f_get(k as i64)?)?;
             }
         }
+        // In place: the score volume becomes the probabilities (no second volume of them).
         let count = plan.count_map(opts.patch, device)?;
-        let probs = score.f_div(&count.f_unsqueeze(0)?)?;
-        Ok(probs
+        let _ = score.f_div_(&count.f_unsqueeze(0)?)?;
+        if plan.padded == dims {
+            return Ok(score);
+        }
+        Ok(score
             .f_narrow(1, before[0], d[0])?
             .f_narrow(2, before[1], d[1])?
             .f_narrow(3, before[2], d[2])?

@@ -402,7 +402,16 @@ impl VNet {
         // Decoder: upsample, add the skip of the same level, convolve.
         for (up, dec) in self.up.iter().zip(&self.dec) {
             let skip = skips.pop().expect("four skips for four upsamplings");
-            h = dec.forward(&(up.forward(&h, train, cl)? + skip), train, cl)?;
+            let mut u = up.forward(&h, train, cl)?;
+            // Without autograd (the teacher, inference) the skip is added in place: one
+            // full-size activation less at the peak of a window's pass.
+            let joined = if u.requires_grad() {
+                u + skip
+            } else {
+                let _ = u.f_add_(&skip)?;
+                u
+            };
+            h = dec.forward(&joined, train, cl)?;
         }
         // x9 [b, nf, X, Y, Z], then the 1x1x1 output convolution. A pass without autograd (the
         // teacher's, inference) runs it as one matrix product with the dropout mask folded in;
