@@ -391,3 +391,34 @@ fn exported_weights_load_into_the_reference_vnet_with_the_same_logits() {
         assert!(err <= 1e-5 * scale.max(1.0), "{}: logits differ by {err} (scale {scale})", weights.display());
     }
 }
+
+#[test]
+fn the_inference_benchmark_runs_and_its_label_maps_agree_with_pytorch_s() {
+    // benches/predict_compare.py at a tiny window and width on two real LA test volumes: it
+    // exits non-zero if a label differs from PyTorch's beyond the ties that the measured
+    // probability difference explains, and its summary carries the timings and the ratio.
+    let dir = TempDir::new("predict-bench");
+    let json = dir.join("bench.json");
+    let la = support::la_dir();
+    let out = Command::new(python())
+        .arg(repo().join("benches/predict_compare.py"))
+        .args(["--data", la.to_str().unwrap(), "--uamt", env!("CARGO_BIN_EXE_uamt")])
+        .args(["--patch", "32,32,16", "--n-filters", "4", "--strides", "24,24,12", "--rounds", "1", "--threads", "2"])
+        .args(["--workdir", dir.join("work").to_str().unwrap(), "--json-out", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("| 24/24/12 |"), "the table: {text}");
+    let summary = &read_json(&json)["summary"][0];
+    for key in ["uamt_wall_s", "uamt_inference_s", "peer_s", "speedup_command", "speedup_inference"] {
+        let v = summary[key].as_f64().unwrap_or_else(|| panic!("{key} in {summary}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert!(summary["uamt_inference_s"].as_f64() < summary["uamt_wall_s"].as_f64(), "{summary}");
+    for (case, c) in summary["labels"].as_object().unwrap() {
+        assert_eq!(c["mismatched"], 0, "{case}: {c}");
+        assert!(c["max_probability_difference"].as_f64().unwrap() < 1e-3, "{case}: {c}");
+        assert!(c["foreground"].as_u64().unwrap() > 0, "{case}: a non-trivial label map expected: {c}");
+    }
+}
