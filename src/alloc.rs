@@ -43,4 +43,14 @@ pub fn tune_for_inference() {
             libc::mallopt(libc::M_MMAP_MAX, 0);
         }
     }
+    // One arena: the window workers (`eval::infer::WindowWorkers`) would otherwise each get a
+    // heap of their own, which glibc grows and shrinks by mapping (so every window faults its
+    // activations in again: 1.15 M minor faults instead of 0.42 M for two LA volumes, 1.5 s
+    // more system time). The allocations are few and large, so one arena's lock costs nothing.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: as in `tune`.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
 }

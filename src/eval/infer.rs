@@ -223,8 +223,8 @@ impl Prediction {
 
 /// Segments `image` (`[X, Y, Z]`, any device, any float kind) with `model` by sliding window.
 pub fn sliding_window(model: &VNet, image: &Tensor, opts: &InferOptions) -> Result<Prediction> {
-    let probabilities = window_average(model, image, opts, &mut |x, _| {
-        Ok(model.forward_with(x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?)
+    let probabilities = window_average(model, image, opts, &|net, x, _| {
+        Ok(net.forward_with(x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?)
     })?;
     let mut labels = probabilities.f_argmax(0, false)?;
     if let Some(conn) = opts.largest_component {
@@ -280,7 +280,7 @@ pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &Mc
     mc.validate("uncertainty")?;
     let config = model.config().clone();
     let device = model.device();
-    let mean = window_average(model, image, opts, &mut |x, first| {
+    let mean = window_average(model, image, opts, &|net, x, first| {
         let b = x.size()[0];
         let mut sum: Option<Tensor> = None;
         for t in 0..mc.passes as u64 {
@@ -302,7 +302,7 @@ pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &Mc
                 mask_no += 1;
                 per_window(mask_no, shape)
             });
-            let p = model.forward_mc(&x.f_add(&noise)?, &masks)?.f_softmax(1, Kind::Float)?;
+            let p = net.forward_mc(&x.f_add(&noise)?, &masks)?.f_softmax(1, Kind::Float)?;
             sum = Some(match sum {
                 None => p,
                 Some(s) => s.f_add(&p)?,
@@ -313,15 +313,49 @@ pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &Mc
     Ok(entropy(&mean, 0, false))
 }
 
-/// The sliding-window average of per-window class probabilities: `probs(x, first)` maps a batch of
-/// windows `[b, 1, px, py, pz]` (`first`: the index of its first window in the plan's order) to
-/// `[b, C, px, py, pz]`. Returns `[C, X, Y, Z]`, padding cropped away.
-fn window_average(
-    model: &VNet,
-    image: &Tensor,
-    opts: &InferOptions,
-    probs: &mut dyn FnMut(&Tensor, usize) -> Result<Tensor>,
-) -> Result<Tensor> {
+/// Per-window class probabilities: `probs(net, x, first)` maps a batch of windows `[b, 1, px, py,
+/// pz]` (`first`: the index of its first window in the plan's order) to `[b, C, px, py, pz]` with
+/// `net` (the model, or an eval view of it on a worker thread).
+type WindowProbs<'a> = dyn Fn(&VNet, &Tensor, usize) -> Result<Tensor> + Sync + 'a;
+
+/// How the windows of one volume are computed on the CPU: `workers` threads at once, each running
+/// its own windows with `threads` intra-op threads (one window per pass each with two workers of
+/// one thread on a 2-core machine), or the calling thread alone (`workers == 1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowWorkers {
+    /// Threads computing windows at once.
+    pub workers: usize,
+    /// libtorch intra-op threads of each.
+    pub threads: usize,
+    /// Windows per forward pass of each.
+    pub batch: usize,
+}
+
+impl WindowWorkers {
+    /// The split for `windows` windows of a batch of `batch` on `device` with the calling
+    /// thread's `threads` intra-op threads: on the CPU, as many workers as threads, at most one
+    /// per window of a batch (so that no more windows are in memory at once than a batch of the
+    /// calling thread would hold) and at most one per window; the batch shared among them.
+    /// One worker (the calling thread, as it is) on a GPU or with one thread. The environment
+    /// variable `UAMT_INFER_WORKERS`, where set to a number, caps the workers (1: the calling
+    /// thread alone, with all its threads).
+    pub fn new(device: Device, threads: usize, batch: usize, windows: usize) -> Self {
+        let most = std::env::var("UAMT_INFER_WORKERS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(usize::MAX);
+        let workers = threads.min(batch).min(windows).min(most).max(1);
+        if device != Device::Cpu || workers < 2 {
+            return WindowWorkers { workers: 1, threads, batch };
+        }
+        WindowWorkers { workers, threads: (threads / workers).max(1), batch: (batch / workers).max(1) }
+    }
+}
+
+/// The sliding-window average of per-window class probabilities ([`WindowProbs`]). Returns `[C, X,
+/// Y, Z]`, padding cropped away. On the CPU the windows are computed by several threads at once
+/// ([`WindowWorkers`]): one single-threaded pass per core keeps every core busy where one pass on
+/// all cores waits at the many synchronisation points of its kernels. The score volume is summed
+/// in the plan's window order whatever thread computed a window, so the result does not depend
+/// on the split or on timing.
+fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &WindowProbs<'_>) -> Result<Tensor> {
     opts.validate("")?;
     let size = image.size();
     let dims = match size.as_slice() {
@@ -354,13 +388,71 @@ fn window_average(
                 pz,
             )?)
         };
-        for (n, chunk) in plan.windows().chunks(opts.batch_size).enumerate() {
-            let patches = chunk.iter().map(|s| window(&img, 0, s)).collect::<Result<Vec<_>>>()?;
-            let x = Tensor::f_stack(&patches, 0)?.f_unsqueeze(1)?; // [b, 1, px, py, pz]
-            let y = probs(&x, n * opts.batch_size)?; // [b, C, px, py, pz]
+        let windows = plan.windows();
+        let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1);
+        let split = WindowWorkers::new(device, threads, opts.batch_size, windows.len());
+        let chunks: Vec<&[[usize; 3]]> = windows.chunks(split.batch).collect();
+        let batch_input = |img: &Tensor, chunk: &[[usize; 3]]| -> Result<Tensor> {
+            let patches = chunk.iter().map(|s| window(img, 0, s)).collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::f_stack(&patches, 0)?.f_unsqueeze(1)?) // [b, 1, px, py, pz]
+        };
+        let add = |chunk: &[[usize; 3]], y: &Tensor| -> Result<()> {
             for (k, s) in chunk.iter().enumerate() {
-                let _ = window(&score, 1, s)?.f_add_(&y.f_get(k as i64)?)?;
+                let _ = window(&score, 1, s)?.f_add_(&y.f_get(k as i64)?)?; // y: [b, C, px, py, pz]
             }
+            Ok(())
+        };
+        if split.workers == 1 {
+            for (n, chunk) in chunks.iter().enumerate() {
+                add(chunk, &probs(model, &batch_input(&img, chunk)?, n * split.batch)?)?;
+            }
+        } else {
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let failed = std::sync::atomic::AtomicBool::new(false);
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Result<Tensor>)>();
+            let before = tch::get_num_threads();
+            let summed = std::thread::scope(|scope| -> Result<()> {
+                let done_rx = done_rx; // dropped on an early return: the workers' sends then fail
+                for _ in 0..split.workers {
+                    let (net, img, done) = (model.eval_view(), img.shallow_clone(), done_tx.clone());
+                    let (next, failed, chunks) = (&next, &failed, &chunks);
+                    scope.spawn(move || {
+                        tch::set_num_threads(split.threads as i32);
+                        tch::no_grad(|| loop {
+                            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if n >= chunks.len() || failed.load(std::sync::atomic::Ordering::Relaxed) {
+                                break;
+                            }
+                            let y = batch_input(&img, chunks[n]).and_then(|x| probs(&net, &x, n * split.batch));
+                            if done.send((n, y)).is_err() {
+                                break;
+                            }
+                        })
+                    });
+                }
+                drop(done_tx);
+                // The calling thread sums, in window order, on one thread (the cores are busy).
+                tch::set_num_threads(1);
+                let mut waiting = std::collections::BTreeMap::new();
+                let mut due = 0;
+                for (n, y) in done_rx.iter() {
+                    let stop = |e| {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        e
+                    };
+                    waiting.insert(n, y.map_err(stop)?);
+                    while let Some(y) = waiting.remove(&due) {
+                        add(chunks[due], &y).map_err(stop)?;
+                        due += 1;
+                    }
+                }
+                if due != chunks.len() {
+                    return Err(Error::invalid("inference", format!("{} of {} window batches ran", due, chunks.len())));
+                }
+                Ok(())
+            });
+            tch::set_num_threads(before);
+            summed?;
         }
         // In place: the score volume becomes the probabilities (no second volume of them).
         let count = plan.count_map(opts.patch, device)?;
@@ -434,5 +526,49 @@ mod tests {
         // ceil(19 / 18) + 1 = 3: 0, 18, min(36, 19) = 19.
         assert_eq!(window_starts(131, 112, 18), vec![0, 18, 19]);
         assert_eq!(window_starts(112, 112, 18), vec![0]);
+    }
+
+    #[test]
+    fn window_workers_share_the_cores_and_the_batch_on_a_cpu_only() {
+        let w = |threads, batch, windows| WindowWorkers::new(Device::Cpu, threads, batch, windows);
+        assert_eq!(w(2, 4, 24), WindowWorkers { workers: 2, threads: 1, batch: 2 });
+        // No more windows in memory at once than one batch: at most `batch` workers.
+        assert_eq!(w(16, 4, 24), WindowWorkers { workers: 4, threads: 4, batch: 1 });
+        assert_eq!(w(8, 2, 24), WindowWorkers { workers: 2, threads: 4, batch: 1 });
+        // One thread, one window per batch, or one window: the calling thread alone.
+        assert_eq!(w(1, 4, 24).workers, 1);
+        assert_eq!(w(2, 1, 24).workers, 1);
+        assert_eq!(w(2, 4, 1).workers, 1);
+        assert_eq!(WindowWorkers::new(Device::Cuda(0), 8, 4, 24).workers, 1);
+    }
+
+    #[test]
+    fn windows_on_several_workers_sum_to_the_calling_thread_s_result_bit_for_bit() {
+        // With one intra-op thread the calling thread runs every window itself; with two, two
+        // workers of one thread each run them: every window is computed alike and the score is
+        // summed in the same order, so probabilities and labels are the same bits. Monte-Carlo
+        // maps too (their noise is keyed by the window, not the thread).
+        let cfg = crate::model::VNetConfig { n_filters: 4, ..Default::default() };
+        tch::manual_seed(3);
+        let model = VNet::new(&cfg, Device::Cpu).unwrap().folded_for_inference();
+        let teacher = VNet::new(&cfg, Device::Cpu).unwrap();
+        let image = Tensor::randn([40, 36, 20], (Kind::Float, Device::Cpu));
+        let opts = InferOptions { patch: [32, 32, 16], stride: [4, 4, 2], batch_size: 4, largest_component: None };
+        let mc = McOptions { passes: 2, ..Default::default() };
+        let run = |threads: i32| {
+            let before = tch::get_num_threads();
+            tch::set_num_threads(threads);
+            let p = sliding_window(&model, &image, &opts).unwrap();
+            let u = mc_uncertainty(&teacher, &image, &opts, &mc).unwrap();
+            tch::set_num_threads(before);
+            (p, u)
+        };
+        assert_eq!(WindowWorkers::new(Device::Cpu, 2, 4, 12).workers, 2, "the second run splits");
+        let ((one, u1), (two, u2)) = (run(1), run(2));
+        assert!(one.probabilities.equal(&two.probabilities), "probabilities differ");
+        assert!(one.labels.equal(&two.labels), "labels differ");
+        assert!(u1.equal(&u2), "Monte-Carlo maps differ");
+        let sum = one.probabilities.sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+        assert!(sum.allclose(&Tensor::ones_like(&sum), 1e-5, 1e-6, false), "a probability map");
     }
 }

@@ -198,6 +198,19 @@ impl BatchNorm {
     }
 
     /// The same affine weights with buffers of its own that record each pass's statistics.
+    /// The same tensors, running statistics included (shallow clones): for eval-mode passes on
+    /// another thread.
+    pub(super) fn shared(&self) -> Self {
+        BatchNorm {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            running_mean: self.running_mean.shallow_clone(),
+            running_var: self.running_var.shallow_clone(),
+            num_batches_tracked: self.num_batches_tracked.shallow_clone(),
+            momentum: self.momentum,
+        }
+    }
+
     pub(super) fn view(&self) -> Self {
         let opts = (Kind::Float, self.running_mean.device());
         let c = self.running_mean.size()[0];
@@ -461,6 +474,17 @@ impl Block {
     /// convolution (new tensors, laid out as `channels_last` says; see [`Unit::folded`]).
     pub(super) fn folded(&self, channels_last: bool) -> Self {
         Block { units: self.units.iter().map(|u| u.folded(channels_last)).collect() }
+    }
+
+    /// The same tensors throughout (see [`BatchNorm::shared`]).
+    pub(super) fn shared(&self) -> Self {
+        Block {
+            units: self
+                .units
+                .iter()
+                .map(|u| Unit { conv: u.conv.view(), norm: u.norm.as_ref().map(BatchNorm::shared) })
+                .collect(),
+        }
     }
 
     pub(super) fn view(&self) -> Self {

@@ -220,6 +220,14 @@ impl VNet {
         self.rebuilt(Block::view, false)
     }
 
+    /// This network for eval-mode passes on another thread (a `VNet` is `Send`, not `Sync`):
+    /// the very same tensors, running statistics included, and the same settings (folded or not).
+    /// Training-mode passes through it would update the shared running statistics, so it refuses
+    /// them as a folded network does.
+    pub fn eval_view(&self) -> VNet {
+        self.rebuilt(Block::shared, true)
+    }
+
     /// A network of this one's shape and settings, without a parameter store, whose blocks are
     /// `block` of this one's and whose output convolution is a view of this one's.
     fn rebuilt(&self, block: impl Fn(&Block) -> Block, folded: bool) -> VNet {
@@ -366,7 +374,7 @@ impl VNet {
         if self.folded && bn_train != Bn::Eval {
             return Err(Error::invalid(
                 "model",
-                "a network with BatchNorm folded into its convolutions runs eval-mode passes only",
+                "an inference network (BatchNorm folded into its convolutions, or an eval view) runs eval-mode passes only",
             ));
         }
         let masks = match dropout {
