@@ -21,15 +21,20 @@
 //! [`uamt::telemetry`]; [`emit`] emits them and [`http`] serves them with the status.
 //! [`setup`] builds a run (dataset, loader, trainer) from a config.
 
+pub mod access;
+pub mod client;
 pub mod cmd;
 pub mod control;
 pub mod emit;
 pub mod evaluator;
 pub mod events;
 pub mod http;
+pub mod logs;
+pub mod notify;
 pub mod pipeline;
 pub mod progress;
 pub mod queue;
 pub mod setup;
 pub mod status;
 pub mod supervisor;
+pub mod tls;
