@@ -160,7 +160,11 @@ fn summary(v: &serde_json::Value) -> String {
         );
         out += &format!("mask        {}   lr {}\n", num(&s["mask_fraction"]), num(&s["lr"]));
     }
-    out += &format!("speed       {} it/s, eta {} s\n", num(&v["it_per_s"]), num(&v["eta_s"]));
+    // The rate is measured over the first logging interval: 0 until then.
+    match v["it_per_s"].as_f64().filter(|r| *r > 0.0) {
+        Some(r) => out += &format!("speed       {} it/s, eta {} s\n", human(r), num(&v["eta_s"])),
+        None => out += "speed       not measured yet\n",
+    }
     let pending = if v["checkpoint_pending"].as_bool() == Some(true) { "pending" } else { "none pending" };
     out += &format!("checkpoint  {pending}\n");
     if let Some(e) = v["last_eval"].as_object() {
