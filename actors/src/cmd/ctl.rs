@@ -54,7 +54,7 @@ fn endpoint(args: &Args) -> Result<Endpoint> {
     let addr = match (&args.addr, &args.addr_file) {
         (Some(a), _) => a.trim().to_string(),
         (None, Some(f)) => uamt::fsutil::read_text(f)
-            .with_context(|| format!("--addr-file: cannot read the daemon's address (is the daemon running?)"))?
+            .context("--addr-file: cannot read the daemon's address (is the daemon running?)")?
             .trim()
             .to_string(),
         (None, None) => DEFAULT_ADDR.to_string(),
