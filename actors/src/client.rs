@@ -148,6 +148,10 @@ impl Endpoint {
     /// A TLS error during the handshake, in words.
     fn tls_error(&self, e: std::io::Error) -> ClientError {
         let hint = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::InvalidCertificate(c)) if format!("{c:?}").contains("CaUsedAsEndEntity") => {
+                " (the daemon's certificate is a CA certificate, as `openssl req -x509` makes by default: make it \
+                 with -addext basicConstraints=critical,CA:FALSE, or sign it with a CA and give that CA)"
+            }
             Some(rustls::Error::InvalidCertificate(_)) => {
                 " (the daemon's certificate is not signed by --cacert, or not for this host name or address)"
             }

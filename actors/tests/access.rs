@@ -1,8 +1,8 @@
 //! Who may do what on the daemon's endpoint, through the binary: control requests from loopback
 //! only without a token (403 from this machine's own non-loopback address), 401 without or with
 //! a wrong token once one is configured, 202 with it, the read token on the read-only endpoints;
-//! token files refused at start by name; TLS (a CA and a server certificate made with openssl):
-//! a scrape over HTTPS, plain HTTP refused on that port, bad or mismatched pairs refused at start;
+//! token files refused at start by name; TLS (a self-signed pair made with openssl): a scrape
+//! over HTTPS, plain HTTP refused on that port, bad or mismatched pairs refused at start;
 //! 300 checkpoint requests during one step give one checkpoint; `uamt ctl` against a live daemon
 //! and its errors. Each daemon waits before a chosen step (`UAMT_HOLD`) while the checks run, so
 //! what it has done is known.
@@ -201,7 +201,8 @@ fn bad_token_files_are_refused_at_start_naming_the_key() {
 #[test]
 fn tls_serves_https_only_and_refuses_bad_pairs_at_start() {
     let dir = TempDir::new("access-tls");
-    let pki = make_pki(&dir, "daemon");
+    // A self-signed pair: the client trusts the certificate itself.
+    let pki = make_self_signed(&dir, "daemon");
     let other = make_pki(&dir, "other");
     let (control, read) = token_files(&dir);
     let telemetry = format!(

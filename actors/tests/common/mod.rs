@@ -116,6 +116,40 @@ pub fn make_pki(dir: &Path, name: &str) -> Pki {
     Pki { ca: dir.join(ca_pem), cert: dir.join(cert), key }
 }
 
+/// A self-signed server certificate `<name>-cert.pem` (not a CA: `CA:FALSE`, as rustls wants of
+/// an end entity) with key `<name>-key.pem` (mode 600), for 127.0.0.1 and localhost. The
+/// certificate is its own CA: `ca` and `cert` are the same file.
+pub fn make_self_signed(dir: &Path, name: &str) -> Pki {
+    let (key, cert) = (format!("{name}-key.pem"), format!("{name}-cert.pem"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+    );
+    let key = dir.join(key);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Pki { ca: dir.join(&cert), cert: dir.join(cert), key }
+}
+
 /// The `[telemetry]` lines for TLS with `pki`.
 pub fn tls_lines(pki: &Pki) -> String {
     format!("tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n", pki.cert.display(), pki.key.display())
