@@ -207,13 +207,39 @@ pub struct TelemetryConfig {
     /// CPU, where reading costs nothing; every 10 on CUDA).
     pub readback_every: i64,
     /// `GET /healthz` answers 503 when training has recorded no step for this many seconds (a
-    /// stage that hangs); keep it above the slowest step times `readback_every`.
+    /// stage that hangs); keep it above the slowest step times `readback_every`. The systemd
+    /// watchdog is fed only while this check passes.
     pub stall_after_s: u64,
+    /// A file holding the secret token that control requests (`POST /stop`, `POST /checkpoint`)
+    /// must carry as `Authorization: Bearer <token>`. Empty: no token, and control requests are
+    /// taken from loopback peers only. The file must be a regular file of at least 16 bytes that
+    /// neither group nor others may access (mode 600, as ssh asks of its keys); only its path is
+    /// stored (in checkpoints too), never the token.
+    pub control_token_file: PathBuf,
+    /// A file holding the token that the read-only endpoints (`/metrics`, `/healthz`, `/status`)
+    /// then require (Prometheus: `authorization: credentials_file`); the control token is taken
+    /// there too. Empty: reading is open to whoever reaches the port. Same rules as
+    /// `control_token_file`.
+    pub read_token_file: PathBuf,
+    /// The server's certificate chain (PEM, the server's certificate first). With
+    /// `tls_key_file`, the endpoint speaks HTTPS only. Empty: plain HTTP.
+    pub tls_cert_file: PathBuf,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`'s certificate.
+    pub tls_key_file: PathBuf,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { listen: "127.0.0.1:9184".into(), log_every: 20, readback_every: 0, stall_after_s: 600 }
+        TelemetryConfig {
+            listen: "127.0.0.1:9184".into(),
+            log_every: 20,
+            readback_every: 0,
+            stall_after_s: 600,
+            control_token_file: PathBuf::new(),
+            read_token_file: PathBuf::new(),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+        }
     }
 }
 
@@ -238,6 +264,15 @@ impl TelemetryConfig {
         }
         check::range(&k("log_every"), self.log_every, 1, i64::MAX)?;
         check::range(&k("stall_after_s"), self.stall_after_s, 1, 7 * 24 * 3600)?;
+        match (self.tls_cert_file.as_os_str().is_empty(), self.tls_key_file.as_os_str().is_empty()) {
+            (false, true) => {
+                return Err(Error::invalid(k("tls_key_file"), "tls_cert_file is set: give its private key too"))
+            }
+            (true, false) => {
+                return Err(Error::invalid(k("tls_cert_file"), "tls_key_file is set: give its certificate too"))
+            }
+            _ => {}
+        }
         check::range(&k("readback_every"), self.readback_every, 0, i64::MAX).map_err(|_| {
             Error::invalid(k("readback_every"), format!("must be >= 0 (0: automatic), got {}", self.readback_every))
         })

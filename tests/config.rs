@@ -78,6 +78,9 @@ fn impossible_values_are_refused_with_the_key_named() {
         ("[distributed]\nmaster_port = 0", "distributed.master_port"),
         ("[distributed]\nbackend = \"nccl\"", "backend"),
         ("[distributed]\nranks = 2", "ranks"),
+        ("[telemetry]\ntls_cert_file = \"c.pem\"", "telemetry.tls_key_file"),
+        ("[telemetry]\ntls_key_file = \"k.pem\"", "telemetry.tls_cert_file"),
+        ("[telemetry]\ncontrol_token = \"secret\"", "control_token"),
     ] {
         let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
         assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");

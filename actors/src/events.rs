@@ -1,6 +1,7 @@
 //! What the training loop reports, as events that sinks consume: the loop never logs or touches
-//! metrics itself. [`LogSink`] writes the progress lines (numbers as numbers), [`MetricsSink`]
-//! feeds Prometheus; the status board is a third sink.
+//! metrics itself. [`LogSink`] writes the progress lines (numbers as numbers: the text log format
+//! rounds them for people, JSON keeps them whole, see [`crate::logs`]), [`MetricsSink`] feeds
+//! Prometheus; the status board is a third sink.
 
 use crate::emit;
 use std::path::Path;
@@ -81,7 +82,7 @@ impl Sink for LogSink {
                 weight = r.weight,
                 mask = r.mask_fraction,
                 lr = r.lr,
-                it_per_s,
+                "it/s" = it_per_s,
                 eta_s = eta_s.round(),
                 "training"
             ),

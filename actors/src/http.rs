@@ -12,12 +12,15 @@
 //! Other methods on these paths get 405, other paths 404.
 //!
 //! # Who may call what
-//! The server has no authentication. Anyone who can open a TCP connection to the port can read
-//! the metrics and the status, **ask for checkpoints (disk use) and stop the run**. So it listens on
-//! loopback by default (`telemetry.listen = "127.0.0.1:9184"`): the port is for the operator on
-//! the host and a local Prometheus. Bind it to another interface only behind a firewall or a
-//! proxy that restricts who reaches `/stop` and `/checkpoint`. Every accepted control request is
-//! logged with the peer address.
+//! [`crate::access`] decides, per request, from the peer address and the `Authorization` header:
+//! control requests (`/stop`, `/checkpoint`) need the control token when
+//! `telemetry.control_token_file` is set (401 without it) and come from loopback peers only when
+//! it is not (403 from anywhere else, with a message saying how to enable them); the read-only
+//! endpoints need the read (or the control) token when `telemetry.read_token_file` is set. Every
+//! refused request is logged with the peer address and changes nothing; every accepted control
+//! request is logged with the peer address. With `telemetry.tls_cert_file` and
+//! `telemetry.tls_key_file` the endpoint speaks HTTPS only (rustls): a plain HTTP request on that
+//! port gets no answer.
 //!
 //! # Limits
 //! A slow or idle client must not block a scrape: requests are served asynchronously, a request
@@ -25,6 +28,7 @@
 //! [`KEEP_ALIVE`], each worker holds at most [`MAX_CONNECTIONS`], and a request body may be at most
 //! [`MAX_BODY`] bytes (the control requests take none).
 
+use crate::access::{Access, Kind};
 use crate::control::Controls;
 use crate::status::StatusBoard;
 use actix_web::http::header::ContentType;
@@ -106,12 +110,16 @@ pub struct HttpState {
     pub board: StatusBoard,
     /// Where `/stop` and `/checkpoint` put their requests.
     pub controls: Controls,
+    /// Who may read and who may control.
+    pub access: Access,
 }
 
 /// The running server: its address and a way to stop it.
 pub struct HttpServerHandle {
     /// The bound address (with the real port when 0 was asked).
     addr: SocketAddr,
+    /// Whether it speaks HTTPS.
+    tls: bool,
     /// actix's handle, to stop the server from outside its thread.
     server: actix_web::dev::ServerHandle,
     /// Told when the server thread ends.
@@ -124,6 +132,15 @@ impl HttpServerHandle {
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `https` or `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// Stops accepting, lets requests in flight finish (up to two seconds) and waits (up to five
@@ -157,8 +174,14 @@ impl Drop for HttpServerHandle {
 }
 
 /// Binds `addr` (port 0 picks a free port) and serves the control plane on a new thread with its
-/// own actix system; returns once the socket is bound (connections made from then on are served).
-pub fn spawn_server(addr: &str, state: HttpState) -> Result<HttpServerHandle, HttpError> {
+/// own actix system, over TLS when `tls` is given; returns once the socket is bound (connections
+/// made from then on are served).
+pub fn spawn_server(
+    addr: &str,
+    state: HttpState,
+    tls: Option<rustls::ServerConfig>,
+) -> Result<HttpServerHandle, HttpError> {
+    let is_tls = tls.is_some();
     let listener = TcpListener::bind(addr).map_err(|source| HttpError::Bind { addr: addr.to_string(), source })?;
     let local = listener.local_addr().map_err(|source| HttpError::Bind { addr: addr.to_string(), source })?;
     let start = |source| HttpError::Start { addr: local, source };
@@ -169,7 +192,7 @@ pub fn spawn_server(addr: &str, state: HttpState) -> Result<HttpServerHandle, Ht
         .spawn(move || {
             let system = actix_rt::System::new();
             let served = system.block_on(async move {
-                let server = match build(listener, state) {
+                let server = match build(listener, state, tls) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = handle_tx.send(Err(e));
@@ -186,7 +209,9 @@ pub fn spawn_server(addr: &str, state: HttpState) -> Result<HttpServerHandle, Ht
         })
         .map_err(start)?;
     match handle_rx.recv() {
-        Ok(Ok(server)) => Ok(HttpServerHandle { addr: local, server, done: done_rx, thread: Some(thread) }),
+        Ok(Ok(server)) => {
+            Ok(HttpServerHandle { addr: local, tls: is_tls, server, done: done_rx, thread: Some(thread) })
+        }
         Ok(Err(e)) => {
             let _ = thread.join();
             Err(start(e))
@@ -199,7 +224,11 @@ pub fn spawn_server(addr: &str, state: HttpState) -> Result<HttpServerHandle, Ht
 }
 
 /// The configured server on `listener`, running once awaited.
-fn build(listener: TcpListener, state: HttpState) -> std::io::Result<actix_web::dev::Server> {
+fn build(
+    listener: TcpListener,
+    state: HttpState,
+    tls: Option<rustls::ServerConfig>,
+) -> std::io::Result<actix_web::dev::Server> {
     let state = web::Data::new(state);
     let server = HttpServer::new(move || {
         App::new().app_data(state.clone()).app_data(web::PayloadConfig::new(MAX_BODY)).configure(routes)
@@ -211,8 +240,11 @@ fn build(listener: TcpListener, state: HttpState) -> std::io::Result<actix_web::
     .client_disconnect_timeout(DISCONNECT_TIMEOUT)
     .shutdown_timeout(SHUTDOWN_SECS)
     // SIGTERM and SIGINT belong to the supervisor: they stop the run, not just this server.
-    .disable_signals()
-    .listen(listener)?;
+    .disable_signals();
+    let server = match tls {
+        Some(config) => server.listen_rustls_0_23(listener, config)?,
+        None => server.listen(listener)?,
+    };
     Ok(server.run())
 }
 
@@ -226,7 +258,35 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .default_service(web::to(not_found));
 }
 
-async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
+/// Whether a request of `kind` may proceed: `None`, or the refusal to answer (401 with
+/// `WWW-Authenticate`, or 403), logged with the peer address. What was sent is never logged.
+fn refused(req: &HttpRequest, state: &HttpState, kind: Kind) -> Option<HttpResponse> {
+    let auth = req.headers().get(actix_web::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+    let peer = req.peer_addr();
+    let refusal = state.access.check(kind, peer, auth).err()?;
+    tracing::warn!(
+        peer = %peer.map_or("unknown".to_string(), |p| p.to_string()),
+        method = %req.method(),
+        path = req.path(),
+        status = refusal.status,
+        "HTTP request refused: {}",
+        refusal.message
+    );
+    let mut answer = match refusal.status {
+        401 => {
+            let mut a = HttpResponse::Unauthorized();
+            a.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer realm=\"uamt\""));
+            a
+        }
+        _ => HttpResponse::Forbidden(),
+    };
+    Some(answer.content_type(ContentType::plaintext()).body(format!("{}\n", refusal.message)))
+}
+
+async fn metrics(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
+    if let Some(no) = refused(&req, &state, Kind::Read) {
+        return no;
+    }
     let body = match &state.prometheus {
         Some(h) => render(h),
         None => crate::emit::render_seconds_totals(),
@@ -234,22 +294,39 @@ async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(body)
 }
 
-async fn healthz(state: web::Data<HttpState>) -> HttpResponse {
+async fn healthz(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
+    if let Some(no) = refused(&req, &state, Kind::Read) {
+        return no;
+    }
     match state.board.health() {
         Ok(()) => HttpResponse::Ok().content_type(ContentType::plaintext()).body("ok\n"),
         Err(why) => HttpResponse::ServiceUnavailable().content_type(ContentType::plaintext()).body(format!("{why}\n")),
     }
 }
 
-async fn status(state: web::Data<HttpState>) -> HttpResponse {
-    HttpResponse::Ok().json(state.board.snapshot())
+async fn status(req: HttpRequest, state: web::Data<HttpState>) -> HttpResponse {
+    if let Some(no) = refused(&req, &state, Kind::Read) {
+        return no;
+    }
+    let mut status = state.board.snapshot();
+    status.checkpoint_pending = state.controls.checkpoint_requested();
+    HttpResponse::Ok().json(status)
 }
 
-/// `POST /checkpoint`: the body is read (and so limited to [`MAX_BODY`]) and ignored.
+/// `POST /checkpoint`: the body is read (and so limited to [`MAX_BODY`]) and ignored. Requests
+/// coalesce: however many arrive during a step, one checkpoint follows it.
 async fn checkpoint(req: HttpRequest, _body: web::Bytes, state: web::Data<HttpState>) -> HttpResponse {
+    if let Some(no) = refused(&req, &state, Kind::Control) {
+        return no;
+    }
     let again = state.controls.checkpoint_requested();
     state.controls.request_checkpoint();
-    tracing::info!(peer = ?req.peer_addr(), "checkpoint requested over HTTP; writing one after the current step");
+    let peer = req.peer_addr().map_or("unknown".to_string(), |p| p.to_string());
+    if again {
+        tracing::debug!(%peer, "checkpoint requested over HTTP; one is already pending");
+    } else {
+        tracing::info!(%peer, "checkpoint requested over HTTP; writing one after the current step");
+    }
     HttpResponse::Accepted().json(serde_json::json!({
         "accepted": "checkpoint",
         "already_requested": again,
@@ -259,10 +336,14 @@ async fn checkpoint(req: HttpRequest, _body: web::Bytes, state: web::Data<HttpSt
 
 /// `POST /stop`: the body is read (and so limited to [`MAX_BODY`]) and ignored.
 async fn stop(req: HttpRequest, _body: web::Bytes, state: web::Data<HttpState>) -> HttpResponse {
+    if let Some(no) = refused(&req, &state, Kind::Control) {
+        return no;
+    }
     let again = state.controls.stop_requested();
     state.controls.request_stop("http");
     state.board.on_stop_requested();
-    tracing::info!(peer = ?req.peer_addr(), "stop requested over HTTP; stopping after the current step (a checkpoint follows)");
+    let peer = req.peer_addr().map_or("unknown".to_string(), |p| p.to_string());
+    tracing::info!(%peer, "stop requested over HTTP; stopping after the current step (a checkpoint follows)");
     HttpResponse::Accepted().json(serde_json::json!({
         "accepted": "stop",
         "already_requested": again,

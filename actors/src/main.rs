@@ -1,30 +1,23 @@
 //! `uamt`: the daemon and its command-line tools.
 
 use uamt_actors::cmd;
+use uamt_actors::logs::{subscriber, LogFormat};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 
 /// Semi-supervised 3D segmentation with the uncertainty-aware mean teacher (UA-MT).
 #[derive(Debug, Parser)]
 #[command(name = "uamt", version, about)]
 struct Cli {
-    /// How log lines on stderr look: `text` for people, `json` (one object per line) for log
-    /// collectors. Colours only when stderr is a terminal (and NO_COLOR is unset).
+    /// How log lines on stderr look: `text` for people (numbers rounded to three significant
+    /// digits), `json` (one object per line, full precision) for log collectors. Colours only
+    /// when stderr is a terminal (and NO_COLOR is unset).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     command: Command,
-}
-
-/// The format of log lines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,31 +40,18 @@ enum Command {
     Predict(cmd::predict::Args),
     /// A checkpoint's weights under the reference PyTorch V-Net's state_dict names.
     Export(cmd::export::Args),
+    /// Ask a running daemon for its status, a checkpoint, or to stop (its HTTP endpoint).
+    Ctl(cmd::ctl::Args),
 }
 
-/// Installs the global subscriber: level from RUST_LOG (default info), lines on stderr. Colours
-/// only when stderr is a terminal (and NO_COLOR is unset).
+/// Installs the global subscriber ([`subscriber`]): level from RUST_LOG (default info, the HTTP
+/// server's own lines at debug), lines on stderr. Colours only when stderr is a terminal (and
+/// NO_COLOR is unset).
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::util::SubscriberInitExt;
     let no_colour = matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty());
     let colour = std::io::stderr().is_terminal() && !no_colour;
     subscriber(format, colour, std::io::stderr).init();
-}
-
-/// The subscriber writing to `writer`. A line that cannot be written (stderr gone: the terminal
-/// of a run started without nohup closed) is dropped: tracing-subscriber's own report of the
-/// failed write is an `eprintln!` to that same stderr, which panics the logging thread (the
-/// training thread before its final checkpoint, the supervisor before the exit).
-fn subscriber<W>(format: LogFormat, colour: bool, writer: W) -> Box<dyn tracing::Subscriber + Send + Sync>
-where
-    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
-{
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).log_internal_errors(false);
-    match format {
-        LogFormat::Text => Box::new(builder.with_ansi(colour).finish()),
-        LogFormat::Json => Box::new(builder.json().with_ansi(false).finish()),
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Predict(a) => cmd::predict::run(a),
         Command::Export(a) => cmd::export::run(a),
+        Command::Ctl(a) => cmd::ctl::run(a),
     }
 }
 

@@ -139,6 +139,10 @@ pub struct Status {
     pub healthy: bool,
     /// Why it does not, when it does not.
     pub unhealthy: Option<String>,
+    /// Whether a checkpoint was asked for (`POST /checkpoint`, SIGUSR1) and not yet written: it
+    /// follows the current step, and further requests until then add nothing. Filled in by the
+    /// HTTP server from the run's controls (the board does not hold them).
+    pub checkpoint_pending: bool,
 }
 
 /// The board's record, behind its mutex.
@@ -354,6 +358,7 @@ impl StatusBoard {
             failed_stage: b.failed.clone(),
             healthy: health.is_ok(),
             unhealthy: health.err(),
+            checkpoint_pending: false,
         }
     }
 }

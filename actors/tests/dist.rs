@@ -199,11 +199,19 @@ fn a_stop_on_one_rank_stops_both_after_the_same_step_and_both_resume_from_rank_0
     assert!(text.contains("2 process(es)") && text.contains("same world size"), "{text}");
 }
 
-/// The last `final_loss=` of a log.
+/// The `done` line of a JSON log (`--log-format json`: full precision, where text rounds) with
+/// its `final_loss` and whether it wrote a checkpoint (only rank 0 does).
+fn final_loss_line(line: &str) -> Option<(usize, String)> {
+    // (torchrun may put a rank prefix before the object)
+    let v: serde_json::Value = serde_json::from_str(&line[line.find('{')?..]).ok()?;
+    let f = &v["fields"];
+    let loss = f["final_loss"].as_f64()?;
+    Some((usize::from(f["checkpoint"] == "None"), format!("{loss:?}")))
+}
+
+/// The last `final_loss` of a JSON log.
 fn final_loss(text: &str) -> Option<String> {
-    let line = text.lines().rev().find(|l| l.contains("final_loss="))?;
-    let at = line.find("final_loss=")? + "final_loss=".len();
-    Some(line[at..].split_whitespace().next()?.to_string())
+    text.lines().rev().find_map(final_loss_line).map(|(_, loss)| loss)
 }
 
 /// torchrun (its agent serves the store; every rank is a client) runs the same training as the
@@ -213,7 +221,8 @@ fn torchrun_launches_the_same_run_as_a_launch_by_hand() {
     let dir = TempDir::new("dist-torchrun");
     let cfg = write_config(&dir, 4, 60.0);
     let port = free_port();
-    let (mut r0, mut r1) = (rank(&dir, &cfg, 0, port, &[]), rank(&dir, &cfg, 1, port, &[]));
+    let json = ["--log-format", "json"];
+    let (mut r0, mut r1) = (rank(&dir, &cfg, 0, port, &json), rank(&dir, &cfg, 1, port, &json));
     let (s0, s1) = (wait_exit(&mut r0, 120.0).0, wait_exit(&mut r1, 120.0).0);
     assert!(s0.success() && s1.success(), "{}\n{}", log(&dir, 0), log(&dir, 1));
     let by_hand = (final_loss(&log(&dir, 0)).unwrap(), final_loss(&log(&dir, 1)).unwrap());
@@ -222,21 +231,14 @@ fn torchrun_launches_the_same_run_as_a_launch_by_hand() {
     let out = Command::new(&torchrun)
         .args(["--nproc-per-node", "2", "--master-port"])
         .arg(free_port().to_string())
-        .args(["--no-python", env!("CARGO_BIN_EXE_uamt"), "train", "--config"])
+        .args(["--no-python", env!("CARGO_BIN_EXE_uamt"), "--log-format", "json", "train", "--config"])
         .arg(&cfg)
         .current_dir(dir.path())
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", torchrun.display()));
     let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "torchrun failed\n{text}");
-    let mut losses: Vec<(usize, String)> = text
-        .lines()
-        .filter(|l| l.contains("final_loss="))
-        .map(|l| {
-            let rank = usize::from(l.contains("checkpoint=None"));
-            (rank, final_loss(l).unwrap())
-        })
-        .collect();
+    let mut losses: Vec<(usize, String)> = text.lines().filter_map(final_loss_line).collect();
     losses.sort();
     assert_eq!(losses, vec![(0, by_hand.0), (1, by_hand.1)], "{text}");
 }

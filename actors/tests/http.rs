@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use uamt::train::StepReport;
+use uamt_actors::access::Access;
 use uamt_actors::control::Controls;
 use uamt_actors::http::{spawn_server, HttpServerHandle, HttpState, MAX_BODY};
 use uamt_actors::status::{EvalStatus, Phase, StatusBoard};
@@ -34,8 +35,13 @@ struct Served {
 fn serve(stall_after: Duration) -> Served {
     let board = StatusBoard::new(100, stall_after);
     let controls = Controls::new();
-    let state = HttpState { prometheus: Some(recorder()), board: board.clone(), controls: controls.clone() };
-    let server = spawn_server("127.0.0.1:0", state).expect("start the server");
+    let state = HttpState {
+        prometheus: Some(recorder()),
+        board: board.clone(),
+        controls: controls.clone(),
+        access: Access::default(),
+    };
+    let server = spawn_server("127.0.0.1:0", state, None).expect("start the server");
     assert_ne!(server.addr().port(), 0, "port 0 must be replaced by the bound port");
     Served { server, board, controls }
 }
@@ -323,9 +329,13 @@ fn stop_closes_the_port() {
 #[test]
 fn a_taken_port_is_an_error_naming_the_address() {
     let s = serve(Duration::from_secs(3600));
-    let state =
-        HttpState { prometheus: None, board: StatusBoard::new(1, Duration::from_secs(1)), controls: Controls::new() };
+    let state = HttpState {
+        prometheus: None,
+        board: StatusBoard::new(1, Duration::from_secs(1)),
+        controls: Controls::new(),
+        access: Access::default(),
+    };
     let addr = s.server.addr().to_string();
-    let e = spawn_server(&addr, state).err().expect("binding a taken port must fail");
+    let e = spawn_server(&addr, state, None).err().expect("binding a taken port must fail");
     assert!(e.to_string().contains(&addr), "{e}");
 }

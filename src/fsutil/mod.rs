@@ -1,7 +1,8 @@
 //! The one place where uamt touches a file a user named, with the rules every command keeps:
 //!
 //! - [`open`]: reading. A path is opened only if it is (or links to) a regular file; a FIFO,
-//!   device, socket or folder is refused before anything is read, and the open never blocks.
+//!   device, socket or folder is refused before anything is read, and the open never blocks. A
+//!   secret (a token file) is read only when its group and others have no access to it.
 //! - [`atomic`]: writing. Every file is written under a temporary name and renamed into place; a
 //!   target that exists and is not a regular file is refused.
 //! - [`cleanup`]: what is being written (temporary files, staging folders) is removed on error
@@ -20,5 +21,5 @@ pub mod paths;
 pub use atomic::{check_target, replace_atomic, sync_dir, write_atomic};
 pub use io::{kind_of, parent_dir, temp_name, IoError};
 pub use marker::OutputDir;
-pub use open::{check_regular, open_regular, read_regular, read_text};
+pub use open::{check_regular, open_regular, read_private, read_regular, read_text};
 pub use paths::{check_apart, resolve};

@@ -67,6 +67,42 @@ pub fn read_text(path: &Path) -> Result<String, IoError> {
     String::from_utf8(bytes).map_err(|e| IoError::refused(path, format!("not UTF-8 text: {e}")))
 }
 
+/// The largest secret file (a token) taken.
+pub const MAX_SECRET_BYTES: u64 = 4096;
+
+/// The content of a file holding a secret (a token): a regular file ([`open_regular`]) of at most
+/// [`MAX_SECRET_BYTES`] that neither its group nor others may read, write or run, checked on the
+/// open handle (as ssh checks its keys: mode 600 or 400). The error names the file and its mode,
+/// never the content.
+pub fn read_private(path: &Path) -> Result<Vec<u8>, IoError> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = open_regular(path)?;
+    let meta = at(file.metadata(), path)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(IoError::refused(
+            path,
+            format!(
+                "mode {mode:03o} lets its group or others access it: refused for a secret (chmod 600 {}, as ssh asks \
+                 of its keys)",
+                path.display()
+            ),
+        ));
+    }
+    if meta.len() > MAX_SECRET_BYTES {
+        return Err(IoError::refused(
+            path,
+            format!("{} bytes, more than the {MAX_SECRET_BYTES} bytes a secret may have: refused", meta.len()),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    at(file.take(MAX_SECRET_BYTES + 1).read_to_end(&mut bytes), path)?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(IoError::refused(path, format!("grew past {MAX_SECRET_BYTES} bytes while read: refused")));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +153,29 @@ mod tests {
         assert_eq!(s, "hello");
         std::fs::write(&f, [0xff, 0xfe]).unwrap();
         assert!(read_text(&f).unwrap_err().to_string().contains("not UTF-8"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn should_read_a_secret_only_when_group_and_others_have_no_access() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("secret");
+        let f = dir.join("token");
+        std::fs::write(&f, "0123456789abcdef\n").unwrap();
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(read_private(&f).unwrap(), b"0123456789abcdef\n");
+        }
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            let msg = read_private(&f).unwrap_err().to_string();
+            assert!(msg.starts_with(&f.display().to_string()) && msg.contains(&format!("mode {mode:03o}")), "{msg}");
+            assert!(!msg.contains("0123456789abcdef"), "the secret leaked into the error: {msg}");
+        }
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&f, vec![b'x'; MAX_SECRET_BYTES as usize + 1]).unwrap();
+        assert!(read_private(&f).unwrap_err().to_string().contains("more than the 4096 bytes"));
+        assert!(read_private(&dir).unwrap_err().to_string().contains("a folder"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

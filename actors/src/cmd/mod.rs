@@ -1,6 +1,7 @@
 //! One module per subcommand; each has `Args` (clap) and `run`.
 
 pub mod bench;
+pub mod ctl;
 pub mod eval;
 pub mod export;
 pub mod import;

@@ -87,14 +87,34 @@ pub fn telemetry(
     if cfg.telemetry.listen.is_empty() {
         return Ok(None);
     }
+    let t = &cfg.telemetry;
+    // The tokens and the certificate first: a bad file is refused before anything listens.
+    let access = crate::access::Access::from_config(t)?;
+    let tls = if t.tls_cert_file.as_os_str().is_empty() {
+        None
+    } else {
+        Some(crate::tls::server_config(
+            "telemetry.tls_cert_file",
+            &t.tls_cert_file,
+            "telemetry.tls_key_file",
+            &t.tls_key_file,
+        )?)
+    };
     let state = HttpState {
         prometheus: Some(crate::http::install_recorder_labelled(labels)?),
         board: board.clone(),
         controls: controls.clone(),
+        access: access.clone(),
     };
-    let server = crate::http::spawn_server(&cfg.telemetry.listen, state)?;
-    let addr = server.addr();
-    tracing::info!(%addr, "metrics at http://{addr}/metrics, status at http://{addr}/status");
+    let server = crate::http::spawn_server(&t.listen, state, tls)?;
+    let (addr, scheme) = (server.addr(), server.scheme());
+    let control = match (&access.control, addr.ip().is_loopback()) {
+        (Some(_), _) => "control with the token of telemetry.control_token_file",
+        (None, true) => "control from this host only",
+        (None, false) => "control from loopback peers only (no telemetry.control_token_file)",
+    };
+    let read = if access.read.is_some() { "reading with a token" } else { "reading open" };
+    tracing::info!(%addr, "metrics at {scheme}://{addr}/metrics, status at {scheme}://{addr}/status ({read}, {control})");
     if let Some(f) = addr_file {
         let tmp = f.with_extension("tmp");
         std::fs::write(&tmp, addr.to_string())
@@ -139,6 +159,8 @@ pub fn run(args: Args) -> Result<()> {
     tracing::info!(estimate = %footprint.describe(), "memory");
     let controls = Controls::new();
     let board = StatusBoard::new(cfg.optim.iterations, Duration::from_secs(cfg.telemetry.stall_after_s));
+    // systemd (Type=notify): READY=1 once the data are open, STOPPING=1, the watchdog.
+    let notifier = crate::notify::Notifier::start(board.clone(), controls.clone());
     let failure = Arc::new(std::sync::Mutex::new(None));
     let watching = !cfg.eval.watch_dir.as_os_str().is_empty();
     let system = actix::System::new();
@@ -153,14 +175,15 @@ pub fn run(args: Args) -> Result<()> {
     let supervisor = crate::supervisor::start(&system, supervisor)?;
     let _http = telemetry(&cfg, addr_file.as_deref(), &board, &controls, &labels)?;
     let addr = supervisor.clone();
+    let plane = Plane { controls, board, notifier: notifier.clone() };
     std::thread::Builder::new().name("training".into()).spawn(move || {
-        let ended = crate::pipeline::spawn::run_caught("training", || {
-            train(cfg, device, &args, launch, controls, board, &addr)
-        })
-        .map_err(|e| format!("{e:#}"));
+        let ended = crate::pipeline::spawn::run_caught("training", || train(cfg, device, &args, launch, plane, &addr))
+            .map_err(|e| format!("{e:#}"));
         addr.do_send(TrainingEnded(ended));
     })?;
-    let code = system.run_with_code()?;
+    let code = system.run_with_code();
+    notifier.stopping();
+    let code = code?;
     let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
     match failed {
         Some(why) => Err(anyhow::anyhow!(why)),
@@ -206,16 +229,26 @@ fn adapt_to_rank(cfg: &mut Config, l: &uamt::dist::Launch) -> Result<()> {
     Ok(())
 }
 
+/// What the training thread shares with the control plane.
+struct Plane {
+    /// Stop and checkpoint requests.
+    controls: Controls,
+    /// What `/status` and `/healthz` report.
+    board: StatusBoard,
+    /// systemd's notifications.
+    notifier: crate::notify::Notifier,
+}
+
 /// The training thread's work: data, model, evaluation service, pipeline.
 fn train(
     cfg: Config,
     device: tch::Device,
     args: &Args,
     launch: Option<uamt::dist::Launch>,
-    controls: Controls,
-    board: StatusBoard,
+    plane: Plane,
     supervisor: &actix::Addr<Supervisor>,
 ) -> Result<()> {
+    let Plane { controls, board, notifier } = plane;
     // Data-parallel: meet the other ranks first (a rank that fails later ends theirs too). A
     // stop (signal, POST /stop) during the rendezvous ends it at once: exit 0, no step made.
     let world = match launch {
@@ -259,6 +292,8 @@ fn train(
         test = dataset.test.len(),
         "dataset open"
     );
+    // The HTTP server listens already (it started before this thread): ready for systemd.
+    notifier.ready();
     let loader = loader_for(&cfg, dataset, rank, size)?;
     // Held until training (and its final checkpoint) is over: no other process resumes this run.
     let _lock = started.lock;
@@ -278,6 +313,7 @@ fn train(
     run.sinks = crate::events::standard();
     run.sinks.push(Box::new(crate::events::StatusSink::new(board.clone())));
     run.fault = crate::pipeline::fault::Fault::from_env();
+    run.hold = crate::pipeline::fault::Hold::from_env();
     if cfg.eval.every > 0 || !cfg.eval.watch_dir.as_os_str().is_empty() {
         let evaluator = Evaluator::new(&cfg, run.loader.dataset().clone(), device)?;
         let (reply, handle) = crossbeam_channel::bounded(1);

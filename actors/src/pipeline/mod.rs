@@ -103,6 +103,8 @@ pub struct Run {
     pub eval: Option<Box<dyn FnMut(EvalRequest) -> bool + Send>>,
     /// A stage to fail on purpose (lifecycle tests).
     pub fault: Option<fault::Fault>,
+    /// A step the student waits before (lifecycle tests).
+    pub hold: Option<fault::Hold>,
     /// The run's id, in every checkpoint and its name (`""`: the names of format version 1).
     pub run_id: String,
     /// The other ranks of a data-parallel run (the trainer's `sync` does the step's part).
@@ -126,6 +128,7 @@ impl Run {
             sinks: Vec::new(),
             eval: None,
             fault: None,
+            hold: None,
             run_id: String::new(),
             dist: None,
         }
@@ -224,6 +227,7 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         controls: run.controls.clone(),
         sinks: std::mem::take(&mut run.sinks),
         fault: run.fault.clone(),
+        hold: run.hold.clone(),
     };
     let t0 = Instant::now();
     let (learned, teacher) = match run.mode {

@@ -179,6 +179,8 @@ pub struct Learner {
     pub sinks: Vec<Box<dyn Sink>>,
     /// A stage to fail on purpose (lifecycle tests).
     pub fault: Option<super::fault::Fault>,
+    /// A step to wait before (lifecycle tests).
+    pub hold: Option<super::fault::Hold>,
 }
 
 impl Learner {
@@ -204,6 +206,7 @@ impl Learner {
                 break;
             }
             let i = self.student.iter();
+            super::fault::hold(&self.hold, i, || self.controls.stop_requested());
             let t_iter = Instant::now();
             let batch = match up.batch(i) {
                 Ok(b) => b,
