@@ -13,7 +13,7 @@ use uamt::config::Config;
 use uamt::data::synth::{write_synth, SynthConfig};
 use uamt::data::{write_nifti, Dataset, DatasetOptions, Geometry, GzCache, NiftiVolume, Volume};
 use uamt::eval::{
-    case_metrics, evaluate_dataset, mc_uncertainty, model_from_named, Calibration, EmptyPolicy, EvalOptions,
+    case_metrics, evaluate_dataset, mc_uncertainty, model_from_named, Blend, Calibration, EmptyPolicy, EvalOptions,
     InferOptions, McOptions,
 };
 use uamt::model::{VNet, VNetConfig};
@@ -231,7 +231,13 @@ fn should_evaluate_a_weights_file_on_a_dataset() {
     // The same evaluation through the library.
     let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
     let opts = EvalOptions {
-        infer: InferOptions { patch: [32, 32, 16], stride: [8, 8, 4], batch_size: 1, largest_component: None },
+        infer: InferOptions {
+            patch: [32, 32, 16],
+            stride: [8, 8, 4],
+            batch_size: 1,
+            largest_component: None,
+            blend: Blend::Constant,
+        },
         ..EvalOptions::default()
     };
     let want = evaluate_dataset(&model, None, &dataset, "w", &opts, &mut |_| {}).unwrap();
@@ -406,7 +412,13 @@ fn a_model_run_at_a_coarser_voxel_size_is_scored_in_the_image_s_own_grid() {
     let case = &dataset.test[0];
     let geometry = case.image.header().geometry;
     let coarse = geometry.spacing().map(|s| 2.0 * s);
-    let infer = InferOptions { patch: [16, 16, 16], stride: [8, 8, 8], batch_size: 2, largest_component: None };
+    let infer = InferOptions {
+        patch: [16, 16, 16],
+        stride: [8, 8, 8],
+        batch_size: 2,
+        largest_component: None,
+        blend: Blend::Constant,
+    };
     let opts = EvalOptions {
         infer: infer.clone(),
         network_spacing: Some(coarse),

@@ -2,7 +2,8 @@
 //! outputs to look at (NIfTI label / probability / uncertainty maps, PNG slices).
 //!
 //! # Layout
-//! - [`infer`]: the reference's sliding window (`test_single_case`), largest-component option.
+//! - [`infer`]: the reference's sliding window (`test_single_case`), largest-component option;
+//!   [`blend`]: how overlapping windows combine (the reference's average, or Gaussian weights).
 //! - [`metrics`]: Dice, Jaccard, hd95, asd as `medpy.metric.binary` defines them; [`edt`]: the
 //!   exact Euclidean distance transform they rest on.
 //! - [`calibration`]: how far the probabilities and the uncertainty can be trusted (ECE, Brier
@@ -17,6 +18,7 @@
 //! What the daemon calls: `model_from_named` when a checkpoint arrives, then `evaluate_dataset`
 //! with a progress callback, then [`Report::write_json`] / [`Report::write_csv`].
 
+pub mod blend;
 pub mod calibration;
 pub mod compare;
 pub mod edt;
@@ -26,6 +28,7 @@ pub mod picture;
 pub mod predict;
 pub mod report;
 
+pub use blend::Blend;
 pub use calibration::{Calibration, Reliability, UncertaintySource};
 pub use compare::{compare_files, compare_paths};
 pub use infer::{
