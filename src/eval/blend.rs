@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 
 /// How overlapping windows are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum Blend {
     /// Every window alike: the plain average (the reference's numbers).
     #[default]
@@ -30,6 +30,14 @@ impl Blend {
     /// Whether this is the default (left out of a written config).
     pub fn is_constant(&self) -> bool {
         *self == Blend::Constant
+    }
+}
+
+impl TryFrom<String> for Blend {
+    type Error = String;
+    /// The config's `blend = "..."`; an unknown name is refused naming the key.
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse().map_err(|e| format!("blend {e}"))
     }
 }
 

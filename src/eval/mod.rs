@@ -113,8 +113,9 @@ pub fn inference_model(
     Ok(model.folded_for_inference())
 }
 
-/// [`inference_model`] on a weights file (`.safetensors`, `.npz`, or tch's `.ot`), with the
-/// default `[device]` layout (channels-last on a CPU from 8 filters), as a checkpoint with the
+/// [`inference_model`] on a weights file of any format [`read_named`] reads (`.safetensors`,
+/// `.npz`, PyTorch's `state_dict` `.pt` / `.pth`, TorchScript, tch's `.ot`), with the default
+/// `[device]` layout (channels-last on a CPU from 8 filters), as a checkpoint with the
 /// default config gets.
 pub fn load_weights(path: &Path, config: &VNetConfig, device: Device) -> Result<VNet> {
     inference_model(config, device, &read_named(path)?, path, &crate::device::DeviceConfig::default())

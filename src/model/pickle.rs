@@ -259,8 +259,9 @@ fn resolve(module: &str, name: &str, opts: Options) -> Result<Global, Refusal> {
             Ok(Global::Class(format!("{m}.{n}").into()))
         }
         (m, n) => Err(format!(
-            "the pickle names the global `{m}.{n}`, which is not one a weights file uses (refused; \
-             only state_dicts and TorchScript modules are read, never pickled Python objects)"
+            "the pickle names the global `{m}.{n}`, which is not one a weights file uses (refused: \
+             uamt reads state_dicts and TorchScript modules, never pickled Python objects; save \
+             `model.state_dict()`)"
         )),
     }
 }

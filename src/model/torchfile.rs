@@ -48,13 +48,20 @@ pub fn archive_layout(names: &[&str]) -> Option<(String, ArchiveKind)> {
     Some((prefix, if script { ArchiveKind::TorchScript } else { ArchiveKind::StateDict }))
 }
 
-/// Whether `bytes` are a zip archive laid out as a PyTorch archive (see [`archive_layout`]).
-pub fn is_torch_archive(bytes: &[u8]) -> bool {
+/// Whether the zip archive `bytes` is laid out as a PyTorch archive (see [`archive_layout`]), or
+/// why it cannot be read as a zip archive at all.
+pub fn is_torch_zip(bytes: &[u8]) -> std::result::Result<bool, String> {
     std::panic::catch_unwind(|| {
         zip::ZipArchive::new(Cursor::new(bytes))
-            .is_ok_and(|z| archive_layout(&z.file_names().collect::<Vec<_>>()).is_some())
+            .map(|z| archive_layout(&z.file_names().collect::<Vec<_>>()).is_some())
+            .map_err(|e| format!("a zip archive that cannot be read (truncated?): {e}"))
     })
-    .unwrap_or(false)
+    .unwrap_or_else(|_| Err("a zip archive that cannot be read (the zip reader failed on it)".into()))
+}
+
+/// Whether `bytes` are a zip archive laid out as a PyTorch archive.
+pub fn is_torch_archive(bytes: &[u8]) -> bool {
+    is_torch_zip(bytes).unwrap_or(false)
 }
 
 /// Parses a PyTorch archive into named tensors; any panic inside the zip reader is an error.

@@ -27,7 +27,7 @@ const LEGACY_TORCH: [u8; 4] = [0x80, 0x02, 0x8a, 0x0a];
 /// The format of a file from its first bytes (the whole file for zip archives), or why none.
 pub fn detect(bytes: &[u8]) -> std::result::Result<Format, String> {
     if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
-        return Ok(if torchfile::is_torch_archive(bytes) { Format::Torch } else { Format::Npz });
+        return Ok(if torchfile::is_torch_zip(bytes)? { Format::Torch } else { Format::Npz });
     }
     if bytes.len() > 8 && bytes[8] == b'{' {
         return Ok(Format::Safetensors);
