@@ -436,7 +436,7 @@ fn set_items(target: &Value, pairs: Vec<Value>) -> Result<(), Refusal> {
     let Value::Dict(n) = target else {
         return Err(format!("SETITEM(S) on {}, not a dict", target.type_name()));
     };
-    if pairs.len() % 2 != 0 {
+    if !pairs.len().is_multiple_of(2) {
         return Err("SETITEMS with a key and no value".into());
     }
     let depth = admit(n, Rc::as_ptr(n) as *const (), &pairs.iter().collect::<Vec<_>>())?;
@@ -492,7 +492,7 @@ fn rebuild_tensor(args: &[Value]) -> Result<Value, Refusal> {
     let too_big = || format!("a tensor of size {size:?} is too large");
     let numel = size.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(too_big)?;
     let elt = storage.kind.elt_size_in_bytes();
-    if numel.checked_mul(elt).map_or(true, |b| b as u64 > super::tensorfile::MAX_FILE_BYTES) {
+    if numel.checked_mul(elt).is_none_or(|b| b as u64 > super::tensorfile::MAX_FILE_BYTES) {
         return Err(too_big());
     }
     if numel > 0 {
@@ -753,11 +753,11 @@ mod tests {
     #[test]
     fn nesting_is_bounded_without_recursion() {
         let mut p = vec![0x80, 2, b'K', 1];
-        p.extend(std::iter::repeat(0x85).take(100_000));
+        p.extend(std::iter::repeat_n(0x85, 100_000));
         p.push(b'.');
         assert!(run(&p).unwrap_err().contains("nested"));
         let mut ok = vec![0x80, 2, b'K', 1];
-        ok.extend(std::iter::repeat(0x85).take(MAX_DEPTH));
+        ok.extend(std::iter::repeat_n(0x85, MAX_DEPTH));
         ok.push(b'.');
         assert!(matches!(run(&ok).unwrap(), Value::Tuple(_)));
     }

@@ -399,7 +399,8 @@ mod tests {
     #[test]
     fn bad_storages_are_refused() {
         let one = |p: Pk| p.tensor("w", ("FloatStorage", "0", 4), 0, &[4], &[1]);
-        let cases: Vec<(Vec<u8>, Vec<(&str, Vec<u8>)>, &str)> = vec![
+        type Case<'a> = (Vec<u8>, Vec<(&'a str, Vec<u8>)>, &'a str);
+        let cases: Vec<Case> = vec![
             // The record holds fewer bytes than its elements need.
             (Pk::state_dict(one), vec![("0", floats(&[1., 2.]))], "holds 8 bytes"),
             // ... or more.
