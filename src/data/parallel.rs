@@ -12,8 +12,8 @@ pub fn threads() -> usize {
 }
 
 /// Calls `f(first, part)` on consecutive parts of `data` (each a whole number of `unit` elements
-/// but the last, `first` its index in `data`), on at most `threads` scoped threads (`f` runs on
-/// the caller's thread when there is one part).
+/// but the last, `first` its index in `data`), on at most `threads` threads: the caller's and
+/// scoped ones.
 pub fn for_each_chunk<T: Send>(data: &mut [T], unit: usize, threads: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let unit = unit.max(1);
     let units = data.len().div_ceil(unit);
@@ -24,9 +24,15 @@ pub fn for_each_chunk<T: Send>(data: &mut [T], unit: usize, threads: usize, f: i
     }
     let per = units.div_ceil(threads) * unit;
     std::thread::scope(|s| {
-        for (k, part) in data.chunks_mut(per).enumerate() {
+        let mut parts = data.chunks_mut(per).enumerate();
+        // The first part on this thread, the others on threads of their own.
+        let first = parts.next();
+        for (k, part) in parts {
             let f = &f;
             s.spawn(move || f(k * per, part));
+        }
+        if let Some((_, part)) = first {
+            f(0, part);
         }
     });
 }
