@@ -283,8 +283,8 @@ fn mc_uncertainty_depends_on_seed_and_passes_not_on_batching() {
 /// `.pt`); `.npz`; tch's `.ot`; and the reference PyTorch V-Net loaded with the exported `.pt`
 /// and saved by real PyTorch (tests/oracle/torch_formats.py) as a `state_dict` (pickle protocols
 /// 2 and 4), as named parameters and buffers, and as TorchScript (scripted, traced, and under a
-/// name that does not say so: the format is read from the content). A pickled module and
-/// PyTorch's pre-1.6 format are refused, naming the file.
+/// name that does not say so: the format is read from the content). A pickled module, a pickle
+/// whose `__reduce__` calls `os.system` and PyTorch's pre-1.6 format are refused, naming the file.
 #[test]
 fn every_weights_source_gives_the_checkpoint_path_s_model() {
     let dir = support::TempDir::new("weights-sources");
@@ -334,9 +334,11 @@ fn every_weights_source_gives_the_checkpoint_path_s_model() {
         let got = tch::no_grad(|| m.forward_with(&image, false, Dropout::Random)).unwrap();
         assert_eq!(f64::try_from((&got - &want).abs().max()).unwrap(), 0.0, "{}", path.display());
     }
-    for (name, words) in
-        [("whole_module.pt", ["ScriptableVNet", "state_dict"]), ("legacy.pt", ["1.6", "save it again"])]
-    {
+    for (name, words) in [
+        ("whole_module.pt", ["ScriptableVNet", "state_dict"]),
+        ("legacy.pt", ["1.6", "save it again"]),
+        ("evil.pt", ["system`", "refused"]),
+    ] {
         let path = torch_dir.join(name);
         let e = uamt::eval::load_weights(&path, &config, Device::Cpu).map(|_| ()).unwrap_err().to_string();
         assert!(e.contains(&path.display().to_string()), "{name}: the error does not name the file: {e}");
@@ -344,4 +346,5 @@ fn every_weights_source_gives_the_checkpoint_path_s_model() {
             assert!(e.contains(w), "{name}: `{w}` missing from: {e}");
         }
     }
+    assert!(!torch_dir.join("pwned").exists(), "the pickle's command ran");
 }

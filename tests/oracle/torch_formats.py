@@ -12,6 +12,8 @@ with torch.load(weights_only=True), load_state_dict strict) and saved as:
   script.weights     the scripted module again, under a name that says nothing of its format
   whole_module.pt    torch.save(net): a pickled Python object (uamt must refuse it)
   legacy.pt          torch.save(..., _use_new_zipfile_serialization=False) (refused: too old)
+  evil.pt            a state_dict with one more entry whose __reduce__ calls os.system (refused;
+                     the command, if it ever ran, would create OUT_DIR/pwned)
 
 Usage: torch_formats.py WEIGHTS N_FILTERS OUT_DIR
 """
@@ -23,6 +25,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from uamt_oracle import VNet  # noqa: E402
+
+
+class Evil:
+    """Unpickling this runs a shell command, as `pickle.load` and `torch.load(weights_only=False)` would."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 class ScriptableVNet(VNet):
@@ -59,6 +71,9 @@ def main():
     shutil.copy(p("script.pt"), p("script.weights"))
     torch.save(net, p("whole_module.pt"))
     torch.save(net.state_dict(), p("legacy.pt"), _use_new_zipfile_serialization=False)
+    evil = dict(net.state_dict())
+    evil["x"] = Evil(p("pwned"))
+    torch.save(evil, p("evil.pt"))
 
 
 if __name__ == "__main__":
