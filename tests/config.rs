@@ -208,6 +208,18 @@ fn the_eval_stride_may_not_exceed_the_window() {
 }
 
 #[test]
+fn the_eval_blend_is_constant_unless_asked_and_refused_by_key_when_unknown() {
+    use uamt::eval::Blend;
+    assert_eq!(Config::demo().eval.window.blend, Blend::Constant, "the reference's average by default");
+    assert!(!Config::demo().to_toml().contains("blend"), "the default is left out of written configs");
+    let c = Config::from_toml("[eval]\nblend = \"gaussian\"", Path::new("h.toml")).unwrap();
+    assert_eq!(c.eval.window.blend, Blend::Gaussian);
+    assert_eq!(Config::from_toml(&c.to_toml(), Path::new("rt.toml")).unwrap(), c);
+    let err = refused("[eval]\nblend = \"mean\"");
+    assert!(err.contains("blend") && err.contains("gaussian"), "{err}");
+}
+
+#[test]
 fn an_empty_checkpoint_dir_is_refused() {
     let err = refused("[checkpoint]\ndir = \"\"");
     assert!(err.contains("checkpoint.dir"), "{err}");

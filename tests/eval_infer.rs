@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use uamt::data::Volume;
 use uamt::eval::infer::{padding, window_starts};
 use uamt::eval::{
-    largest_component, mc_uncertainty, model_from_named, sliding_window, Connectivity, InferOptions, McOptions,
+    largest_component, mc_uncertainty, model_from_named, sliding_window, Blend, Connectivity, InferOptions, McOptions,
     WindowPlan,
 };
 use uamt::model::{Dropout, VNet, VNetConfig};
@@ -30,7 +30,7 @@ fn model_and_image(seed: i64, dims: [i64; 3]) -> (VNet, Tensor) {
 }
 
 fn opts(stride: [usize; 3], batch_size: usize) -> InferOptions {
-    InferOptions { patch: [32, 32, 16], stride, batch_size, largest_component: None }
+    InferOptions { patch: [32, 32, 16], stride, batch_size, largest_component: None, blend: Blend::Constant }
 }
 
 #[test]
@@ -61,6 +61,38 @@ fn should_match_the_reference_sliding_window() {
         let differ = pred.labels.ne_tensor(&want_labels).logical_and(&decided).sum(Kind::Int64).int64_value(&[]);
         assert_eq!(differ, 0, "{name}: labels differ from the reference's argmax");
         assert!(decided.sum(Kind::Int64).int64_value(&[]) as f64 > 0.99 * want_labels.numel() as f64);
+    }
+}
+
+/// `--blend gaussian` against nnU-Net's formula computed by numpy / scipy (the importance map
+/// from `scipy.ndimage.gaussian_filter`, each window's softmax weighted by it, divided by the
+/// summed weights): the same map, the same probabilities; every weight above 0, the classes
+/// still summing to 1, and the result unlike the plain average.
+#[test]
+fn should_match_nnunet_s_gaussian_blending() {
+    let fx = Fixture::load(oracle_output("tests/oracle/eval_sliding.py").join("sliding.npz"));
+    let map = uamt::eval::blend::importance_map([32, 32, 16]);
+    assert!(map.iter().all(|&w| w > 0.0), "a voxel of the window weighs nothing");
+    let ours = Tensor::from_slice(&map).view([32, 32, 16]);
+    assert_close("importance map", &ours, &fx.get("importance"), 1e-6);
+    let model = model_from_named(&tiny(), Device::Cpu, &fx.prefixed("w"), &fx.path).unwrap();
+    for name in ["large", "small"] {
+        let image = fx.get(&format!("{name}.image"));
+        let s = usizes(&fx.get(&format!("{name}.stride")));
+        let o = InferOptions { blend: Blend::Gaussian, ..opts([s[0], s[1], s[2]], 3) };
+        let pred = sliding_window(&model, &image, &o).unwrap();
+        let want = fx.get(&format!("{name}.score_gaussian"));
+        assert_close(&format!("{name}: gaussian probability map"), &pred.probabilities, &want, 1e-5);
+        let want_labels = fx.get(&format!("{name}.label_gaussian"));
+        let decided = (want.get(1) - want.get(0)).abs().gt(1e-5);
+        let differ = pred.labels.ne_tensor(&want_labels).logical_and(&decided).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(differ, 0, "{name}: labels differ from the oracle's argmax");
+        let sum = pred.probabilities.sum_dim_intlist([0i64].as_slice(), false, Kind::Float);
+        let off = (sum - 1.0).abs().max().double_value(&[]);
+        assert!(off <= 1e-6, "{name}: class probabilities sum to 1 +- {off}");
+        let plain = fx.get(&format!("{name}.score"));
+        let moved = (&pred.probabilities - &plain).abs().max().double_value(&[]);
+        assert!(moved > 1e-3, "{name}: the gaussian blend equals the plain average ({moved})");
     }
 }
 
@@ -245,9 +277,14 @@ fn mc_uncertainty_depends_on_seed_and_passes_not_on_batching() {
     assert!(mc_uncertainty(&model, &image, &opts([8, 8, 4], 5), &McOptions { passes: 0, ..mc.clone() }).is_err());
 }
 
-/// Every way to get an inference model from the same weights (a checkpoint with the default
-/// `[device]` section, an exported `.safetensors`, an `.npz`) gives the same network: the same
-/// layout (channels-last on a CPU from 8 filters) and the same logits, bit for bit.
+/// Every way to get an inference model from the same weights gives the same network: the same
+/// layout (channels-last on a CPU from 8 filters) and the same logits, bit for bit. The sources:
+/// a checkpoint with the default `[device]` section; what `uamt export` writes (`.safetensors`,
+/// `.pt`); `.npz`; tch's `.ot`; and the reference PyTorch V-Net loaded with the exported `.pt`
+/// and saved by real PyTorch (tests/oracle/torch_formats.py) as a `state_dict` (pickle protocols
+/// 2 and 4), as named parameters and buffers, and as TorchScript (scripted, traced, and under a
+/// name that does not say so: the format is read from the content). A pickled module, a pickle
+/// whose `__reduce__` calls `os.system` and PyTorch's pre-1.6 format are refused, naming the file.
 #[test]
 fn every_weights_source_gives_the_checkpoint_path_s_model() {
     let dir = support::TempDir::new("weights-sources");
@@ -271,12 +308,43 @@ fn every_weights_source_gives_the_checkpoint_path_s_model() {
     Tensor::write_safetensors(&snap.student, &st).unwrap();
     let npz = dir.join("w.npz");
     Tensor::write_npz(&snap.student, &npz).unwrap();
+    let ot = dir.join("w.ot");
+    Tensor::save_multi(&snap.student, &ot).unwrap();
+    // What `uamt export --out w.pt` writes.
+    let pt = dir.join("w.pt");
+    let file = std::fs::File::create(&pt).unwrap();
+    uamt::model::torchsave::write_state_dict(&snap.student, std::io::BufWriter::new(file), &pt).unwrap();
+    let torch_dir = dir.join("torch");
+    let o = std::process::Command::new(support::python())
+        .arg(support::repo().join("tests/oracle/torch_formats.py"))
+        .args([pt.as_os_str(), "8".as_ref(), torch_dir.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "torch_formats.py: {}", String::from_utf8_lossy(&o.stderr));
     let image = Tensor::randn([1, 1, 32, 32, 16], (Kind::Float, Device::Cpu));
     let want = tch::no_grad(|| from_ck.forward_with(&image, false, Dropout::Random)).unwrap();
-    for path in [&st, &npz] {
-        let m = uamt::eval::load_weights(path, &config, Device::Cpu).unwrap();
+    let mut sources = vec![st, npz, ot, pt];
+    for name in ["state_dict.pt", "state_dict_p4.pt", "parameters.pth", "script.pt", "trace.pth", "script.weights"] {
+        sources.push(torch_dir.join(name));
+    }
+    for path in &sources {
+        let m =
+            uamt::eval::load_weights(path, &config, Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(m.channels_last(), from_ck.channels_last(), "{}", path.display());
         let got = tch::no_grad(|| m.forward_with(&image, false, Dropout::Random)).unwrap();
         assert_eq!(f64::try_from((&got - &want).abs().max()).unwrap(), 0.0, "{}", path.display());
     }
+    for (name, words) in [
+        ("whole_module.pt", ["ScriptableVNet", "state_dict"]),
+        ("legacy.pt", ["1.6", "save it again"]),
+        ("evil.pt", ["system`", "refused"]),
+    ] {
+        let path = torch_dir.join(name);
+        let e = uamt::eval::load_weights(&path, &config, Device::Cpu).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{name}: the error does not name the file: {e}");
+        for w in words {
+            assert!(e.contains(w), "{name}: `{w}` missing from: {e}");
+        }
+    }
+    assert!(!torch_dir.join("pwned").exists(), "the pickle's command ran");
 }

@@ -105,6 +105,77 @@ fn hostile_files_are_errors_naming_them() {
     assert_eq!(read_named(&ok).unwrap()[0].1.size(), vec![2, 3]);
 }
 
+/// A stored zip archive of `entries`.
+fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, bytes) in entries {
+        z.start_file(*name, zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored))
+            .unwrap();
+        z.write_all(bytes).unwrap();
+    }
+    z.finish().unwrap().into_inner()
+}
+
+/// PyTorch's own formats from untrusted places: every bad file an error naming it, read by
+/// content whatever its extension.
+#[test]
+fn hostile_pytorch_files_are_errors_naming_them() {
+    let dir = TempDir::new("fault-torch");
+    let cfg = config(3);
+    let named = trainer(&cfg).student.store().named_tensors();
+    let pt = dir.join("w.pt");
+    let f = std::fs::File::create(&pt).unwrap();
+    uamt::model::torchsave::write_state_dict(&named, std::io::BufWriter::new(f), &pt).unwrap();
+    assert_eq!(read_named(&pt).unwrap().len(), named.len());
+    // The format is the content's: the same bytes under another name read the same.
+    let renamed = dir.join("w.safetensors");
+    std::fs::copy(&pt, &renamed).unwrap();
+    assert_eq!(read_named(&renamed).unwrap().len(), named.len());
+    let bytes = std::fs::read(&pt).unwrap();
+    let named_in = |e: &uamt::Error, p: &Path| e.to_string().contains(&p.display().to_string());
+    for cut in [0, 3, 30, 300, bytes.len() / 3, bytes.len() / 2, bytes.len() - 22, bytes.len() - 1] {
+        let p = dir.join(format!("cut-{cut}.pt"));
+        std::fs::write(&p, &bytes[..cut]).unwrap();
+        let e = read_named(&p).expect_err(&format!("truncated at {cut}"));
+        assert!(named_in(&e, &p), "{e}");
+    }
+    // `__reduce__` returning (os.system, ('echo',)), in a state_dict archive and in a TorchScript one.
+    let evil = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00echo\x85R.".as_slice();
+    for (name, extra) in [("evil.pt", None), ("evil-script.pt", Some("evil/constants.pkl"))] {
+        let mut entries = vec![("evil/data.pkl", evil)];
+        entries.extend(extra.map(|n| (n, b"\x80\x02).".as_slice())));
+        let p = dir.join(name);
+        std::fs::write(&p, zip_of(&entries)).unwrap();
+        let e = read_named(&p).unwrap_err();
+        assert!(named_in(&e, &p) && e.to_string().contains("os.system"), "{e}");
+    }
+    // A storage record shorter than its tensor.
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice())).unwrap();
+    let entries: Vec<(String, Vec<u8>)> = (0..z.len())
+        .map(|i| {
+            let mut f = z.by_index(i).unwrap();
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut b).unwrap();
+            let name = f.name().to_string();
+            if name == "archive/data/0" {
+                b.truncate(b.len() - 4);
+            }
+            (name, b)
+        })
+        .collect();
+    let short = dir.join("short.pt");
+    std::fs::write(&short, zip_of(&entries.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect::<Vec<_>>()))
+        .unwrap();
+    let e = read_named(&short).unwrap_err();
+    assert!(named_in(&e, &short) && e.to_string().contains("storage `0`"), "{e}");
+    // Neither a weights file nor a zip.
+    let junk = dir.join("junk.pth");
+    std::fs::write(&junk, b"just some text, no weights").unwrap();
+    let e = read_named(&junk).unwrap_err();
+    assert!(named_in(&e, &junk) && e.to_string().contains("not a weights file"), "{e}");
+}
+
 #[test]
 fn wrong_shapes_and_kinds_leave_the_model_untouched() {
     let dir = TempDir::new("fault-shapes");

@@ -56,8 +56,8 @@ pub struct Watch {
 
 impl Watch {
     /// Whether a file name is one the evaluator takes (not a temporary file of an atomic writer).
-    /// TorchScript `.ot` files are not: libtorch's deserialiser is no place for files of unknown
-    /// origin (evaluate one with `uamt eval --weights`).
+    /// Checkpoints and state dicts as `.safetensors` or `.npz`; PyTorch's `.pt` and TorchScript
+    /// files are for `uamt eval --weights` (read by the same untrusted-file rules).
     pub fn wanted(name: &str) -> bool {
         !name.starts_with('.') && [".safetensors", ".npz"].iter().any(|s| name.ends_with(s))
     }

@@ -13,7 +13,7 @@ use uamt::config::Config;
 use uamt::data::synth::{write_synth, SynthConfig};
 use uamt::data::{write_nifti, Dataset, DatasetOptions, Geometry, GzCache, NiftiVolume, Volume};
 use uamt::eval::{
-    case_metrics, evaluate_dataset, mc_uncertainty, model_from_named, Calibration, EmptyPolicy, EvalOptions,
+    case_metrics, evaluate_dataset, mc_uncertainty, model_from_named, Blend, Calibration, EmptyPolicy, EvalOptions,
     InferOptions, McOptions,
 };
 use uamt::model::{VNet, VNetConfig};
@@ -231,7 +231,13 @@ fn should_evaluate_a_weights_file_on_a_dataset() {
     // The same evaluation through the library.
     let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
     let opts = EvalOptions {
-        infer: InferOptions { patch: [32, 32, 16], stride: [8, 8, 4], batch_size: 1, largest_component: None },
+        infer: InferOptions {
+            patch: [32, 32, 16],
+            stride: [8, 8, 4],
+            batch_size: 1,
+            largest_component: None,
+            blend: Blend::Constant,
+        },
         ..EvalOptions::default()
     };
     let want = evaluate_dataset(&model, None, &dataset, "w", &opts, &mut |_| {}).unwrap();
@@ -280,6 +286,72 @@ fn should_evaluate_a_weights_file_on_a_dataset() {
     assert_eq!(info.color_type, png::ColorType::Rgb);
     assert!(info.width >= 2 * 256 && info.height >= 3 * 32 * 8, "{}x{}", info.width, info.height);
     assert!(out.join("report.csv").exists() && out.join("report.json").exists());
+}
+
+/// A PyTorch `state_dict` (as `uamt export --out F.pt` and `torch.save` write it, here under a
+/// name that does not say its format) evaluated with `--blend gaussian`: the library's numbers
+/// with the Gaussian blend, unlike the plain average's; an unknown blend is refused by name.
+#[test]
+fn should_evaluate_a_pytorch_state_dict_with_gaussian_blending() {
+    let dir = tmp("blend");
+    let data = dir.join("data");
+    let cfg = SynthConfig { cases: 1, labelled: 1, test: 2, size: [36, 32, 18], ..SynthConfig::default() };
+    write_synth(&data, &cfg, false).unwrap();
+    tch::manual_seed(12);
+    let config = VNetConfig { n_filters: 4, ..VNetConfig::default() };
+    let model = VNet::new(&config, Device::Cpu).unwrap();
+    let weights = dir.join("exported.weights");
+    let file = std::fs::File::create(&weights).unwrap();
+    uamt::model::torchsave::write_state_dict(&model.store().named_tensors(), std::io::BufWriter::new(file), &weights)
+        .unwrap();
+    let eval = |blend: &str| {
+        let w = weights.to_str().unwrap();
+        let d = data.to_str().unwrap();
+        json(&run(&[
+            "--weights",
+            w,
+            "--dataset",
+            d,
+            "--n-filters",
+            "4",
+            "--json",
+            "--patch",
+            "32,32,16",
+            "--stride",
+            "8,8,4",
+            "--batch",
+            "2",
+            "--device",
+            "cpu",
+            "--blend",
+            blend,
+        ]))
+    };
+    let (gaussian, constant) = (eval("gaussian"), eval("constant"));
+    let dataset = Dataset::open(&data, &DatasetOptions::default()).unwrap();
+    let infer = InferOptions {
+        patch: [32, 32, 16],
+        stride: [8, 8, 4],
+        batch_size: 2,
+        largest_component: None,
+        blend: Blend::Gaussian,
+    };
+    let opts = EvalOptions { infer, ..EvalOptions::default() };
+    let want = evaluate_dataset(&model, None, &dataset, "w", &opts, &mut |_| {}).unwrap();
+    for (k, w) in want.cases.iter().enumerate() {
+        let (g, c) = (&gaussian["cases"][k], &constant["cases"][k]);
+        assert_eq!(g["id"], w.id.as_str());
+        let brier = w.metrics.calibration.as_ref().unwrap().brier.unwrap();
+        assert!((num(&g["brier"]) - brier).abs() < 1e-6, "{}: {} vs the library's {brier}", w.id, g["brier"]);
+        let moved = (num(&g["brier"]) - num(&c["brier"])).abs();
+        assert!(moved > 1e-5, "{}: the blend changed the Brier score by only {moved}", w.id);
+    }
+    let o = Command::new(uamt())
+        .args(["predict", "--weights", weights.to_str().unwrap(), "--blend", "mean"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--blend") && err.contains("gaussian"), "{err}");
 }
 
 #[test]
@@ -406,7 +478,13 @@ fn a_model_run_at_a_coarser_voxel_size_is_scored_in_the_image_s_own_grid() {
     let case = &dataset.test[0];
     let geometry = case.image.header().geometry;
     let coarse = geometry.spacing().map(|s| 2.0 * s);
-    let infer = InferOptions { patch: [16, 16, 16], stride: [8, 8, 8], batch_size: 2, largest_component: None };
+    let infer = InferOptions {
+        patch: [16, 16, 16],
+        stride: [8, 8, 8],
+        batch_size: 2,
+        largest_component: None,
+        blend: Blend::Constant,
+    };
     let opts = EvalOptions {
         infer: infer.clone(),
         network_spacing: Some(coarse),

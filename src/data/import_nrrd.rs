@@ -106,9 +106,10 @@ pub fn preprocess_challenge(
     if lo[0] == usize::MAX {
         return Err(DataError::bad(path, "the label has no foreground (255) voxels"));
     }
-    let n = image.data.len() as f64;
-    let mean = image.data.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let std = (image.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let threads = super::parallel::threads();
+    let stats = super::normalize::moments(&image.data, |_| true, threads)
+        .ok_or_else(|| DataError::bad(image_path, "the image has no voxels"))?;
+    let (mean, std) = (stats.mean, stats.std);
     if std == 0.0 {
         return Err(DataError::bad(image_path, "the image is constant (standard deviation 0)"));
     }
@@ -121,13 +122,23 @@ pub fn preprocess_challenge(
         end[a] = (hi[a] + margins[2 * a + 1] + p).min(dims_xy[a]);
     }
     let dims = [end[0] - start[0], end[1] - start[1], d];
-    let mut out_image = Volume::zeros(dims);
-    let mut out_label = Volume::zeros(dims);
+    let mut out_image = Volume::<f32>::zeros(dims);
+    let mut out_label = Volume::<u8>::zeros(dims);
+    let plane = dims[0] * dims[1];
+    // Each z slice of the crop on whichever thread: the same bits for any thread count.
+    super::parallel::for_each_chunk(&mut out_image.data, plane, threads, |first, part| {
+        for (k, slice) in part.chunks_mut(plane.max(1)).enumerate() {
+            let z = first / plane + k;
+            for (o, v) in slice.iter_mut().enumerate() {
+                let (x, y) = (o % dims[0], o / dims[0]);
+                *v = ((image.data[image.index(x + start[0], y + start[1], z)] as f64 - mean) / std) as f32;
+            }
+        }
+    });
     for z in 0..d {
         for y in 0..dims[1] {
             for x in 0..dims[0] {
-                let (o, s) = (out_image.index(x, y, z), image.index(x + start[0], y + start[1], z));
-                out_image.data[o] = ((image.data[s] as f64 - mean) / std) as f32;
+                let (o, s) = (out_label.index(x, y, z), label_raw.index(x + start[0], y + start[1], z));
                 out_label.data[o] = (label_raw.data[s] == 255.0) as u8;
             }
         }

@@ -16,6 +16,8 @@
 //! - [`import`]: UA-MT HDF5 and 2018 challenge NRRD importers; [`synth`]: synthetic cases.
 //! - [`import_raw`]: raw MSD / nnU-Net folders (normalisation from [`normalize`], resampling,
 //!   crop, the labelled split), recorded in `preprocessing.json` for `uamt predict`.
+//! - [`resample`]: trilinear / nearest resampling; [`parallel`]: per-voxel work (resampling,
+//!   normalisation) split over every core with the same bits for any thread count.
 //! - [`augment`]: rot90 + flip + padded random crop, cut straight from the mapped file.
 //! - [`sampler`]: labelled-first batches, seeded per iteration, as tensors for the trainer.
 //! - [`sigbus`]: the handler that ends the process with a clear message when a mapped file is
@@ -33,6 +35,7 @@ pub mod import_raw;
 pub mod nifti;
 pub mod normalize;
 pub mod nrrd;
+pub mod parallel;
 pub mod preprocessing;
 pub mod raw_source;
 pub mod resample;

@@ -115,21 +115,29 @@ impl Preprocessing {
 }
 
 /// Takes resampled per-class probabilities (`[C]` volumes) back to `dims` (trilinear) and
-/// returns their argmax, the label map in the input's own grid.
+/// returns their argmax, the label map in the input's own grid (both on every core).
 pub fn labels_in_grid(probabilities: &[Volume<f32>], dims: [usize; 3]) -> Result<(Vec<Volume<f32>>, Volume<u8>)> {
     let back: Vec<Volume<f32>> = probabilities
         .iter()
         .map(|p| if p.dims == dims { Ok(p.clone()) } else { resample_linear(p, dims) })
         .collect::<Result<_>>()?;
     let mut labels = Volume::<u8>::zeros(dims);
-    for (i, l) in labels.data.iter_mut().enumerate() {
-        let mut best = (f32::NEG_INFINITY, 0u8);
-        for (c, p) in back.iter().enumerate() {
-            if p.data[i] > best.0 {
-                best = (p.data[i], c as u8);
+    super::parallel::for_each_chunk(
+        &mut labels.data,
+        super::parallel::BLOCK,
+        super::parallel::threads(),
+        |first, part| {
+            for (k, l) in part.iter_mut().enumerate() {
+                let i = first + k;
+                let mut best = (f32::NEG_INFINITY, 0u8);
+                for (c, p) in back.iter().enumerate() {
+                    if p.data[i] > best.0 {
+                        best = (p.data[i], c as u8);
+                    }
+                }
+                *l = best.1;
             }
-        }
-        *l = best.1;
-    }
+        },
+    );
     Ok((back, labels))
 }

@@ -5,6 +5,7 @@
 //! halving the resolution of an even-sized axis averages each 2 x 2 x 2 block exactly.
 
 use super::error::{DataError, Result};
+use super::parallel;
 use super::volume::{voxel_count, Geometry, Volume};
 
 /// How values between voxel centres are found.
@@ -69,31 +70,56 @@ fn axis_plan(n: usize, m: usize) -> Vec<(usize, usize, f64)> {
         .collect()
 }
 
-/// Resamples an image to `out` voxels over the same field of view (trilinear).
+/// Resamples an image to `out` voxels over the same field of view (trilinear), on every core
+/// (see [`resample_linear_with`]).
 pub fn resample_linear(v: &Volume<f32>, out: [usize; 3]) -> Result<Volume<f32>> {
+    resample_linear_with(v, out, parallel::threads())
+}
+
+/// Resamples an image to `out` voxels over the same field of view (trilinear), the output's
+/// z slices split over `threads` threads: every voxel is computed alike on whichever thread, so
+/// the result has the same bits for any thread count.
+pub fn resample_linear_with(v: &Volume<f32>, out: [usize; 3], threads: usize) -> Result<Volume<f32>> {
     if v.dims.contains(&0) {
         return Err(DataError::invalid("volume", "cannot resample an empty volume"));
     }
     let [px, py, pz] = [0, 1, 2].map(|a| axis_plan(v.dims[a], out[a]));
-    let mut data = Vec::with_capacity(voxel_count(out, "resampled shape")?);
-    for &(z0, z1, wz) in &pz {
-        for &(y0, y1, wy) in &py {
-            for &(x0, x1, wx) in &px {
-                let at = |x, y, z| v.data[v.index(x, y, z)] as f64;
-                let lerp = |a: f64, b: f64, w: f64| a + (b - a) * w;
-                let c00 = lerp(at(x0, y0, z0), at(x1, y0, z0), wx);
-                let c10 = lerp(at(x0, y1, z0), at(x1, y1, z0), wx);
-                let c01 = lerp(at(x0, y0, z1), at(x1, y0, z1), wx);
-                let c11 = lerp(at(x0, y1, z1), at(x1, y1, z1), wx);
-                data.push(lerp(lerp(c00, c10, wy), lerp(c01, c11, wy), wz) as f32);
+    let mut data = vec![0f32; voxel_count(out, "resampled shape")?];
+    let plane = out[0] * out[1];
+    parallel::for_each_chunk(&mut data, plane, threads, |first, part| {
+        for (k, slice) in part.chunks_mut(plane.max(1)).enumerate() {
+            let (z0, z1, wz) = pz[first / plane + k];
+            let mut i = 0;
+            for &(y0, y1, wy) in &py {
+                for &(x0, x1, wx) in &px {
+                    let at = |x, y, z| v.data[v.index(x, y, z)] as f64;
+                    let lerp = |a: f64, b: f64, w: f64| a + (b - a) * w;
+                    let c00 = lerp(at(x0, y0, z0), at(x1, y0, z0), wx);
+                    let c10 = lerp(at(x0, y1, z0), at(x1, y1, z0), wx);
+                    let c01 = lerp(at(x0, y0, z1), at(x1, y0, z1), wx);
+                    let c11 = lerp(at(x0, y1, z1), at(x1, y1, z1), wx);
+                    slice[i] = lerp(lerp(c00, c10, wy), lerp(c01, c11, wy), wz) as f32;
+                    i += 1;
+                }
             }
         }
-    }
+    });
     Volume::new(out, data)
 }
 
-/// Resamples a label map to `out` voxels over the same field of view (nearest neighbour).
-pub fn resample_nearest<T: Copy + Default>(v: &Volume<T>, out: [usize; 3]) -> Result<Volume<T>> {
+/// Resamples a label map to `out` voxels over the same field of view (nearest neighbour), on
+/// every core (see [`resample_nearest_with`]).
+pub fn resample_nearest<T: Copy + Default + Send + Sync>(v: &Volume<T>, out: [usize; 3]) -> Result<Volume<T>> {
+    resample_nearest_with(v, out, parallel::threads())
+}
+
+/// Resamples a label map to `out` voxels over the same field of view (nearest neighbour), the
+/// output's z slices split over `threads` threads.
+pub fn resample_nearest_with<T: Copy + Default + Send + Sync>(
+    v: &Volume<T>,
+    out: [usize; 3],
+    threads: usize,
+) -> Result<Volume<T>> {
     if v.dims.contains(&0) {
         return Err(DataError::invalid("volume", "cannot resample an empty volume"));
     }
@@ -101,12 +127,19 @@ pub fn resample_nearest<T: Copy + Default>(v: &Volume<T>, out: [usize; 3]) -> Re
         axis_plan(n, m).into_iter().map(|(lo, hi, w)| if w >= 0.5 { hi } else { lo }).collect()
     };
     let [nx, ny, nz] = [0, 1, 2].map(|a| nearest(v.dims[a], out[a]));
-    let mut data = Vec::with_capacity(voxel_count(out, "resampled shape")?);
-    for &z in &nz {
-        for &y in &ny {
-            data.extend(nx.iter().map(|&x| v.data[v.index(x, y, z)]));
+    let mut data = vec![T::default(); voxel_count(out, "resampled shape")?];
+    let plane = out[0] * out[1];
+    parallel::for_each_chunk(&mut data, plane, threads, |first, part| {
+        for (k, slice) in part.chunks_mut(plane.max(1)).enumerate() {
+            let z = nz[first / plane + k];
+            for (j, &y) in ny.iter().enumerate() {
+                let row = &mut slice[j * nx.len()..(j + 1) * nx.len()];
+                for (o, &x) in row.iter_mut().zip(&nx) {
+                    *o = v.data[v.index(x, y, z)];
+                }
+            }
         }
-    }
+    });
     Volume::new(out, data)
 }
 
@@ -149,6 +182,24 @@ mod tests {
         assert_eq!(out.data, vec![0, 2]);
         let up = resample_nearest(&l, [8, 1, 1]).unwrap();
         assert_eq!(up.data, vec![0, 0, 0, 0, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn more_threads_give_the_same_bits() {
+        let dims = [23, 17, 29];
+        let data: Vec<f32> = (0..23 * 17 * 29).map(|i| ((i * 7919) % 1009) as f32 * 0.013 - 3.0).collect();
+        let v = Volume::new(dims, data).unwrap();
+        let l = Volume::new(dims, v.data.iter().map(|&x| (x > 0.0) as u8 + (x > 5.0) as u8).collect()).unwrap();
+        for out in [[11, 9, 14], [40, 31, 57], [23, 17, 1]] {
+            let one = resample_linear_with(&v, out, 1).unwrap();
+            let lone = resample_nearest_with(&l, out, 1).unwrap();
+            for t in [2, 4, 64] {
+                let many = resample_linear_with(&v, out, t).unwrap();
+                assert_eq!(many.dims, out);
+                assert!(one.data.iter().zip(&many.data).all(|(a, b)| a.to_bits() == b.to_bits()), "{out:?}, {t}");
+                assert_eq!(resample_nearest_with(&l, out, t).unwrap(), lone, "{out:?}, {t}");
+            }
+        }
     }
 
     #[test]

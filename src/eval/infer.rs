@@ -6,13 +6,15 @@
 //! 2. `n = ceil((padded - patch) / stride) + 1` windows per axis, window `i` starting at
 //!    `min(stride * i, padded - patch)`, visited x outermost, z innermost;
 //! 3. the softmax of every window is added into a score map and a count map counts the windows
-//!    covering each voxel; score / count is the probability map;
+//!    covering each voxel; score / count is the probability map (with [`Blend::Gaussian`], each
+//!    window's softmax is weighted by the importance map and the count is the sum of weights);
 //! 4. the padding is cropped away and the argmax over classes is the label map.
 //!
 //! The model runs in eval mode (BatchNorm running statistics, no dropout) without gradients, so
 //! batching the windows ([`InferOptions::batch_size`]) does not change the result. An optional
 //! largest-connected-component step ([`largest_component`]) follows; the reference has none.
 
+use super::blend::{self, Blend};
 use crate::check::{self, limits};
 use crate::data::Volume;
 use crate::model::{Dropout, DropoutMasks, VNet};
@@ -63,8 +65,9 @@ impl std::str::FromStr for Connectivity {
     }
 }
 
-/// How a volume is segmented: window geometry, batching and post-processing. The window keys
-/// of the config file's `[eval]` section (`patch`, `stride`, `batch_size`, `largest_component`).
+/// How a volume is segmented: window geometry, batching, blending and post-processing. The
+/// window keys of the config file's `[eval]` section (`patch`, `stride`, `batch_size`, `blend`,
+/// `largest_component`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InferOptions {
@@ -78,6 +81,10 @@ pub struct InferOptions {
     /// Keep only the largest connected foreground component (off in the reference).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub largest_component: Option<Connectivity>,
+    /// How overlapping windows combine: `constant` (the reference's average) or `gaussian`
+    /// (nnU-Net's importance weighting, see [`blend`](super::blend)).
+    #[serde(skip_serializing_if = "Blend::is_constant")]
+    pub blend: Blend,
 }
 
 impl Default for InferOptions {
@@ -87,6 +94,7 @@ impl Default for InferOptions {
             stride: recipe::STRIDE,
             batch_size: recipe::INFER_BATCH,
             largest_component: None,
+            blend: Blend::Constant,
         }
     }
 }
@@ -380,6 +388,7 @@ fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &Win
             p
         };
         let classes = model.config().n_classes;
+        let weight = blend::window_weight(opts.blend, opts.patch, device)?;
         let mut score = Tensor::f_zeros([classes, padded[0], padded[1], padded[2]], (Kind::Float, device))?;
         let window = |t: &Tensor, dim0: i64, s: &[usize; 3]| -> Result<Tensor> {
             Ok(t.f_narrow(dim0, s[0] as i64, px)?.f_narrow(dim0 + 1, s[1] as i64, py)?.f_narrow(
@@ -397,6 +406,10 @@ fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &Win
             Ok(Tensor::f_stack(&patches, 0)?.f_unsqueeze(1)?) // [b, 1, px, py, pz]
         };
         let add = |chunk: &[[usize; 3]], y: &Tensor| -> Result<()> {
+            let y = match &weight {
+                Some(w) => y.f_mul(w)?, // [px, py, pz] broadcast
+                None => y.shallow_clone(),
+            };
             for (k, s) in chunk.iter().enumerate() {
                 let _ = window(&score, 1, s)?.f_add_(&y.f_get(k as i64)?)?; // y: [b, C, px, py, pz]
             }
@@ -455,7 +468,10 @@ fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &Win
             summed?;
         }
         // In place: the score volume becomes the probabilities (no second volume of them).
-        let count = plan.count_map(opts.patch, device)?;
+        let count = match &weight {
+            Some(w) => blend::weight_sum(&windows, plan.padded, w)?,
+            None => plan.count_map(opts.patch, device)?,
+        };
         let _ = score.f_div_(&count.f_unsqueeze(0)?)?;
         if plan.padded == dims {
             return Ok(score);
@@ -553,7 +569,7 @@ mod tests {
         let model = VNet::new(&cfg, Device::Cpu).unwrap().folded_for_inference();
         let teacher = VNet::new(&cfg, Device::Cpu).unwrap();
         let image = Tensor::randn([40, 36, 20], (Kind::Float, Device::Cpu));
-        let opts = InferOptions { patch: [32, 32, 16], stride: [4, 4, 2], batch_size: 4, largest_component: None };
+        let opts = InferOptions { patch: [32, 32, 16], stride: [4, 4, 2], batch_size: 4, ..Default::default() };
         let mc = McOptions { passes: 2, ..Default::default() };
         let run = |threads: i32| {
             let before = tch::get_num_threads();

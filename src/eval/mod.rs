@@ -2,7 +2,8 @@
 //! outputs to look at (NIfTI label / probability / uncertainty maps, PNG slices).
 //!
 //! # Layout
-//! - [`infer`]: the reference's sliding window (`test_single_case`), largest-component option.
+//! - [`infer`]: the reference's sliding window (`test_single_case`), largest-component option;
+//!   [`blend`]: how overlapping windows combine (the reference's average, or Gaussian weights).
 //! - [`metrics`]: Dice, Jaccard, hd95, asd as `medpy.metric.binary` defines them; [`edt`]: the
 //!   exact Euclidean distance transform they rest on.
 //! - [`calibration`]: how far the probabilities and the uncertainty can be trusted (ECE, Brier
@@ -17,6 +18,7 @@
 //! What the daemon calls: `model_from_named` when a checkpoint arrives, then `evaluate_dataset`
 //! with a progress callback, then [`Report::write_json`] / [`Report::write_csv`].
 
+pub mod blend;
 pub mod calibration;
 pub mod compare;
 pub mod edt;
@@ -26,6 +28,7 @@ pub mod picture;
 pub mod predict;
 pub mod report;
 
+pub use blend::Blend;
 pub use calibration::{Calibration, Reliability, UncertaintySource};
 pub use compare::{compare_files, compare_paths};
 pub use infer::{
@@ -110,8 +113,9 @@ pub fn inference_model(
     Ok(model.folded_for_inference())
 }
 
-/// [`inference_model`] on a weights file (`.safetensors`, `.npz`, or tch's `.ot`), with the
-/// default `[device]` layout (channels-last on a CPU from 8 filters), as a checkpoint with the
+/// [`inference_model`] on a weights file of any format [`read_named`] reads (`.safetensors`,
+/// `.npz`, PyTorch's `state_dict` `.pt` / `.pth`, TorchScript, tch's `.ot`), with the default
+/// `[device]` layout (channels-last on a CPU from 8 filters), as a checkpoint with the
 /// default config gets.
 pub fn load_weights(path: &Path, config: &VNetConfig, device: Device) -> Result<VNet> {
     inference_model(config, device, &read_named(path)?, path, &crate::device::DeviceConfig::default())

@@ -160,16 +160,10 @@ pub fn check_fits(name: &str, src: &Tensor, dst: &Tensor) -> std::result::Result
     Ok(())
 }
 
-/// Reads named tensors from a weights file: `.safetensors` or `.npz` through
-/// [`tensorfile::read`](super::tensorfile::read) (regular files up to the size limit, every
-/// shape and length checked), or tch's `.ot` (TorchScript serialization, parsed by libtorch:
-/// only for files the user names, never from a watched folder).
+/// Reads named tensors from a weights file of any format [`weights::read_raw`](super::weights::read_raw)
+/// recognises by its content (`.safetensors`, `.npz`, PyTorch's `state_dict` `.pt` / `.pth`,
+/// TorchScript, tch's `.ot`): regular files up to the size limit, parsed by our own code with
+/// every shape, offset and length checked before libtorch sees the bytes.
 pub fn read_named(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("npz" | "safetensors") => super::tensorfile::read(path),
-        _ => {
-            super::tensorfile::check_regular(path)?;
-            Tensor::load_multi(path).map_err(|e| Error::File { path: path.to_path_buf(), why: e.to_string() })
-        }
-    }
+    super::tensorfile::to_tensors(super::weights::read_raw(path)?, path)
 }

@@ -193,7 +193,7 @@ pub fn parse_safetensors(bytes: &[u8]) -> Parsed {
 }
 
 /// [`parse_npz`] with any panic inside the zip reader turned into an error.
-fn parse_npz_caught(bytes: &[u8]) -> Parsed {
+pub fn parse_npz_caught(bytes: &[u8]) -> Parsed {
     std::panic::catch_unwind(|| parse_npz(bytes))
         .unwrap_or_else(|_| Err("not a readable .npz (the zip reader failed on it)".to_string()))
 }

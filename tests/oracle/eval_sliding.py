@@ -3,6 +3,10 @@ procedure, written from its description in shared/docs/uamt-recipe.md and the is
 smaller than the patch, ceil((size - patch) / stride) + 1 windows per axis starting at
 min(stride * i, size - patch), softmax summed and divided by the window count, crop, argmax),
 run with the oracle V-Net of uamt_oracle.py (4 filters, perturbed BatchNorm, eval mode).
+Also the same with nnU-Net's Gaussian importance weighting of the windows (`--blend gaussian`):
+the map is computed as nnU-Net computes it (a unit impulse at patch // 2 blurred by
+scipy.ndimage.gaussian_filter with sigma = patch / 8, divided by its maximum, zeros raised to the
+smallest non-zero value), each window's softmax multiplied by it, divided by the summed weights.
 
 Usage: eval_sliding.py OUT_DIR   (writes OUT_DIR/sliding.npz)
 """
@@ -12,13 +16,24 @@ import sys
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from uamt_oracle import VNet, perturb, state  # noqa: E402
 
 
-def single_case(net, image, stride_xy, stride_z, patch, num_classes):
+def importance_map(patch):
+    """nnU-Net's Gaussian importance map of a window of `patch` voxels (float32)."""
+    tmp = np.zeros(patch)
+    tmp[tuple(p // 2 for p in patch)] = 1
+    g = gaussian_filter(tmp, [p / 8 for p in patch], 0, mode="constant", cval=0)
+    g = (g / np.max(g)).astype(np.float32)
+    g[g == 0] = np.min(g[g != 0])
+    return g
+
+
+def single_case(net, image, stride_xy, stride_z, patch, num_classes, gaussian=False):
     """Returns (label_map, score_map, starts per axis, padding before per axis)."""
     size = image.shape
     pads = [max(p - s, 0) for s, p in zip(size, patch)]
@@ -33,6 +48,7 @@ def single_case(net, image, stride_xy, stride_z, patch, num_classes):
         starts.append([min(st * i, n - p) for i in range(k)])
     score = np.zeros((num_classes,) + image.shape, np.float32)
     cnt = np.zeros(image.shape, np.float32)
+    weight = importance_map(patch) if gaussian else np.ones(patch, np.float32)
     for xs in starts[0]:
         for ys in starts[1]:
             for zs in starts[2]:
@@ -40,8 +56,8 @@ def single_case(net, image, stride_xy, stride_z, patch, num_classes):
                 x = torch.from_numpy(image[win][None, None].astype(np.float32))
                 with torch.no_grad():
                     y = F.softmax(net(x), dim=1)[0].numpy()
-                score[(slice(None),) + win] += y
-                cnt[win] += 1
+                score[(slice(None),) + win] += y * weight[None]
+                cnt[win] += weight
     score = score / cnt[None]
     label = np.argmax(score, axis=0)
     crop = tuple(slice(b, b + s) for b, s in zip(before, size))
@@ -63,6 +79,9 @@ def main():
     for name, shape, sxy, sz in [("large", (45, 38, 23), 6, 4), ("small", (21, 40, 11), 5, 3)]:
         image = torch.randn(shape, generator=gen).numpy()
         label, score, starts, before = single_case(net, image, sxy, sz, patch, 2)
+        glabel, gscore, _, _ = single_case(net, image, sxy, sz, patch, 2, gaussian=True)
+        d[f"{name}.label_gaussian"] = glabel.astype(np.int64)
+        d[f"{name}.score_gaussian"] = gscore
         d[f"{name}.image"] = image
         d[f"{name}.label"] = label.astype(np.int64)
         d[f"{name}.score"] = score
@@ -70,6 +89,7 @@ def main():
         d[f"{name}.before"] = np.array(before, np.int64)
         for a, s in zip("xyz", starts):
             d[f"{name}.starts_{a}"] = np.array(s, np.int64)
+    d["importance"] = importance_map(patch)
     np.savez(os.path.join(out, "sliding.npz"), **d)
     print(f"sliding-window fixtures written to {out}")
 

@@ -29,9 +29,9 @@ pub struct Args {
     /// reference header's (the image's with --dataset).
     #[arg(long, value_parser = parse_spacing, conflicts_with = "weights")]
     pub spacing: Option<[f64; 3]>,
-    /// Model weights: named tensors in .safetensors or .npz (read as untrusted: every tensor
-    /// checked) or .ot (TorchScript, parsed by libtorch: only files you trust); PyTorch
-    /// state_dict names.
+    /// Model weights under PyTorch state_dict names: .safetensors, .npz, a PyTorch state_dict
+    /// (.pt / .pth), a TorchScript module or tch's .ot, told apart by content; all read as
+    /// untrusted by uamt's own parsers (every tensor checked, no code run).
     #[arg(long, requires = "dataset")]
     pub weights: Option<PathBuf>,
     /// A checkpoint written by `uamt train`: its student (or with --teacher its teacher) is evaluated with the model, dataset

@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::Device;
 use uamt::checkpoint::Snapshot;
 use uamt::config::Config;
-use uamt::eval::{inference_model, Connectivity, InferOptions, McOptions};
+use uamt::eval::{inference_model, Blend, Connectivity, InferOptions, McOptions};
 use uamt::model::{VNet, VNetConfig};
 use uamt::recipe;
 
@@ -33,6 +33,11 @@ pub struct NetArgs {
     /// Keep only the largest connected component, with 6- or 26-connectivity (off by default).
     #[arg(long)]
     pub largest_component: Option<Connectivity>,
+    /// How overlapping windows combine: `constant` (every window alike, the reference's average)
+    /// or `gaussian` (weighted towards each window's centre, as nnU-Net); default constant, or
+    /// the config's `eval.blend` with --checkpoint.
+    #[arg(long)]
+    pub blend: Option<Blend>,
     /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available). The device in a checkpoint's
     /// stored config is not consulted: this one is used.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
@@ -53,6 +58,7 @@ impl NetArgs {
             stride: self.stride.unwrap_or(defaults.stride),
             batch_size: self.batch.unwrap_or(defaults.batch_size),
             largest_component: self.largest_component.or(defaults.largest_component),
+            blend: self.blend.unwrap_or(defaults.blend),
         }
     }
 

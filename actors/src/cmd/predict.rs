@@ -20,7 +20,8 @@ pub struct Args {
     /// With --checkpoint: segment with the teacher (the EMA weights).
     #[arg(long, requires = "checkpoint")]
     pub teacher: bool,
-    /// Model weights (.safetensors / .npz / .ot, PyTorch state_dict names), e.g. from `uamt export`.
+    /// Model weights under PyTorch state_dict names, e.g. from `uamt export`: .safetensors, .npz,
+    /// a PyTorch state_dict (.pt / .pth), a TorchScript module or tch's .ot (told apart by content).
     #[arg(long)]
     pub weights: Option<PathBuf>,
     /// A NIfTI image, or a folder of them.
