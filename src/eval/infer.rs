@@ -186,6 +186,17 @@ pub struct Prediction {
 }
 
 impl Prediction {
+    /// The prediction of averaged class probabilities `[C, X, Y, Z]`: their argmax, then the
+    /// optional largest-component step.
+    pub fn of(probabilities: Tensor, largest: Option<Connectivity>) -> Result<Self> {
+        let mut labels = probabilities.f_argmax(0, false)?;
+        if let Some(conn) = largest {
+            let kept = largest_component(&Volume::<u8>::from_tensor(&labels)?, conn);
+            labels = kept.to_tensor()?.f_to_kind(Kind::Int64)?.f_to_device(probabilities.device())?;
+        }
+        Ok(Prediction { probabilities, labels })
+    }
+
     /// The foreground probability `[X, Y, Z]` (class 1).
     pub fn foreground(&self) -> Tensor {
         self.probabilities.get(1)
@@ -223,15 +234,14 @@ impl Prediction {
 
 /// Segments `image` (`[X, Y, Z]`, any device, any float kind) with `model` by sliding window.
 pub fn sliding_window(model: &VNet, image: &Tensor, opts: &InferOptions) -> Result<Prediction> {
-    let probabilities = window_average(model, image, opts, &mut |x, _| {
-        Ok(model.forward_with(x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?)
-    })?;
-    let mut labels = probabilities.f_argmax(0, false)?;
-    if let Some(conn) = opts.largest_component {
-        let kept = largest_component(&Volume::<u8>::from_tensor(&labels)?, conn);
-        labels = kept.to_tensor()?.f_to_kind(Kind::Int64)?.f_to_device(model.device())?;
-    }
-    Ok(Prediction { probabilities, labels })
+    let classes = model.config().n_classes;
+    let probabilities = window_average(model, image, opts, classes, &mut |x, _| deterministic_probs(model, x))?;
+    Prediction::of(probabilities, opts.largest_component)
+}
+
+/// The class probabilities `[b, C, px, py, pz]` of a batch of windows in eval mode (no dropout).
+pub(crate) fn deterministic_probs(model: &VNet, x: &Tensor) -> Result<Tensor> {
+    Ok(model.forward_with(x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?)
 }
 
 /// How the Monte-Carlo uncertainty of a model is estimated at inference: the recipe's teacher
@@ -278,31 +288,11 @@ impl McOptions {
 /// (the recipe's uncertainty, i.e. what UA-MT's teacher would report on this volume).
 pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &McOptions) -> Result<Tensor> {
     mc.validate("uncertainty")?;
-    let config = model.config().clone();
-    let device = model.device();
-    let mean = window_average(model, image, opts, &mut |x, first| {
-        let b = x.size()[0];
+    let classes = model.config().n_classes;
+    let mean = window_average(model, image, opts, classes, &mut |x, first| {
         let mut sum: Option<Tensor> = None;
         for t in 0..mc.passes as u64 {
-            // One generator stream per (window, pass): the same numbers whatever the batching.
-            let per_window = |what: u64, shape: &[i64]| -> Tensor {
-                let parts: Vec<Tensor> = (0..b)
-                    .map(|k| rng::uniform(rng::key(mc.seed, &[what, first as u64 + k as u64, t]), &shape[1..], device))
-                    .collect();
-                Tensor::stack(&parts, 0)
-            };
-            let noise = {
-                let parts: Vec<Tensor> = (0..b)
-                    .map(|k| rng::normal(rng::key(mc.seed, &[1, first as u64 + k as u64, t]), &x.size()[1..], device))
-                    .collect();
-                (Tensor::f_stack(&parts, 0)? * mc.noise_std).f_clamp(-mc.noise_clip, mc.noise_clip)?
-            };
-            let mut mask_no = 1u64;
-            let masks = DropoutMasks::draw(&config, b, |shape| {
-                mask_no += 1;
-                per_window(mask_no, shape)
-            });
-            let p = model.forward_mc(&x.f_add(&noise)?, &masks)?.f_softmax(1, Kind::Float)?;
+            let p = mc_pass_probs(model, x, first, t, mc)?;
             sum = Some(match sum {
                 None => p,
                 Some(s) => s.f_add(&p)?,
@@ -313,13 +303,41 @@ pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &Mc
     Ok(entropy(&mean, 0, false))
 }
 
-/// The sliding-window average of per-window class probabilities: `probs(x, first)` maps a batch of
-/// windows `[b, 1, px, py, pz]` (`first`: the index of its first window in the plan's order) to
-/// `[b, C, px, py, pz]`. Returns `[C, X, Y, Z]`, padding cropped away.
-fn window_average(
+/// The class probabilities `[b, C, px, py, pz]` of Monte-Carlo pass `t` over a batch of windows
+/// `x` whose first is window `first` of the plan: input noise and dropout masks drawn from one
+/// generator stream per (window, pass), so the numbers do not depend on the batching.
+pub(crate) fn mc_pass_probs(model: &VNet, x: &Tensor, first: usize, t: u64, mc: &McOptions) -> Result<Tensor> {
+    let b = x.size()[0];
+    let device = model.device();
+    let per_window = |what: u64, shape: &[i64]| -> Tensor {
+        let parts: Vec<Tensor> = (0..b)
+            .map(|k| rng::uniform(rng::key(mc.seed, &[what, first as u64 + k as u64, t]), &shape[1..], device))
+            .collect();
+        Tensor::stack(&parts, 0)
+    };
+    let noise = {
+        let parts: Vec<Tensor> = (0..b)
+            .map(|k| rng::normal(rng::key(mc.seed, &[1, first as u64 + k as u64, t]), &x.size()[1..], device))
+            .collect();
+        (Tensor::f_stack(&parts, 0)? * mc.noise_std).f_clamp(-mc.noise_clip, mc.noise_clip)?
+    };
+    let mut mask_no = 1u64;
+    let masks = DropoutMasks::draw(model.config(), b, |shape| {
+        mask_no += 1;
+        per_window(mask_no, shape)
+    });
+    Ok(model.forward_mc(&x.f_add(&noise)?, &masks)?.f_softmax(1, Kind::Float)?)
+}
+
+/// The sliding-window average of per-window maps: `probs(x, first)` maps a batch of windows
+/// `[b, 1, px, py, pz]` (`first`: the index of its first window in the plan's order) to
+/// `[b, channels, px, py, pz]` (class probabilities, or anything else averaged the same way).
+/// Returns `[channels, X, Y, Z]`, padding cropped away.
+pub(crate) fn window_average(
     model: &VNet,
     image: &Tensor,
     opts: &InferOptions,
+    channels: i64,
     probs: &mut dyn FnMut(&Tensor, usize) -> Result<Tensor>,
 ) -> Result<Tensor> {
     opts.validate("")?;
@@ -345,8 +363,7 @@ fn window_average(
                 .f_copy_(&img)?;
             p
         };
-        let classes = model.config().n_classes;
-        let score = Tensor::f_zeros([classes, padded[0], padded[1], padded[2]], (Kind::Float, device))?;
+        let score = Tensor::f_zeros([channels, padded[0], padded[1], padded[2]], (Kind::Float, device))?;
         let window = |t: &Tensor, dim0: i64, s: &[usize; 3]| -> Result<Tensor> {
             Ok(t.f_narrow(dim0, s[0] as i64, px)?.f_narrow(dim0 + 1, s[1] as i64, py)?.f_narrow(
                 dim0 + 2,
