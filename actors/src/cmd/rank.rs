@@ -193,8 +193,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 uamt::data::dataset::check_case_id(id)
                     .map_err(|why| anyhow::anyhow!("refusing to write outputs: {why}"))?;
             }
-            o.check(&list.iter().map(|(id, _)| format!("{id}.png")).collect::<Vec<_>>())?;
-            o.claim(&["ranking.json".to_string(), "ranking.csv".to_string()])?;
+            let reports = ["ranking.json".to_string(), "ranking.csv".to_string()];
+            let pictures = list.iter().map(|(id, _)| format!("{id}.png"));
+            o.check(&reports.iter().cloned().chain(pictures).collect::<Vec<_>>())?;
+            o.claim(&reports)?;
             Some(o)
         }
         None => None,
