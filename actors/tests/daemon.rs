@@ -298,6 +298,86 @@ fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_report
     assert!(wait_exit(&mut child, 120).success());
 }
 
+/// `GET /status` as JSON, over a plain TCP connection.
+fn status(addr: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr.trim()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {text}"))
+}
+
+#[test]
+fn rank_every_n_ranks_the_unlabelled_cases_off_the_training_path() {
+    let dir = TempDir::new("daemon-rank");
+    let extra = format!(
+        "[eval]\npatch = [32, 32, 16]\nstride = [16, 16, 8]\n[rank]\nevery = 2\nmc_passes = 8\ntop = 2\ndir = \"{}\"\n",
+        dir.join("rank").display()
+    );
+    let cfg = write_config(&dir, 40, 20, &extra);
+    let mut child = start(&cfg, &dir, &[]);
+    wait_for("the metrics address", 120, || dir.join("addr").exists());
+    let addr = std::fs::read_to_string(dir.join("addr")).unwrap();
+    let mut seen = serde_json::Value::Null;
+    wait_for("a ranking on /status", 240, || {
+        seen = status(&addr);
+        !seen["last_rank"].is_null()
+    });
+    let r = &seen["last_rank"];
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("synth/dataset.json")).unwrap()).unwrap();
+    let unlabelled: Vec<String> = manifest["training"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["labelled"] == false)
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(unlabelled.len(), 4);
+    assert_eq!(r["cases"], 4, "{r}");
+    assert_eq!((r["score"].as_str(), r["model"].as_str()), (Some("bald_fg"), Some("teacher")), "{r}");
+    assert_eq!(r["iteration"].as_i64().unwrap() % 2, 0, "offered every 2 iterations: {r}");
+    let top = r["top"].as_array().unwrap();
+    assert_eq!(top.len(), 2, "rank.top entries: {r}");
+    for (i, e) in top.iter().enumerate() {
+        assert_eq!(e["rank"], i + 1);
+        assert!(unlabelled.contains(&e["case"].as_str().unwrap().to_string()), "{e}");
+    }
+    // The file, written whole (atomically) with every unlabelled case.
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rank/ranking.json")).unwrap()).unwrap();
+    assert_eq!(file["cases"].as_array().unwrap().len(), 4);
+    assert!(dir.join("rank/ranking.csv").is_file());
+    // Metrics: runs, duration and a summary of the scores, and no case id anywhere.
+    let m = scrape(&addr);
+    assert!(sample(&m, "uamt_rank_runs_total", &[]).unwrap_or(0.0) >= 1.0);
+    assert!(sample(&m, "uamt_rank_seconds_count", &[]).unwrap_or(0.0) >= 1.0);
+    for stat in ["min", "median", "max", "mean"] {
+        assert!(sample(&m, "uamt_rank_score", &[("stat", stat)]).is_some(), "uamt_rank_score{{stat={stat}}}");
+    }
+    let cases = sample(&m, "uamt_rank_cases", &[("score", "defined")]).unwrap()
+        + sample(&m, "uamt_rank_cases", &[("score", "undefined")]).unwrap();
+    assert_eq!(cases, 4.0);
+    let text = m.to_string();
+    assert!(unlabelled.iter().all(|id| !text.contains(id.as_str())), "a case id in the metrics: {text}");
+    // Training went on while rankings ran: offers made during a ranking were declined (logged),
+    // and the run reaches its last iteration.
+    assert!(wait_exit(&mut child, 600).success());
+    assert_eq!(checkpoint::latest(&dir.join("ckpt")).unwrap().0, 40);
+    let log: String = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("log-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(log.contains("unlabelled cases ranked"), "{log}");
+    assert!(log.contains("the previous ranking is still running; skipping this one"), "{log}");
+}
+
 #[test]
 fn la_reproduce_runs_the_protocol_at_tiny_scale_and_resumes() {
     let la = la_dir();
