@@ -465,6 +465,59 @@ fn la_cpu_runs_the_reduced_protocol_at_tiny_scale_in_pieces() {
 }
 
 #[test]
+fn la_active_runs_the_round_at_tiny_scale_and_resumes() {
+    let la = la_dir();
+    assert!(la.join("train.list").exists(), "the LA data are expected at {}", la.display());
+    let work = TempDir::new("daemon-la-active");
+    let run = |extra: &[&str]| {
+        let out = Command::new(repo().join("ops/la-active"))
+            .args(["--tiny", "--threads", "1", "--bin", bin(), "--data"])
+            .arg(&la)
+            .arg("--work")
+            .arg(work.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        (String::from_utf8_lossy(&out.stdout).to_string(), err)
+    };
+    // Killed by its budget in the first training: it says so and stops cleanly.
+    let (_, log) = run(&["--budget", "1"]);
+    assert!(log.contains("budget spent"), "{log}");
+    // The rest, resumed: every arm trained and evaluated, the table with its answer.
+    let (table, log) = run(&[]);
+    assert!(log.contains("ranking the 4 unlabelled cases with the base teacher"), "{log}");
+    assert!(table.contains("| base: the first 2 | 2 |"), "{table}");
+    for arm in ["bald_fg", "entropy_fg", "bald", "entropy"] {
+        assert!(table.contains(&format!("| top 2 by {arm}")), "{arm}: {table}");
+        assert!(table.contains(&format!("- {arm}: ")), "{arm} against random: {table}");
+    }
+    assert!(table.contains("| random draw 1 | 4 |") && table.contains("| random draw 2 | 4 |"), "{table}");
+    assert!(table.contains("| random, 2 draws: mean ± sd"), "{table}");
+    // The ranking the arms came from, and what each added: the top 2 of the pool by its score.
+    let ranking: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("base/rank/ranking.json")).unwrap()).unwrap();
+    let cases = ranking["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    let added = std::fs::read_to_string(work.join("arm-bald_fg/selection.list")).unwrap();
+    let want: Vec<&str> = cases[..2].iter().map(|c| c["case"].as_str().unwrap()).collect();
+    assert_eq!(added.lines().collect::<Vec<_>>(), want, "bald_fg adds the ranking's top 2");
+    let arm_ds: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("arm-random-1/data/dataset.json")).unwrap()).unwrap();
+    let labelled = arm_ds["training"].as_array().unwrap().iter().filter(|c| c["labelled"] == true).count();
+    assert_eq!(labelled, 4, "2 initial + 2 added");
+    // Again: nothing left to do; the same table.
+    let (again, log) = run(&[]);
+    for piece in ["training", "evaluating", "ranking", "importing"] {
+        assert!(!log.contains(piece), "{piece} again: {log}");
+    }
+    assert_eq!(again.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>(), {
+        table.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>()
+    });
+}
+
+#[test]
 fn a_corrupt_case_is_logged_counted_and_skipped() {
     let dir = TempDir::new("daemon-badcase");
     let cfg = write_config(&dir, 100_000, 0, "");
