@@ -515,6 +515,45 @@ mod tests {
     }
 
     #[test]
+    fn board_records_rankings_with_their_top_cases() {
+        use uamt::eval::rank::{CaseScores, RankSource, RankedCase, Ranking, Score};
+        let case = |id: &str, bald_fg: Option<f64>| RankedCase {
+            rank: 0,
+            case: id.into(),
+            source: id.into(),
+            scores: CaseScores { bald_fg, ..CaseScores::default() },
+            volume_ml: 2.5,
+            voxels: 8,
+            foreground_voxels: 1,
+            region_voxels: 2,
+            dims: [2, 2, 2],
+            network_dims: [2, 2, 2],
+        };
+        let source = RankSource {
+            model: "teacher after 10 iterations".into(),
+            teacher: true,
+            mc_passes: 8,
+            mc_seed: 0,
+            band_voxels: 3.0,
+            iteration: Some(10),
+        };
+        let r = Ranking::new(Score::BaldFg, source, vec![case("a", Some(0.1)), case("b", None), case("c", Some(0.3))]);
+        let b = StatusBoard::new(100, Duration::from_secs(3600));
+        b.on_rank(RankStatus::of(&r, 2, 1.5, std::path::Path::new("rank/ranking.json")));
+        b.on_rank_failure();
+        let s = b.snapshot();
+        let last = s.last_rank.unwrap();
+        assert_eq!(
+            (last.iteration, last.cases, last.model.as_str(), last.score.as_str()),
+            (10, 3, "teacher", "bald_fg")
+        );
+        let top: Vec<(usize, &str, Option<f64>)> =
+            last.top.iter().map(|e| (e.rank, e.case.as_str(), e.score)).collect();
+        assert_eq!(top, [(1, "c", Some(0.3)), (2, "a", Some(0.1))]);
+        assert_eq!((s.ranks_done, s.ranks_failed), (1, 1));
+    }
+
+    #[test]
     fn board_records_steps_and_failures() {
         let b = StatusBoard::new(100, Duration::from_secs(3600));
         b.set_phase(Phase::Training);

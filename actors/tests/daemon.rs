@@ -258,6 +258,32 @@ fn a_config_with_a_wrong_key_fails_naming_it() {
 }
 
 #[test]
+fn rank_without_unlabelled_cases_or_with_a_bad_key_is_refused_at_start() {
+    let dir = TempDir::new("daemon-rank-bad");
+    let cfg = write_config(&dir, 5, 0, "[rank]\nevery = 5\nmc_passes = 1\n");
+    let out = Command::new(bin()).args(["train", "--config"]).arg(&cfg).current_dir(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("rank.mc_passes") && !err.contains("panicked"), "{err}");
+    // Every training case labelled: nothing to rank.
+    let all = dir.join("all");
+    let made = Command::new(bin())
+        .args(["synth", "--cases", "2", "--labelled", "2", "--test", "1", "--size", "40,40,24", "--out"])
+        .arg(&all)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("mc_passes = 1", "mc_passes = 2")
+        .replace("[data]\n", &format!("[data]\ndataset = \"{}\"\n", all.display()));
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(bin()).args(["train", "--config"]).arg(&cfg).current_dir(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("rank.every") && err.contains("no unlabelled training case"), "{err}");
+}
+
+#[test]
 fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_reported() {
     let dir = TempDir::new("daemon-watch");
     let watch = dir.join("watch");

@@ -260,6 +260,13 @@ fn train(
         test = dataset.test.len(),
         "dataset open"
     );
+    if cfg.rank.every > 0 && dataset.unlabelled().is_empty() {
+        anyhow::bail!(
+            "rank.every = {}, but the dataset {} has no unlabelled training case to rank; set rank.every = 0",
+            cfg.rank.every,
+            dataset.root.display()
+        );
+    }
     let loader = loader_for(&cfg, dataset, rank, size)?;
     // Held until training (and its final checkpoint) is over: no other process resumes this run.
     let _lock = started.lock;
