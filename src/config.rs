@@ -3,7 +3,7 @@
 //!
 //! Each section is its component's own config (`[model]` is [`VNetConfig`], `[method]` and
 //! `[optim]` are the training step's, `[data]` holds the [`LoaderConfig`] and [`SynthConfig`],
-//! `[eval]` the sliding window's [`InferOptions`]); each validates itself and
+//! `[eval]` the sliding window's [`InferOptions`], `[rank]` the ranking's [`RankConfig`]); each validates itself and
 //! [`Config::validate`] calls them in turn. Validation is static: nothing here asks the hardware;
 //! [`DeviceConfig::resolve`] does, at start-up. The defaults are the recipe's full LA settings;
 //! `Config::demo()` is the built-in demo.
@@ -12,6 +12,7 @@ use crate::check::{self, limits};
 use crate::data::{LoaderConfig, SamplerConfig, SynthConfig};
 pub use crate::device::{DeviceConfig, DeviceRequest, Layout, Schedule};
 use crate::eval::InferOptions;
+pub use crate::eval::RankConfig;
 use crate::model::VNetConfig;
 use crate::train::{Method, MethodConfig, OptimConfig, StepConfig};
 use crate::{Error, Result};
@@ -38,6 +39,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     /// Periodic and hot-reload evaluation.
     pub eval: EvalConfig,
+    /// Periodic ranking of the unlabelled training cases (which to label next).
+    pub rank: RankConfig,
     /// Metrics endpoint and logging.
     pub telemetry: TelemetryConfig,
     /// Data-parallel training over several processes (used only when a world size is given).
@@ -367,6 +370,7 @@ impl Config {
         self.device.validate("device")?;
         self.checkpoint.validate("checkpoint")?;
         self.eval.validate("eval")?;
+        self.rank.validate("rank")?;
         self.telemetry.validate("telemetry")?;
         self.distributed.validate("distributed")?;
         self.validate_across()

@@ -40,11 +40,16 @@ pub enum Metric {
     EvalRuns,
     EvalFailures,
     EvalScore,
+    RankRuns,
+    RankFailures,
+    RankSeconds,
+    RankScore,
+    RankCases,
 }
 
 impl Metric {
     /// Every metric, for describing them all at start-up and for the README table.
-    pub const ALL: [Metric; 24] = [
+    pub const ALL: [Metric; 29] = [
         Metric::Iterations,
         Metric::IterationSeconds,
         Metric::Loss,
@@ -69,6 +74,11 @@ impl Metric {
         Metric::EvalRuns,
         Metric::EvalFailures,
         Metric::EvalScore,
+        Metric::RankRuns,
+        Metric::RankFailures,
+        Metric::RankSeconds,
+        Metric::RankScore,
+        Metric::RankCases,
     ];
 
     /// The Prometheus name.
@@ -98,6 +108,11 @@ impl Metric {
             Metric::EvalRuns => "uamt_eval_runs_total",
             Metric::EvalFailures => "uamt_eval_failures_total",
             Metric::EvalScore => "uamt_eval_score",
+            Metric::RankRuns => "uamt_rank_runs_total",
+            Metric::RankFailures => "uamt_rank_failures_total",
+            Metric::RankSeconds => "uamt_rank_seconds",
+            Metric::RankScore => "uamt_rank_score",
+            Metric::RankCases => "uamt_rank_cases",
         }
     }
 
@@ -107,8 +122,8 @@ impl Metric {
         match self {
             Iterations | QueuePushed | QueuePopped | QueueBlockedSeconds | StageBusySeconds | StageIdleSeconds
             | StageItems | CheckpointWrites | CheckpointFailures | SkippedCases | SkippedSteps | EvalRuns
-            | EvalFailures => MetricKind::Counter,
-            IterationSeconds | CheckpointSeconds => MetricKind::Histogram,
+            | EvalFailures | RankRuns | RankFailures => MetricKind::Counter,
+            IterationSeconds | CheckpointSeconds | RankSeconds => MetricKind::Histogram,
             _ => MetricKind::Gauge,
         }
     }
@@ -140,6 +155,11 @@ impl Metric {
             Metric::EvalRuns => "Evaluations finished; label source: periodic or watch.",
             Metric::EvalFailures => "Checkpoints that could not be evaluated (corrupt, unreadable).",
             Metric::EvalScore => "Mean evaluation score; labels metric (dice, jaccard, hd95, asd) and checkpoint (periodic or watch).",
+            Metric::RankRuns => "Rankings of the unlabelled training cases finished ([rank] every).",
+            Metric::RankFailures => "Rankings of the unlabelled training cases that failed.",
+            Metric::RankSeconds => "Time to rank the unlabelled training cases once.",
+            Metric::RankScore => "The latest ranking's score (rank.score) over the unlabelled cases; label stat: min, median, max or mean (cases with an undefined score left out).",
+            Metric::RankCases => "Cases in the latest ranking; label score: defined or undefined (nothing segmented).",
         }
     }
 }

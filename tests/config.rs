@@ -81,6 +81,14 @@ fn impossible_values_are_refused_with_the_key_named() {
         ("[telemetry]\ntls_cert_file = \"c.pem\"", "telemetry.tls_key_file"),
         ("[telemetry]\ntls_key_file = \"k.pem\"", "telemetry.tls_cert_file"),
         ("[telemetry]\ncontrol_token = \"secret\"", "control_token"),
+        ("[rank]\nevery = -1", "rank.every"),
+        ("[rank]\nmc_passes = 1", "rank.mc_passes"),
+        ("[rank]\nmc_passes = 65", "rank.mc_passes"),
+        ("[rank]\nband = -0.5", "rank.band"),
+        ("[rank]\nband = nan", "rank.band"),
+        ("[rank]\ntop = 0", "rank.top"),
+        ("[rank]\nevery = 10\ndir = \"\"", "rank.dir"),
+        ("[rank]\nscore = \"variance\"", "score"),
     ] {
         let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
         assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");
@@ -90,6 +98,12 @@ fn impossible_values_are_refused_with_the_key_named() {
     assert!(Config::from_toml("[device]\ndevice = \"auto\"\nprecision = \"tf32\"", Path::new("c.toml")).is_ok());
     let err = Config::from_toml("[optim]\niterations = \"many\"", Path::new("c.toml")).unwrap_err().to_string();
     assert!(err.contains("iterations") || err.contains("line 2"), "{err}");
+    // Every score by name, and ranking off by default.
+    for score in ["entropy", "bald", "entropy_fg", "bald_fg"] {
+        let c = Config::from_toml(&format!("[rank]\nevery = 5\nscore = \"{score}\""), Path::new("c.toml")).unwrap();
+        assert_eq!(c.rank.score.as_str(), score);
+    }
+    assert_eq!(Config::default().rank.every, 0);
 }
 
 #[test]
@@ -233,6 +247,7 @@ fn unknown_keys_are_refused_in_the_sections_that_embed_component_configs() {
         ("[eval]\nwindow = [32, 32, 16]", "window"),
         ("[model]\nhas_dropout = false", "has_dropout"),
         ("[method]\nmax_iter = 5", "max_iter"),
+        ("[rank]\nevery_n = 5", "every_n"),
     ] {
         let err = refused(text);
         assert!(err.contains(key), "`{text}` gave `{err}`, which does not name {key}");

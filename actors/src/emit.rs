@@ -145,3 +145,58 @@ pub fn eval_failure() {
 pub fn eval_score(metric: &'static str, checkpoint: &'static str, v: f64) {
     gauge!(Metric::EvalScore.as_str(), "metric" => metric, "checkpoint" => checkpoint).set(v);
 }
+
+/// One finished ranking of the unlabelled cases: its duration and a summary of its scores (no
+/// case id ever becomes a label). `scores` are the defined ones; `undefined` counts the others.
+pub fn rank_done(seconds: f64, scores: &[f64], undefined: usize) {
+    counter!(Metric::RankRuns.as_str()).increment(1);
+    histogram!(Metric::RankSeconds.as_str()).record(seconds);
+    gauge!(Metric::RankCases.as_str(), "score" => "defined").set(scores.len() as f64);
+    gauge!(Metric::RankCases.as_str(), "score" => "undefined").set(undefined as f64);
+    if let Some(s) = ScoreSummary::of(scores) {
+        for (stat, v) in [("min", s.min), ("median", s.median), ("max", s.max), ("mean", s.mean)] {
+            gauge!(Metric::RankScore.as_str(), "stat" => stat).set(v);
+        }
+    }
+}
+
+pub fn rank_failure() {
+    counter!(Metric::RankFailures.as_str()).increment(1);
+}
+
+/// Minimum, median (the mean of the middle two for an even count), maximum and mean.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreSummary {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl ScoreSummary {
+    /// The summary of `v`; `None` when it is empty.
+    pub fn of(v: &[f64]) -> Option<Self> {
+        if v.is_empty() {
+            return None;
+        }
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n % 2 == 1 { s[n / 2] } else { 0.5 * (s[n / 2 - 1] + s[n / 2]) };
+        Some(ScoreSummary { min: s[0], median, max: s[n - 1], mean: s.iter().sum::<f64>() / n as f64 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_score_summary_is_min_median_max_mean() {
+        assert_eq!(ScoreSummary::of(&[]), None);
+        let s = ScoreSummary::of(&[0.3, 0.1, 0.4, 0.2]).unwrap();
+        assert_eq!((s.min, s.max), (0.1, 0.4));
+        assert!((s.median - 0.25).abs() < 1e-12 && (s.mean - 0.25).abs() < 1e-12);
+        assert_eq!(ScoreSummary::of(&[0.5, 0.1, 0.2]).unwrap().median, 0.2);
+    }
+}

@@ -9,6 +9,11 @@
 //! until the file changes; later files are evaluated, training never notices. A file is loaded
 //! only once its size and modification time have held still for one poll. Reports go to
 //! `eval.report_dir/<name>/report.{json,csv}`.
+//!
+//! It also ranks the unlabelled training cases (`[rank]`) when the trainer hands over a copy of
+//! the teacher every `rank.every` steps, writing `rank.dir/ranking.{json,csv}` (replaced
+//! atomically); at most one ranking waits or runs at a time, and one that fails is logged and
+//! counted (`uamt_rank_failures_total`) like a failed evaluation.
 
 use crate::emit;
 use crate::pipeline::spawn::run_caught;
@@ -31,6 +36,16 @@ pub struct EvalRequest {
     pub iteration: i64,
     /// The student's named tensors (host copies).
     pub weights: Vec<(String, Tensor)>,
+}
+
+/// Weights to rank the unlabelled training cases with, taken after `iteration` steps.
+pub struct RankRequest {
+    /// Steps done when the weights were taken.
+    pub iteration: i64,
+    /// The teacher's named tensors (the student's for supervised training), host copies.
+    pub weights: Vec<(String, Tensor)>,
+    /// Whether `weights` are the teacher's.
+    pub teacher: bool,
 }
 
 /// How often the watched folder is looked at.
@@ -165,6 +180,50 @@ impl Evaluator {
         Ok(report)
     }
 
+    /// Ranks the unlabelled training cases with the weights of `req` (see `uamt::eval::rank`),
+    /// writes `rank.dir/ranking.json` and `ranking.csv` atomically, and reports it (log, metrics,
+    /// `/status`).
+    pub fn rank(&mut self, req: &RankRequest) -> Result<uamt::eval::Ranking> {
+        use uamt::eval::rank::{rank_case, RankOptions, RankSource, Ranking};
+        let t0 = std::time::Instant::now();
+        let who = if req.teacher { "teacher" } else { "student" };
+        let origin = PathBuf::from(format!("{who} after {} iterations", req.iteration));
+        self.model.store().load_named(&req.weights, &origin, true)?;
+        let rc = self.config.rank.clone();
+        let opts = RankOptions { infer: self.opts.infer.clone(), mc: rc.mc(), band: rc.band, picture: false };
+        let mut cases = Vec::new();
+        for i in self.dataset.unlabelled() {
+            let case = &self.dataset.training[i];
+            let (ranked, _) = rank_case(&self.model, None, case, &opts)
+                .with_context(|| format!("ranking {}", case.image.path().display()))?;
+            cases.push(ranked);
+        }
+        let source = RankSource {
+            model: origin.display().to_string(),
+            teacher: req.teacher,
+            mc_passes: rc.mc_passes,
+            mc_seed: rc.seed,
+            band_voxels: rc.band,
+            iteration: Some(req.iteration),
+        };
+        let ranking = Ranking::new(rc.score, source, cases);
+        std::fs::create_dir_all(&rc.dir).with_context(|| format!("creating rank.dir {}", rc.dir.display()))?;
+        let file = rc.dir.join("ranking.json");
+        let csv = ranking.to_csv();
+        uamt::fsutil::write_atomic(&rc.dir.join("ranking.csv"), |w| w.write_all(csv.as_bytes()))?;
+        let json = ranking.to_json() + "\n";
+        uamt::fsutil::write_atomic(&file, |w| w.write_all(json.as_bytes()))?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let scores: Vec<f64> = ranking.cases.iter().filter_map(|c| rc.score.of(&c.scores)).collect();
+        emit::rank_done(seconds, &scores, ranking.cases.len() - scores.len());
+        let first = ranking.cases.first().map(|c| c.case.as_str()).unwrap_or("-");
+        tracing::info!(iteration = req.iteration, model = who, cases = ranking.cases.len(), score = %rc.score, first, seconds, file = %file.display(), "unlabelled cases ranked");
+        if let Some(b) = &self.board {
+            b.on_rank(crate::status::RankStatus::of(&ranking, rc.top, seconds, &file));
+        }
+        Ok(ranking)
+    }
+
     /// The student weights in a checkpoint, or a plain state dict (`.safetensors`, `.npz`), read
     /// as an untrusted file: regular files up to the size limit, every tensor checked (see
     /// [`uamt::model::tensorfile`]); the names, shapes and kinds are checked again against the
@@ -212,6 +271,8 @@ pub struct EvalCounters {
     pub failed: AtomicU64,
     /// A periodic request is queued or running (at most one: weights are big).
     pub busy: AtomicBool,
+    /// A ranking request is queued or running (at most one).
+    pub rank_busy: AtomicBool,
 }
 
 /// The evaluation service actor.
@@ -265,6 +326,27 @@ impl Handler<EvaluateWeights> for EvalService {
                 }
                 tracing::warn!(error = %format!("{e:#}"), iteration = req.iteration, "periodic evaluation failed");
             }
+        }
+    }
+}
+
+/// Rank the unlabelled training cases with the weights of a request.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RankWeights(pub RankRequest);
+
+impl Handler<RankWeights> for EvalService {
+    type Result = ();
+    fn handle(&mut self, msg: RankWeights, _: &mut Self::Context) {
+        let req = msg.0;
+        let r = run_caught("evaluator", || self.evaluator.rank(&req));
+        self.counters.rank_busy.store(false, Ordering::SeqCst);
+        if let Err(e) = r {
+            emit::rank_failure();
+            if let Some(b) = &self.board {
+                b.on_rank_failure();
+            }
+            tracing::warn!(error = %format!("{e:#}"), iteration = req.iteration, "ranking the unlabelled cases failed");
         }
     }
 }
@@ -335,6 +417,28 @@ impl EvalHandle {
         }
         if self.addr.try_send(EvaluateWeights(req)).is_err() {
             self.counters.busy.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Offers a ranking at `iteration`: false (nothing taken) while the previous one is still
+    /// queued or running; otherwise `take` copies the weights (only then, so a busy service costs
+    /// training no copy) and the request is queued. A `take` that fails is logged, and false.
+    pub fn offer_rank(&self, iteration: i64, take: &mut dyn FnMut() -> Result<RankRequest>) -> bool {
+        if self.counters.rank_busy.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        let req = match take() {
+            Ok(r) => r,
+            Err(e) => {
+                self.counters.rank_busy.store(false, Ordering::SeqCst);
+                tracing::warn!(iteration, error = %format!("{e:#}"), "cannot copy the weights to rank with");
+                return false;
+            }
+        };
+        if self.addr.try_send(RankWeights(req)).is_err() {
+            self.counters.rank_busy.store(false, Ordering::SeqCst);
             return false;
         }
         true

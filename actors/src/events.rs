@@ -59,6 +59,11 @@ pub enum Event<'a> {
         /// Steps done.
         iteration: i64,
     },
+    /// A periodic ranking skipped because the previous one was still running.
+    RankSkipped {
+        /// Steps done.
+        iteration: i64,
+    },
 }
 
 /// A consumer of the loop's events.
@@ -95,6 +100,9 @@ impl Sink for LogSink {
             Event::EvalSkipped { iteration } => {
                 tracing::info!(iteration, "the evaluator is still busy; skipping this periodic evaluation")
             }
+            Event::RankSkipped { iteration } => {
+                tracing::info!(iteration, "the previous ranking is still running; skipping this one")
+            }
             Event::StepSkipped { iteration, loss } => {
                 tracing::warn!(iteration, loss, "non-finite loss or gradients: this step's update is skipped")
             }
@@ -114,7 +122,7 @@ impl Sink for MetricsSink {
             Event::Checkpoint { seconds, .. } => emit::checkpoint(true, seconds),
             Event::CheckpointFailed { .. } => emit::checkpoint(false, 0.0),
             Event::StepSkipped { .. } => emit::skipped_step(),
-            Event::EvalSkipped { .. } => {}
+            Event::EvalSkipped { .. } | Event::RankSkipped { .. } => {}
         }
     }
 }

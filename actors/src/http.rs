@@ -85,6 +85,11 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
 pub fn install_recorder_labelled(labels: &[(&str, String)]) -> anyhow::Result<PrometheusHandle> {
     let mut builder =
         PrometheusBuilder::new().set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])?;
+    // A ranking takes seconds to an hour (every unlabelled case, Monte-Carlo passes and all).
+    builder = builder.set_buckets_for_metric(
+        metrics_exporter_prometheus::Matcher::Full(uamt::telemetry::Metric::RankSeconds.as_str().to_string()),
+        &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0],
+    )?;
     for (k, v) in labels {
         builder = builder.add_global_label(*k, v.clone());
     }

@@ -38,6 +38,8 @@ enum Command {
     Eval(cmd::eval::Args),
     /// Label maps of new images (no label needed), in each input's own geometry.
     Predict(cmd::predict::Args),
+    /// The unlabelled training cases (or raw images), most informative first: which to label next.
+    Rank(cmd::rank::Args),
     /// A checkpoint's weights under the reference PyTorch V-Net's state_dict names.
     Export(cmd::export::Args),
     /// Ask a running daemon for its status, a checkpoint, or to stop (its HTTP endpoint).
@@ -57,7 +59,7 @@ fn init_logging(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Predict(_) | Command::Eval(_) => uamt::alloc::tune_for_inference(),
+        Command::Predict(_) | Command::Eval(_) | Command::Rank(_) => uamt::alloc::tune_for_inference(),
         _ => uamt::alloc::tune(),
     }
     // One-shot commands: an interrupt removes what is half-written (the daemon finishes its step
@@ -74,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Predict(a) => cmd::predict::run(a),
+        Command::Rank(a) => cmd::rank::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Ctl(a) => cmd::ctl::run(a),
     }

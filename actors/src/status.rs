@@ -97,6 +97,62 @@ impl EvalStatus {
     }
 }
 
+/// One case of the latest ranking, as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankEntry {
+    /// 1 for the most informative.
+    pub rank: usize,
+    /// The case id.
+    pub case: String,
+    /// Its score (`null`: undefined, nothing segmented).
+    pub score: Option<f64>,
+    /// Its predicted foreground volume, millilitres.
+    pub volume_ml: f64,
+}
+
+/// The latest ranking of the unlabelled training cases (`[rank]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankStatus {
+    /// Training iterations done when the weights were taken.
+    pub iteration: i64,
+    /// The score the ranking follows (`rank.score`).
+    pub score: String,
+    /// Whose Monte-Carlo passes: `teacher` (or `student` for supervised training).
+    pub model: String,
+    /// Cases ranked.
+    pub cases: usize,
+    /// Time it took.
+    pub seconds: f64,
+    /// The file written (`<rank.dir>/ranking.json`).
+    pub file: String,
+    /// The first `rank.top` cases.
+    pub top: Vec<RankEntry>,
+}
+
+impl RankStatus {
+    /// The status of `ranking` (its first `top` cases), written to `file` in `seconds`.
+    pub fn of(ranking: &uamt::eval::Ranking, top: usize, seconds: f64, file: &std::path::Path) -> Self {
+        RankStatus {
+            iteration: ranking.source.iteration.unwrap_or(0),
+            score: ranking.score.to_string(),
+            model: if ranking.source.teacher { "teacher" } else { "student" }.to_string(),
+            cases: ranking.cases.len(),
+            seconds,
+            file: file.display().to_string(),
+            top: ranking
+                .top(Some(top))
+                .iter()
+                .map(|c| RankEntry {
+                    rank: c.rank,
+                    case: c.case.clone(),
+                    score: ranking.score.of(&c.scores),
+                    volume_ml: c.volume_ml,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The stage whose failure ends the run, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StageFailure {
@@ -133,6 +189,12 @@ pub struct Status {
     pub evals_done: u64,
     /// Evaluations that failed (an unreadable or corrupt checkpoint).
     pub evals_failed: u64,
+    /// The latest ranking of the unlabelled training cases (`[rank]`).
+    pub last_rank: Option<RankStatus>,
+    /// Rankings finished.
+    pub ranks_done: u64,
+    /// Rankings that failed.
+    pub ranks_failed: u64,
     /// The first stage that failed, if any.
     pub failed_stage: Option<StageFailure>,
     /// Whether `GET /healthz` answers 200.
@@ -171,6 +233,12 @@ struct Board {
     evals_done: u64,
     /// Evaluations failed.
     evals_failed: u64,
+    /// Latest ranking.
+    last_rank: Option<RankStatus>,
+    /// Rankings finished.
+    ranks_done: u64,
+    /// Rankings failed.
+    ranks_failed: u64,
     /// First failed stage.
     failed: Option<StageFailure>,
 }
@@ -205,6 +273,9 @@ impl StatusBoard {
                 last_eval: None,
                 evals_done: 0,
                 evals_failed: 0,
+                last_rank: None,
+                ranks_done: 0,
+                ranks_failed: 0,
                 failed: None,
             })),
             stall_after,
@@ -293,6 +364,18 @@ impl StatusBoard {
         lock(&self.board).evals_failed += 1;
     }
 
+    /// Records a finished ranking.
+    pub fn on_rank(&self, rank: RankStatus) {
+        let mut b = lock(&self.board);
+        b.ranks_done += 1;
+        b.last_rank = Some(rank);
+    }
+
+    /// Counts a ranking that failed.
+    pub fn on_rank_failure(&self) {
+        lock(&self.board).ranks_failed += 1;
+    }
+
     /// Records that `stage` failed with `cause` and moves the run to [`Phase::Failed`]. The first
     /// failure is kept: later ones are usually its consequences (closed queues).
     pub fn stage_failed(&self, stage: &str, cause: &str) {
@@ -355,6 +438,9 @@ impl StatusBoard {
             last_eval: b.last_eval.clone(),
             evals_done: b.evals_done,
             evals_failed: b.evals_failed,
+            last_rank: b.last_rank.clone(),
+            ranks_done: b.ranks_done,
+            ranks_failed: b.ranks_failed,
             failed_stage: b.failed.clone(),
             healthy: health.is_ok(),
             unhealthy: health.err(),
@@ -431,6 +517,45 @@ mod tests {
             threshold: f64::INFINITY,
             lr: 0.01,
         }
+    }
+
+    #[test]
+    fn board_records_rankings_with_their_top_cases() {
+        use uamt::eval::rank::{CaseScores, RankSource, RankedCase, Ranking, Score};
+        let case = |id: &str, bald_fg: Option<f64>| RankedCase {
+            rank: 0,
+            case: id.into(),
+            source: id.into(),
+            scores: CaseScores { bald_fg, ..CaseScores::default() },
+            volume_ml: 2.5,
+            voxels: 8,
+            foreground_voxels: 1,
+            region_voxels: 2,
+            dims: [2, 2, 2],
+            network_dims: [2, 2, 2],
+        };
+        let source = RankSource {
+            model: "teacher after 10 iterations".into(),
+            teacher: true,
+            mc_passes: 8,
+            mc_seed: 0,
+            band_voxels: 3.0,
+            iteration: Some(10),
+        };
+        let r = Ranking::new(Score::BaldFg, source, vec![case("a", Some(0.1)), case("b", None), case("c", Some(0.3))]);
+        let b = StatusBoard::new(100, Duration::from_secs(3600));
+        b.on_rank(RankStatus::of(&r, 2, 1.5, std::path::Path::new("rank/ranking.json")));
+        b.on_rank_failure();
+        let s = b.snapshot();
+        let last = s.last_rank.unwrap();
+        assert_eq!(
+            (last.iteration, last.cases, last.model.as_str(), last.score.as_str()),
+            (10, 3, "teacher", "bald_fg")
+        );
+        let top: Vec<(usize, &str, Option<f64>)> =
+            last.top.iter().map(|e| (e.rank, e.case.as_str(), e.score)).collect();
+        assert_eq!(top, [(1, "c", Some(0.3)), (2, "a", Some(0.1))]);
+        assert_eq!((s.ranks_done, s.ranks_failed), (1, 1));
     }
 
     #[test]

@@ -258,6 +258,32 @@ fn a_config_with_a_wrong_key_fails_naming_it() {
 }
 
 #[test]
+fn rank_without_unlabelled_cases_or_with_a_bad_key_is_refused_at_start() {
+    let dir = TempDir::new("daemon-rank-bad");
+    let cfg = write_config(&dir, 5, 0, "[rank]\nevery = 5\nmc_passes = 1\n");
+    let out = Command::new(bin()).args(["train", "--config"]).arg(&cfg).current_dir(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("rank.mc_passes") && !err.contains("panicked"), "{err}");
+    // Every training case labelled: nothing to rank.
+    let all = dir.join("all");
+    let made = Command::new(bin())
+        .args(["synth", "--cases", "2", "--labelled", "2", "--test", "1", "--size", "40,40,24", "--out"])
+        .arg(&all)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("mc_passes = 1", "mc_passes = 2")
+        .replace("[data]\n", &format!("[data]\ndataset = \"{}\"\n", all.display()));
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(bin()).args(["train", "--config"]).arg(&cfg).current_dir(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("rank.every") && err.contains("no unlabelled training case"), "{err}");
+}
+
+#[test]
 fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_reported() {
     let dir = TempDir::new("daemon-watch");
     let watch = dir.join("watch");
@@ -296,6 +322,86 @@ fn checkpoints_dropped_into_the_watched_folder_are_evaluated_and_bad_ones_report
     assert_eq!(sample(&m, "uamt_eval_failures_total", &[]), Some(1.0), "the broken file is reported once, not retried");
     assert_eq!(unsafe { libc_kill(child.id() as i32, 15) }, 0);
     assert!(wait_exit(&mut child, 120).success());
+}
+
+/// `GET /status` as JSON, over a plain TCP connection.
+fn status(addr: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr.trim()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {text}"))
+}
+
+#[test]
+fn rank_every_n_ranks_the_unlabelled_cases_off_the_training_path() {
+    let dir = TempDir::new("daemon-rank");
+    let extra = format!(
+        "[eval]\npatch = [32, 32, 16]\nstride = [16, 16, 8]\n[rank]\nevery = 2\nmc_passes = 8\ntop = 2\ndir = \"{}\"\n",
+        dir.join("rank").display()
+    );
+    let cfg = write_config(&dir, 40, 20, &extra);
+    let mut child = start(&cfg, &dir, &[]);
+    wait_for("the metrics address", 120, || dir.join("addr").exists());
+    let addr = std::fs::read_to_string(dir.join("addr")).unwrap();
+    let mut seen = serde_json::Value::Null;
+    wait_for("a ranking on /status", 240, || {
+        seen = status(&addr);
+        !seen["last_rank"].is_null()
+    });
+    let r = &seen["last_rank"];
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("synth/dataset.json")).unwrap()).unwrap();
+    let unlabelled: Vec<String> = manifest["training"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["labelled"] == false)
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(unlabelled.len(), 4);
+    assert_eq!(r["cases"], 4, "{r}");
+    assert_eq!((r["score"].as_str(), r["model"].as_str()), (Some("bald_fg"), Some("teacher")), "{r}");
+    assert_eq!(r["iteration"].as_i64().unwrap() % 2, 0, "offered every 2 iterations: {r}");
+    let top = r["top"].as_array().unwrap();
+    assert_eq!(top.len(), 2, "rank.top entries: {r}");
+    for (i, e) in top.iter().enumerate() {
+        assert_eq!(e["rank"], i + 1);
+        assert!(unlabelled.contains(&e["case"].as_str().unwrap().to_string()), "{e}");
+    }
+    // The file, written whole (atomically) with every unlabelled case.
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rank/ranking.json")).unwrap()).unwrap();
+    assert_eq!(file["cases"].as_array().unwrap().len(), 4);
+    assert!(dir.join("rank/ranking.csv").is_file());
+    // Metrics: runs, duration and a summary of the scores, and no case id anywhere.
+    let m = scrape(&addr);
+    assert!(sample(&m, "uamt_rank_runs_total", &[]).unwrap_or(0.0) >= 1.0);
+    assert!(sample(&m, "uamt_rank_seconds_count", &[]).unwrap_or(0.0) >= 1.0);
+    for stat in ["min", "median", "max", "mean"] {
+        assert!(sample(&m, "uamt_rank_score", &[("stat", stat)]).is_some(), "uamt_rank_score{{stat={stat}}}");
+    }
+    let cases = sample(&m, "uamt_rank_cases", &[("score", "defined")]).unwrap()
+        + sample(&m, "uamt_rank_cases", &[("score", "undefined")]).unwrap();
+    assert_eq!(cases, 4.0);
+    let text = m.to_string();
+    assert!(unlabelled.iter().all(|id| !text.contains(id.as_str())), "a case id in the metrics: {text}");
+    // Training went on while rankings ran: offers made during a ranking were declined (logged),
+    // and the run reaches its last iteration.
+    assert!(wait_exit(&mut child, 600).success());
+    assert_eq!(checkpoint::latest(&dir.join("ckpt")).unwrap().0, 40);
+    let log: String = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("log-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(log.contains("unlabelled cases ranked"), "{log}");
+    assert!(log.contains("the previous ranking is still running; skipping this one"), "{log}");
 }
 
 #[test]
@@ -382,6 +488,59 @@ fn la_cpu_runs_the_reduced_protocol_at_tiny_scale_in_pieces() {
         table.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>()
     });
     assert!(!work.join("uamt-s2").exists(), "no seed-2 run was started");
+}
+
+#[test]
+fn la_active_runs_the_round_at_tiny_scale_and_resumes() {
+    let la = la_dir();
+    assert!(la.join("train.list").exists(), "the LA data are expected at {}", la.display());
+    let work = TempDir::new("daemon-la-active");
+    let run = |extra: &[&str]| {
+        let out = Command::new(repo().join("ops/la-active"))
+            .args(["--tiny", "--threads", "1", "--bin", bin(), "--data"])
+            .arg(&la)
+            .arg("--work")
+            .arg(work.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        (String::from_utf8_lossy(&out.stdout).to_string(), err)
+    };
+    // Killed by its budget in the first training: it says so and stops cleanly.
+    let (_, log) = run(&["--budget", "1"]);
+    assert!(log.contains("budget spent"), "{log}");
+    // The rest, resumed: every arm trained and evaluated, the table with its answer.
+    let (table, log) = run(&[]);
+    assert!(log.contains("ranking the 4 unlabelled cases with the base teacher"), "{log}");
+    assert!(table.contains("| base: the first 2 | 2 |"), "{table}");
+    for arm in ["bald_fg", "entropy_fg", "bald", "entropy"] {
+        assert!(table.contains(&format!("| top 2 by {arm}")), "{arm}: {table}");
+        assert!(table.contains(&format!("- {arm}: ")), "{arm} against random: {table}");
+    }
+    assert!(table.contains("| random draw 1 | 4 |") && table.contains("| random draw 2 | 4 |"), "{table}");
+    assert!(table.contains("| random, 2 draws: mean ± sd"), "{table}");
+    // The ranking the arms came from, and what each added: the top 2 of the pool by its score.
+    let ranking: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("base/rank/ranking.json")).unwrap()).unwrap();
+    let cases = ranking["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    let added = std::fs::read_to_string(work.join("arm-bald_fg/selection.list")).unwrap();
+    let want: Vec<&str> = cases[..2].iter().map(|c| c["case"].as_str().unwrap()).collect();
+    assert_eq!(added.lines().collect::<Vec<_>>(), want, "bald_fg adds the ranking's top 2");
+    let arm_ds: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("arm-random-1/data/dataset.json")).unwrap()).unwrap();
+    let labelled = arm_ds["training"].as_array().unwrap().iter().filter(|c| c["labelled"] == true).count();
+    assert_eq!(labelled, 4, "2 initial + 2 added");
+    // Again: nothing left to do; the same table.
+    let (again, log) = run(&[]);
+    for piece in ["training", "evaluating", "ranking", "importing"] {
+        assert!(!log.contains(piece), "{piece} again: {log}");
+    }
+    assert_eq!(again.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>(), {
+        table.lines().filter(|l| l.starts_with('|')).collect::<Vec<_>>()
+    });
 }
 
 #[test]

@@ -194,6 +194,17 @@ pub struct Prediction {
 }
 
 impl Prediction {
+    /// The prediction of averaged class probabilities `[C, X, Y, Z]`: their argmax, then the
+    /// optional largest-component step.
+    pub fn of(probabilities: Tensor, largest: Option<Connectivity>) -> Result<Self> {
+        let mut labels = probabilities.f_argmax(0, false)?;
+        if let Some(conn) = largest {
+            let kept = largest_component(&Volume::<u8>::from_tensor(&labels)?, conn);
+            labels = kept.to_tensor()?.f_to_kind(Kind::Int64)?.f_to_device(probabilities.device())?;
+        }
+        Ok(Prediction { probabilities, labels })
+    }
+
     /// The foreground probability `[X, Y, Z]` (class 1).
     pub fn foreground(&self) -> Tensor {
         self.probabilities.get(1)
@@ -231,15 +242,14 @@ impl Prediction {
 
 /// Segments `image` (`[X, Y, Z]`, any device, any float kind) with `model` by sliding window.
 pub fn sliding_window(model: &VNet, image: &Tensor, opts: &InferOptions) -> Result<Prediction> {
-    let probabilities = window_average(model, image, opts, &|net, x, _| {
-        Ok(net.forward_with(x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?)
-    })?;
-    let mut labels = probabilities.f_argmax(0, false)?;
-    if let Some(conn) = opts.largest_component {
-        let kept = largest_component(&Volume::<u8>::from_tensor(&labels)?, conn);
-        labels = kept.to_tensor()?.f_to_kind(Kind::Int64)?.f_to_device(model.device())?;
-    }
-    Ok(Prediction { probabilities, labels })
+    let classes = model.config().n_classes;
+    let probabilities = window_average(&[model], image, opts, classes, &|nets, x, _| deterministic_probs(nets[0], x))?;
+    Prediction::of(probabilities, opts.largest_component)
+}
+
+/// The class probabilities `[b, C, px, py, pz]` of a batch of windows in eval mode (no dropout).
+pub(crate) fn deterministic_probs(model: &VNet, x: &Tensor) -> Result<Tensor> {
+    Ok(model.forward_with(x, false, Dropout::Random)?.f_softmax(1, Kind::Float)?)
 }
 
 /// How the Monte-Carlo uncertainty of a model is estimated at inference: the recipe's teacher
@@ -286,31 +296,11 @@ impl McOptions {
 /// (the recipe's uncertainty, i.e. what UA-MT's teacher would report on this volume).
 pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &McOptions) -> Result<Tensor> {
     mc.validate("uncertainty")?;
-    let config = model.config().clone();
-    let device = model.device();
-    let mean = window_average(model, image, opts, &|net, x, first| {
-        let b = x.size()[0];
+    let classes = model.config().n_classes;
+    let mean = window_average(&[model], image, opts, classes, &|nets, x, first| {
         let mut sum: Option<Tensor> = None;
         for t in 0..mc.passes as u64 {
-            // One generator stream per (window, pass): the same numbers whatever the batching.
-            let per_window = |what: u64, shape: &[i64]| -> Tensor {
-                let parts: Vec<Tensor> = (0..b)
-                    .map(|k| rng::uniform(rng::key(mc.seed, &[what, first as u64 + k as u64, t]), &shape[1..], device))
-                    .collect();
-                Tensor::stack(&parts, 0)
-            };
-            let noise = {
-                let parts: Vec<Tensor> = (0..b)
-                    .map(|k| rng::normal(rng::key(mc.seed, &[1, first as u64 + k as u64, t]), &x.size()[1..], device))
-                    .collect();
-                (Tensor::f_stack(&parts, 0)? * mc.noise_std).f_clamp(-mc.noise_clip, mc.noise_clip)?
-            };
-            let mut mask_no = 1u64;
-            let masks = DropoutMasks::draw(&config, b, |shape| {
-                mask_no += 1;
-                per_window(mask_no, shape)
-            });
-            let p = net.forward_mc(&x.f_add(&noise)?, &masks)?.f_softmax(1, Kind::Float)?;
+            let p = mc_pass_probs(nets[0], x, first, t, mc)?;
             sum = Some(match sum {
                 None => p,
                 Some(s) => s.f_add(&p)?,
@@ -321,10 +311,37 @@ pub fn mc_uncertainty(model: &VNet, image: &Tensor, opts: &InferOptions, mc: &Mc
     Ok(entropy(&mean, 0, false))
 }
 
-/// Per-window class probabilities: `probs(net, x, first)` maps a batch of windows `[b, 1, px, py,
-/// pz]` (`first`: the index of its first window in the plan's order) to `[b, C, px, py, pz]` with
-/// `net` (the model, or an eval view of it on a worker thread).
-type WindowProbs<'a> = dyn Fn(&VNet, &Tensor, usize) -> Result<Tensor> + Sync + 'a;
+/// The class probabilities `[b, C, px, py, pz]` of Monte-Carlo pass `t` over a batch of windows
+/// `x` whose first is window `first` of the plan: input noise and dropout masks drawn from one
+/// generator stream per (window, pass), so the numbers do not depend on the batching.
+pub(crate) fn mc_pass_probs(model: &VNet, x: &Tensor, first: usize, t: u64, mc: &McOptions) -> Result<Tensor> {
+    let b = x.size()[0];
+    let device = model.device();
+    let per_window = |what: u64, shape: &[i64]| -> Tensor {
+        let parts: Vec<Tensor> = (0..b)
+            .map(|k| rng::uniform(rng::key(mc.seed, &[what, first as u64 + k as u64, t]), &shape[1..], device))
+            .collect();
+        Tensor::stack(&parts, 0)
+    };
+    let noise = {
+        let parts: Vec<Tensor> = (0..b)
+            .map(|k| rng::normal(rng::key(mc.seed, &[1, first as u64 + k as u64, t]), &x.size()[1..], device))
+            .collect();
+        (Tensor::f_stack(&parts, 0)? * mc.noise_std).f_clamp(-mc.noise_clip, mc.noise_clip)?
+    };
+    let mut mask_no = 1u64;
+    let masks = DropoutMasks::draw(model.config(), b, |shape| {
+        mask_no += 1;
+        per_window(mask_no, shape)
+    });
+    Ok(model.forward_mc(&x.f_add(&noise)?, &masks)?.f_softmax(1, Kind::Float)?)
+}
+
+/// Per-window maps: `probs(nets, x, first)` maps a batch of windows `[b, 1, px, py, pz]` (`first`:
+/// the index of its first window in the plan's order) to `[b, channels, px, py, pz]` (class
+/// probabilities, or anything else averaged the same way) with `nets` (the models given to
+/// [`window_average`], or eval views of them on a worker thread).
+pub(crate) type WindowProbs<'a> = dyn Fn(&[&VNet], &Tensor, usize) -> Result<Tensor> + Sync + 'a;
 
 /// How the windows of one volume are computed on the CPU: `workers` threads at once, each running
 /// its own windows with `threads` intra-op threads (one window per pass each with two workers of
@@ -357,13 +374,20 @@ impl WindowWorkers {
     }
 }
 
-/// The sliding-window average of per-window class probabilities ([`WindowProbs`]). Returns `[C, X,
-/// Y, Z]`, padding cropped away. On the CPU the windows are computed by several threads at once
+/// The sliding-window average of per-window maps ([`WindowProbs`]) of `models` (at least one; the
+/// first one's device). Returns `[channels, X, Y, Z]`, padding cropped away. On the CPU the windows are computed by several threads at once
 /// ([`WindowWorkers`]): one single-threaded pass per core keeps every core busy where one pass on
 /// all cores waits at the many synchronisation points of its kernels. The score volume is summed
 /// in the plan's window order whatever thread computed a window, so the result does not depend
 /// on the split or on timing.
-fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &WindowProbs<'_>) -> Result<Tensor> {
+pub(crate) fn window_average(
+    models: &[&VNet],
+    image: &Tensor,
+    opts: &InferOptions,
+    channels: i64,
+    probs: &WindowProbs<'_>,
+) -> Result<Tensor> {
+    let model = *models.first().ok_or_else(|| Error::invalid("inference", "no model"))?;
     opts.validate("")?;
     let size = image.size();
     let dims = match size.as_slice() {
@@ -387,9 +411,8 @@ fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &Win
                 .f_copy_(&img)?;
             p
         };
-        let classes = model.config().n_classes;
         let weight = blend::window_weight(opts.blend, opts.patch, device)?;
-        let mut score = Tensor::f_zeros([classes, padded[0], padded[1], padded[2]], (Kind::Float, device))?;
+        let mut score = Tensor::f_zeros([channels, padded[0], padded[1], padded[2]], (Kind::Float, device))?;
         let window = |t: &Tensor, dim0: i64, s: &[usize; 3]| -> Result<Tensor> {
             Ok(t.f_narrow(dim0, s[0] as i64, px)?.f_narrow(dim0 + 1, s[1] as i64, py)?.f_narrow(
                 dim0 + 2,
@@ -417,7 +440,7 @@ fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &Win
         };
         if split.workers == 1 {
             for (n, chunk) in chunks.iter().enumerate() {
-                add(chunk, &probs(model, &batch_input(&img, chunk)?, n * split.batch)?)?;
+                add(chunk, &probs(models, &batch_input(&img, chunk)?, n * split.batch)?)?;
             }
         } else {
             let next = std::sync::atomic::AtomicUsize::new(0);
@@ -427,16 +450,18 @@ fn window_average(model: &VNet, image: &Tensor, opts: &InferOptions, probs: &Win
             let summed = std::thread::scope(|scope| -> Result<()> {
                 let done_rx = done_rx; // dropped on an early return: the workers' sends then fail
                 for _ in 0..split.workers {
-                    let (net, img, done) = (model.eval_view(), img.shallow_clone(), done_tx.clone());
+                    let views: Vec<VNet> = models.iter().map(|m| m.eval_view()).collect();
+                    let (img, done) = (img.shallow_clone(), done_tx.clone());
                     let (next, failed, chunks) = (&next, &failed, &chunks);
                     scope.spawn(move || {
                         tch::set_num_threads(split.threads as i32);
+                        let nets: Vec<&VNet> = views.iter().collect();
                         tch::no_grad(|| loop {
                             let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if n >= chunks.len() || failed.load(std::sync::atomic::Ordering::Relaxed) {
                                 break;
                             }
-                            let y = batch_input(&img, chunks[n]).and_then(|x| probs(&net, &x, n * split.batch));
+                            let y = batch_input(&img, chunks[n]).and_then(|x| probs(&nets, &x, n * split.batch));
                             if done.send((n, y)).is_err() {
                                 break;
                             }

@@ -11,6 +11,7 @@
 //! - [`report`]: per-case results, mean and std, JSON / CSV / table.
 //! - [`picture`]: a PNG of a few axial slices per case, and the reliability diagram.
 //! - [`predict`]: label maps of new, unlabelled images in their own geometry (`uamt predict`).
+//! - [`rank`]: which unlabelled volumes to label next, by Monte-Carlo uncertainty (`uamt rank`).
 //! - [`compare`]: metrics between label files made elsewhere.
 //! - here: [`evaluate_dataset`], the whole evaluation of a model on a dataset's test split, and
 //!   [`model_from_named`], building the model from named tensors (a weights file, a checkpoint).
@@ -26,6 +27,7 @@ pub mod infer;
 pub mod metrics;
 pub mod picture;
 pub mod predict;
+pub mod rank;
 pub mod report;
 
 pub use blend::Blend;
@@ -36,6 +38,7 @@ pub use infer::{
 };
 pub use metrics::{case_metrics, CaseMetrics, EmptyPolicy};
 pub use picture::{case_picture, reliability_picture, Picture, PictureOptions};
+pub use rank::{RankConfig, RankOptions, RankedCase, Ranking, Score};
 pub use report::{CaseEvent, CaseFailure, CaseResult, Report, Stat, Summary, RELIABILITY_PNG};
 
 use crate::data::resample::{resample_case, resample_linear};

@@ -9,7 +9,7 @@ use super::picture::{case_picture, PictureOptions};
 use crate::data::nifti::stem;
 use crate::data::preprocessing::Preprocessing;
 use crate::data::resample::resample_linear;
-use crate::data::{write_nifti, GzCache, NiftiVolume, Volume};
+use crate::data::{write_nifti, Geometry, GzCache, NiftiVolume, Volume};
 use crate::model::VNet;
 use crate::Result;
 use serde::Serialize;
@@ -54,6 +54,37 @@ pub struct PredictedCase {
     pub inference_seconds: f64,
 }
 
+/// A raw image read for the network: as it is in its file, and as the network sees it.
+#[derive(Debug, Clone)]
+pub struct RawImage {
+    /// The image in its own grid and intensities.
+    pub raw: Volume<f32>,
+    /// Its geometry (checked: finite and non-degenerate).
+    pub geometry: Geometry,
+    /// Normalised and resampled as `preprocessing.json` says: the network's input.
+    pub net_image: Volume<f32>,
+}
+
+impl RawImage {
+    /// Reads the NIfTI image `input` and applies `prep` (normalisation, resampling; no crop).
+    pub fn read(input: &Path, prep: &Preprocessing) -> Result<Self> {
+        let file = NiftiVolume::open(input, &GzCache::Memory)?;
+        let geometry = file.header().geometry;
+        geometry.check().map_err(|why| crate::Error::File { path: input.to_path_buf(), why })?;
+        let raw = file.read_f32()?;
+        let (net_image, _) = prep.apply(&raw, &geometry, input)?;
+        Ok(RawImage { raw, geometry, net_image })
+    }
+}
+
+/// The volume of one voxel of `geometry` in millilitres: |det| of the affine's 3x3 part / 1000.
+pub fn voxel_ml(geometry: &Geometry) -> f64 {
+    let a = &geometry.affine;
+    let det = a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+        + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]);
+    det.abs() / 1000.0
+}
+
 /// The names of the files [`predict_file`] writes for the case `id`.
 pub fn output_names(id: &str, opts: &PredictOptions) -> Vec<String> {
     let ext = if opts.gzip { ".nii.gz" } else { ".nii" };
@@ -78,11 +109,7 @@ pub fn predict_file(
     out: &Path,
     opts: &PredictOptions,
 ) -> Result<PredictedCase> {
-    let file = NiftiVolume::open(input, &GzCache::Memory)?;
-    let geometry = file.header().geometry;
-    geometry.check().map_err(|why| crate::Error::File { path: input.to_path_buf(), why })?;
-    let raw = file.read_f32()?;
-    let (net_image, _) = prep.apply(&raw, &geometry, input)?;
+    let RawImage { raw, geometry, net_image } = RawImage::read(input, prep)?;
     let image_t = net_image.to_tensor()?;
     let started = std::time::Instant::now();
     let pred = sliding_window(model, &image_t, &opts.infer)?;
@@ -116,14 +143,12 @@ pub fn predict_file(
         let pic = case_picture(&raw, None, &labels, uncertainty.as_ref(), &PictureOptions::default())?;
         pic.write_png(&out.join(format!("{id}.png")))?;
     }
-    let a = &geometry.affine;
-    let det = a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
-        + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]);
+    let ml = voxel_ml(&geometry);
     let mut counts = std::collections::BTreeMap::<u8, usize>::new();
     for &l in labels.data.iter().filter(|&&l| l != 0) {
         *counts.entry(l).or_default() += 1;
     }
-    let volume_ml = counts.into_iter().map(|(c, n)| (c.to_string(), n as f64 * det.abs() / 1000.0)).collect();
+    let volume_ml = counts.into_iter().map(|(c, n)| (c.to_string(), n as f64 * ml)).collect();
     Ok(PredictedCase {
         id,
         input: input.to_path_buf(),

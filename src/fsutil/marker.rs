@@ -115,6 +115,16 @@ impl OutputDir {
     /// marker lists it as uamt's) is refused, naming the file; then the names are recorded in the
     /// marker.
     pub fn claim(&mut self, names: &[String]) -> Result<(), IoError> {
+        self.check(names)?;
+        for name in names {
+            self.record.files.insert(name.clone(), self.by.clone());
+        }
+        self.record.write(&self.dir)
+    }
+
+    /// Whether [`OutputDir::claim`] would take `names` now (the same refusals), recording nothing:
+    /// for outputs whose names are known before the work but which are chosen only after it.
+    pub fn check(&self, names: &[String]) -> Result<(), IoError> {
         let mut seen = std::collections::HashSet::new();
         for name in names {
             let path = self.dir.join(name);
@@ -153,10 +163,7 @@ impl OutputDir {
                 }
             }
         }
-        for name in names {
-            self.record.files.insert(name.clone(), self.by.clone());
-        }
-        self.record.write(&self.dir)
+        Ok(())
     }
 
     /// The path of a claimed file.
@@ -200,6 +207,20 @@ mod tests {
         let file = dir.join("a.png");
         std::fs::write(&file, "png").unwrap();
         assert!(OutputDir::open(&file, "uamt predict", true).unwrap_err().to_string().contains("not a folder"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn check_refuses_what_claim_refuses_and_records_nothing() {
+        let dir = scratch("check");
+        std::fs::write(dir.join("user.png"), "the user's").unwrap();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let out = OutputDir::open(&dir, "uamt rank", true).unwrap();
+        out.check(&names(&["a.png", "b.png"])).unwrap();
+        assert!(written_by_uamt(&dir).is_empty(), "a check records no name");
+        let err = out.check(&names(&["a.png", "user.png"])).unwrap_err().to_string();
+        assert!(err.contains("user.png") && err.contains("uamt did not write"), "{err}");
+        assert!(out.check(&names(&["a.png", "a.png"])).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -10,5 +10,6 @@ pub mod info;
 pub mod net;
 pub mod parse;
 pub mod predict;
+pub mod rank;
 pub mod synth;
 pub mod train;

@@ -77,6 +77,8 @@ pub struct FromCheckpoint {
     pub teacher: Option<VNet>,
     /// The config stored in the checkpoint (or the one given instead).
     pub config: Config,
+    /// Training iterations done when the checkpoint was written.
+    pub iteration: i64,
 }
 
 /// Reads checkpoint `ck` (untrusted: every parse fallible) and builds its student, or with
@@ -102,7 +104,7 @@ pub fn from_checkpoint(
     } else {
         (load(&snap.student)?, t)
     };
-    Ok(FromCheckpoint { model, teacher, config: cfg })
+    Ok(FromCheckpoint { model, teacher, config: cfg, iteration: snap.iteration })
 }
 
 /// The most Monte-Carlo passes taken (`--mc-passes`).

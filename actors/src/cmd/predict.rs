@@ -62,7 +62,7 @@ pub struct Args {
 /// The NIfTI files `input` names: itself, or the folder's (sorted; hidden files and the files
 /// uamt wrote there, listed in its `.uamt-written` marker, skipped). A file found in the folder
 /// that is not a regular file is refused, as a named one is.
-fn inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let meta = std::fs::metadata(input).with_context(|| format!("reading {}", input.display()))?;
     if !meta.is_dir() {
         uamt::fsutil::check_regular(input)?;
@@ -110,6 +110,19 @@ fn inputs(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// How raw images are prepared: as `dataset`'s `preprocessing.json` says, or, without one,
+/// normalised by `normalize` only.
+pub(crate) fn preprocessing(dataset: Option<&Path>, normalize: Normalization) -> anyhow::Result<Preprocessing> {
+    let prep = match dataset {
+        Some(d) => Preprocessing::read(d)?,
+        None => None,
+    };
+    Ok(prep.unwrap_or_else(|| {
+        tracing::info!(normalization = ?normalize, "no preprocessing.json: normalising only");
+        Preprocessing { normalization: normalize, ..Preprocessing::default() }
+    }))
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = args.net.device;
     let mut read: Vec<(&str, &Path)> = vec![("--input", &args.input)];
@@ -132,14 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             uamt::fsutil::check_apart(&[("--out", &args.out)], &[("the checkpoint's dataset", d)])?;
         }
     }
-    let prep = match args.dataset.as_ref().or(dataset.as_ref()) {
-        Some(d) => Preprocessing::read(d)?,
-        None => None,
-    };
-    let prep = prep.unwrap_or_else(|| {
-        tracing::info!(normalization = ?args.normalize, "no preprocessing.json: normalising only");
-        Preprocessing { normalization: args.normalize, ..Preprocessing::default() }
-    });
+    let prep = preprocessing(args.dataset.as_deref().or(dataset.as_deref()), args.normalize)?;
     let opts = PredictOptions {
         infer: args.net.window(&window),
         maps: args.maps,

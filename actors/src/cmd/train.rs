@@ -214,6 +214,7 @@ fn adapt_to_rank(cfg: &mut Config, l: &uamt::dist::Launch) -> Result<()> {
     if !l.is_first() {
         cfg.eval.every = 0;
         cfg.eval.watch_dir = PathBuf::new();
+        cfg.rank.every = 0;
     }
     if l.local_rank > 0 && !cfg.telemetry.listen.is_empty() {
         let addr: std::net::SocketAddr = cfg.telemetry.listen.parse().with_context(|| {
@@ -292,6 +293,13 @@ fn train(
         test = dataset.test.len(),
         "dataset open"
     );
+    if cfg.rank.every > 0 && dataset.unlabelled().is_empty() {
+        anyhow::bail!(
+            "rank.every = {}, but the dataset {} has no unlabelled training case to rank; set rank.every = 0",
+            cfg.rank.every,
+            dataset.root.display()
+        );
+    }
     // The HTTP server listens already (it started before this thread): ready for systemd.
     notifier.ready();
     let loader = loader_for(&cfg, dataset, rank, size)?;
@@ -314,11 +322,15 @@ fn train(
     run.sinks.push(Box::new(crate::events::StatusSink::new(board.clone())));
     run.fault = crate::pipeline::fault::Fault::from_env();
     run.hold = crate::pipeline::fault::Hold::from_env();
-    if cfg.eval.every > 0 || !cfg.eval.watch_dir.as_os_str().is_empty() {
+    if cfg.eval.every > 0 || !cfg.eval.watch_dir.as_os_str().is_empty() || cfg.rank.every > 0 {
         let evaluator = Evaluator::new(&cfg, run.loader.dataset().clone(), device)?;
         let (reply, handle) = crossbeam_channel::bounded(1);
         supervisor.do_send(StartEval { evaluator, board: Some(board.clone()), reply });
         let eval = handle.recv().map_err(|_| anyhow::anyhow!("the supervisor is gone"))??;
+        if cfg.rank.every > 0 {
+            let rank = eval.clone();
+            run.rank = Some(Box::new(move |iteration, take| rank.offer_rank(iteration, take)));
+        }
         run.eval = Some(Box::new(move |req| eval.offer(req)));
     }
     tracing::info!(method = ?cfg.method.kind, ?device, mode = ?run.mode, from = run.trainer.iter, to = cfg.optim.iterations, teacher_lag = cfg.method.teacher_lag, "training");

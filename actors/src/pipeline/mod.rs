@@ -101,6 +101,8 @@ pub struct Run {
     pub sinks: Vec<Box<dyn Sink>>,
     /// Takes periodic evaluation requests (false: skipped, the evaluator is busy).
     pub eval: Option<Box<dyn FnMut(EvalRequest) -> bool + Send>>,
+    /// Takes the ranking offers of `[rank] every` (see [`student::RankHook`]).
+    pub rank: Option<student::RankHook>,
     /// A stage to fail on purpose (lifecycle tests).
     pub fault: Option<fault::Fault>,
     /// A step the student waits before (lifecycle tests).
@@ -127,6 +129,7 @@ impl Run {
             checkpoints: true,
             sinks: Vec::new(),
             eval: None,
+            rank: None,
             fault: None,
             hold: None,
             run_id: String::new(),
@@ -224,6 +227,8 @@ pub fn run(mut run: Run) -> Result<Outcome> {
         readback_every: cfg.telemetry.readback_interval(run.device),
         eval_every: cfg.eval.every,
         eval: run.eval.take(),
+        rank_every: if run.rank.is_some() { cfg.rank.every } else { 0 },
+        rank: run.rank.take(),
         controls: run.controls.clone(),
         sinks: std::mem::take(&mut run.sinks),
         fault: run.fault.clone(),

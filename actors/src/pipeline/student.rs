@@ -7,7 +7,7 @@
 
 use super::messages::{Batch, Named};
 use crate::control::Controls;
-use crate::evaluator::EvalRequest;
+use crate::evaluator::{EvalRequest, RankRequest};
 use crate::events::{Event, Sink};
 use crate::queue::Stage;
 use anyhow::{anyhow, Result};
@@ -155,6 +155,11 @@ pub struct Learned {
     pub stopped: bool,
 }
 
+/// Takes a ranking offer after `iteration` steps: called with a function that copies the weights
+/// to rank with (the teacher's, or the student's without a teacher), which it calls only when it
+/// takes the offer; false when the offer was declined (the ranking before is still running).
+pub type RankHook = Box<dyn FnMut(i64, &mut dyn FnMut() -> Result<RankRequest>) -> bool + Send>;
+
 /// The loop around the student's steps.
 pub struct Learner {
     /// The student.
@@ -173,6 +178,10 @@ pub struct Learner {
     pub eval_every: i64,
     /// Takes a periodic evaluation request; false when it had to be skipped.
     pub eval: Option<Box<dyn FnMut(EvalRequest) -> bool + Send>>,
+    /// Offer a ranking of the unlabelled cases every this many steps (0: never).
+    pub rank_every: i64,
+    /// Takes a ranking offer (see [`RankHook`]).
+    pub rank: Option<RankHook>,
     /// Stop and checkpoint requests.
     pub controls: Controls,
     /// Where the events go.
@@ -254,6 +263,20 @@ impl Learner {
                     let weights = host_copies(&self.student.tr.student.store().named_tensors());
                     if !eval(EvalRequest { iteration: done, weights }) {
                         self.emit(Event::EvalSkipped { iteration: done });
+                    }
+                }
+            }
+            if self.rank_every > 0 && done % self.rank_every == 0 {
+                if let Some(rank) = &mut self.rank {
+                    let student = &self.student;
+                    let mut take = || -> Result<RankRequest> {
+                        Ok(match up.snapshot(done - 1)? {
+                            Some(weights) => RankRequest { iteration: done, weights, teacher: true },
+                            None => RankRequest { iteration: done, weights: student.snapshot().0, teacher: false },
+                        })
+                    };
+                    if !rank(done, &mut take) {
+                        self.emit(Event::RankSkipped { iteration: done });
                     }
                 }
             }
