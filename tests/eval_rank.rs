@@ -89,7 +89,7 @@ fn model_and_image(seed: i64, dims: [i64; 3]) -> (VNet, Tensor) {
 fn one_sweep_gives_the_sliding_window_prediction_and_the_monte_carlo_uncertainty() {
     let (model, image) = model_and_image(3, [40, 36, 20]);
     let (teacher, _) = model_and_image(4, [1, 1, 1]);
-    let infer = InferOptions { patch: [32, 32, 16], stride: [8, 8, 4], batch_size: 3, largest_component: None };
+    let infer = InferOptions { patch: [32, 32, 16], stride: [8, 8, 4], batch_size: 3, ..InferOptions::default() };
     let mc = McOptions { passes: 3, seed: 11, ..McOptions::default() };
     let maps = rank_maps(&model, Some(&teacher), &image, &infer, &mc).unwrap();
     let pred = sliding_window(&model, &image, &infer).unwrap();
