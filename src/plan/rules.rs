@@ -46,7 +46,7 @@ pub struct VoxelChoice {
     pub spacing: [f64; 3],
     /// Which rule gave it.
     pub rule: VoxelRule,
-    /// Training cases stored at it (the others must be re-imported at it).
+    /// Training cases stored at it ([`at_voxel_size`]; the others must be re-imported at it).
     pub cases_at_it: usize,
     /// Training cases.
     pub training: usize,
@@ -71,7 +71,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 pub fn voxel_size(fp: &Fingerprint, resampled_to: Option<[f64; 3]>) -> Option<VoxelChoice> {
     let spacings: Vec<[f64; 3]> = fp.training().map(|c| c.spacing).collect();
     let first = *spacings.first()?;
-    let count_at = |s: [f64; 3]| spacings.iter().filter(|&&c| same(c, s)).count();
+    let count_at = |s: [f64; 3]| fp.training().filter(|c| at_voxel_size(c, s)).count();
     let choice =
         |spacing, rule| Some(VoxelChoice { spacing, rule, cases_at_it: count_at(spacing), training: spacings.len() });
     if let Some(s) = resampled_to {
@@ -92,6 +92,13 @@ pub fn voxel_size(fp: &Fingerprint, resampled_to: Option<[f64; 3]>) -> Option<Vo
         return choice(target, VoxelRule::Anisotropic { axis: coarse, median });
     }
     choice(target, VoxelRule::Median)
+}
+
+/// Whether `case` is stored at the voxel size `spacing`: resampling it there would keep its shape
+/// (each side within half a voxel), as a case an import resampled to `spacing` is.
+pub fn at_voxel_size(case: &CaseFingerprint, spacing: [f64; 3]) -> bool {
+    let s = shape_at(case, spacing);
+    (0..3).all(|a| (s[a] - case.shape[a] as f64).abs() < 0.5)
 }
 
 /// A case's shape at the voxel size `spacing` (its extent over the voxel size).
@@ -248,6 +255,15 @@ mod tests {
         let v = voxel_size(&fp(cases), None).unwrap();
         assert!(matches!(v.rule, VoxelRule::Anisotropic { axis: 2, median } if (median - 2.15).abs() < 1e-9));
         assert_eq!(v.spacing, [0.5, 0.5, 0.5]);
+    }
+
+    #[test]
+    fn a_case_resampled_to_a_voxel_size_counts_as_stored_at_it() {
+        // An import to 3.7 mm keeps the field of view: 17 slices of 3.7059 mm for 63 mm.
+        let c = case([24, 20, 17], [0.75, 0.75, 3.7059], Split::Labelled);
+        assert!(at_voxel_size(&c, [0.75, 0.75, 3.7]));
+        assert!(!at_voxel_size(&c, [0.75, 0.75, 3.5]));
+        assert!(!at_voxel_size(&case([24, 20, 14], [0.75, 0.75, 4.5], Split::Labelled), [0.75, 0.75, 3.7]));
     }
 
     #[test]
