@@ -306,10 +306,10 @@ fn scan(image: &NiftiVolume, label: &NiftiVolume, spacing: [f64; 3]) -> Result<S
         label.read_line(z * slice, 1, &mut lab)?;
         chunk.clear();
         for (&v, _) in img.iter().zip(&lab).filter(|(_, &l)| l != 0.0) {
-            if k % every == 0 {
+            if k.is_multiple_of(every) {
                 sample.push(v);
             }
-            if k % pool_every == 0 {
+            if k.is_multiple_of(pool_every) {
                 pool.push(v);
             }
             k += 1;

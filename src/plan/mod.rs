@@ -392,7 +392,7 @@ pub fn make(fp: &Fingerprint, req: &Request, mut measure: Option<&mut dyn Measur
     } else {
         let mut probe = cfg.clone();
         probe.eval.window.stride = reference;
-        let t_window = match measure.as_deref_mut() {
+        let t_window = match measure {
             Some(m) => {
                 window_source = format!("measured: {}", m.how_window());
                 m.window(&probe)?

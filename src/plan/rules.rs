@@ -297,7 +297,7 @@ mod tests {
             // Shaped like the median case: no side more than 16 voxels (or 1.6x) off its share.
             let r: Vec<f64> = (0..3).map(|a| p[a] as f64 / median[a]).collect();
             let (lo, hi) = (r.iter().cloned().fold(9.0, f64::min), r.iter().cloned().fold(0.0, f64::max));
-            assert!(hi / lo < 1.6 || p.iter().any(|&s| s == 64), "{p:?} {r:?}");
+            assert!(hi / lo < 1.6 || p.contains(&64), "{p:?} {r:?}");
         }
         assert_eq!(*seq.last().unwrap(), [64, 64, 64]);
         // A side shorter than the floor stays as the median case has it.
