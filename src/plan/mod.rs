@@ -418,13 +418,14 @@ pub fn make(fp: &Fingerprint, req: &Request, mut measure: Option<&mut dyn Measur
             evaluation = Some(Estimate { seconds: count(s) as f64 * t_window, source: window_source.clone() });
             let density = if s == reference {
                 format!(
-                    "the reference's density (LA's 18/18/4 of 112x112x80: each voxel in about {:.0} windows)",
+                    "the reference's stride as a share of the window (LA's 18/18/4 of 112x112x80: a voxel well \
+                     inside a volume in about {:.0} windows)",
                     rules::coverage(patch, s)
                 )
             } else {
                 format!(
-                    "half a window per step (nnU-Net's: each voxel in about {:.0} windows); the reference's density \
-                     would take {} per evaluation",
+                    "half a window per step (nnU-Net's: a voxel well inside a volume in about {:.0} windows); the \
+                     reference's density would take {} per evaluation",
                     rules::coverage(patch, s),
                     duration(count(reference) as f64 * t_window)
                 )
