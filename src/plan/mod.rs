@@ -39,6 +39,8 @@ use std::path::PathBuf;
 pub const MIN_ITERATIONS: i64 = 2000;
 /// Evaluations of the test split during a run (LA's: every 1000 of 6000 iterations).
 pub const EVALUATIONS: i64 = 6;
+/// Timings of training iterations a plan makes at most (each a warm-up and a few iterations).
+pub const MAX_MEASUREMENTS: usize = 4;
 /// At most this share of the training time goes to evaluations.
 pub const EVAL_SHARE: f64 = 0.1;
 /// Share of a GPU's memory the estimate may fill: the estimate is held at or above the measured
@@ -316,30 +318,52 @@ pub fn make(fp: &Fingerprint, req: &Request, mut measure: Option<&mut dyn Measur
         }
     }
     let time_seq = rules::shrinking(mem_patch, median, rules::TIME_MIN_SIDE);
-    let pick = |model: &TimeModel| -> [usize; 3] {
-        match train_budget {
-            None => mem_patch,
-            Some(tb) => rules::first_fitting(&time_seq, |p| {
-                tb / model.iteration_s(&shaped(&cfg, filters, p)) >= MIN_ITERATIONS as f64
-            })
-            .unwrap_or(*time_seq.last().unwrap_or(&mem_patch)),
-        }
+    // Whether `seconds` per iteration leave room for MIN_ITERATIONS in the budget.
+    let enough = |seconds: f64| train_budget.map_or(true, |tb| tb / seconds >= MIN_ITERATIONS as f64);
+    // The largest patch of the sequence the model says is fast enough (the smallest if none).
+    let pick = |model: &TimeModel| -> usize {
+        time_seq
+            .iter()
+            .position(|&p| enough(model.iteration_s(&shaped(&cfg, filters, p))))
+            .unwrap_or(time_seq.len() - 1)
     };
-    let mut patch = pick(&model0);
     let mut model = model0;
-    let mut iteration =
-        Estimate { seconds: model.iteration_s(&shaped(&cfg, filters, patch)), source: model0.source.to_string() };
+    let mut at = pick(&model0);
+    let mut iteration = Estimate {
+        seconds: model.iteration_s(&shaped(&cfg, filters, time_seq[at])),
+        source: model0.source.to_string(),
+    };
     if let Some(m) = measure.as_deref_mut() {
-        let mut t = m.iteration(&shaped(&cfg, filters, patch))?;
-        model = model0.calibrated(&shaped(&cfg, filters, patch), t);
-        let again = pick(&model);
-        if again != patch {
-            patch = again;
-            t = m.iteration(&shaped(&cfg, filters, patch))?;
-            model = model0.calibrated(&shaped(&cfg, filters, patch), t);
+        // A search along the sequence guided by the model, each measurement recalibrating it:
+        // never back to a patch measured too slow, never past one measured fast enough.
+        let mut measured: Vec<(usize, f64)> = Vec::new();
+        for _ in 0..MAX_MEASUREMENTS {
+            let t = m.iteration(&shaped(&cfg, filters, time_seq[at]))?;
+            measured.push((at, t));
+            model = model0.calibrated(&shaped(&cfg, filters, time_seq[at]), t);
+            let slow = measured.iter().filter(|(_, t)| !enough(*t)).map(|(i, _)| i + 1).max().unwrap_or(0);
+            let good = measured.iter().filter(|(_, t)| enough(*t)).map(|(i, _)| *i).min().unwrap_or(time_seq.len() - 1);
+            let lo = slow.min(time_seq.len() - 1);
+            let next = pick(&model).clamp(lo, good.max(lo));
+            if measured.iter().any(|(i, _)| *i == next) {
+                break;
+            }
+            at = next;
         }
+        // The largest patch measured fast enough, else the smallest measured.
+        let (i, t) = measured
+            .iter()
+            .copied()
+            .filter(|(_, t)| enough(*t))
+            .min_by_key(|(i, _)| *i)
+            .or_else(|| measured.iter().copied().max_by_key(|(i, _)| *i))
+            .unwrap_or((at, iteration.seconds));
+        at = i;
+        model = model0.calibrated(&shaped(&cfg, filters, time_seq[at]), t);
         iteration = Estimate { seconds: t, source: format!("measured: {}", m.how()) };
     }
+    let patch = time_seq[at];
+    let at_floor = at + 1 == time_seq.len();
     cfg = shaped(&cfg, filters, patch);
     let t_iter = iteration.seconds.max(1e-6);
 
@@ -610,9 +634,14 @@ pub fn make(fp: &Fingerprint, req: &Request, mut measure: Option<&mut dyn Measur
             );
             if iterations < MIN_ITERATIONS {
                 notes.push(format!(
-                    "only {iterations} iterations fit in {h} h even with a {} patch (fewer than {MIN_ITERATIONS}, \
+                    "only {iterations} iterations fit in {h} h with a {} patch{} (fewer than {MIN_ITERATIONS}, \
                      ops/la-cpu's): expect an undertrained model, or give more --hours",
-                    dims(patch)
+                    dims(patch),
+                    if at_floor {
+                        ", the smallest a budget may shrink it to"
+                    } else {
+                        " (the measurements ran out before a smaller one was timed)"
+                    }
                 ));
             }
             why
@@ -827,16 +856,24 @@ mod tests {
         }
     }
 
-    /// Seconds per iteration proportional to the arithmetic, windows likewise; counts its calls.
+    /// Seconds per iteration: the CPU model's overhead plus `per_gflop` per GFLOP raised to
+    /// `power` (1: what the model assumes); windows likewise. Counts its calls.
     struct Fake {
         per_gflop: f64,
         calls: usize,
+        power: f64,
+    }
+
+    impl Fake {
+        fn new(per_gflop: f64) -> Self {
+            Fake { per_gflop, calls: 0, power: 1.0 }
+        }
     }
 
     impl Measure for Fake {
         fn iteration(&mut self, cfg: &Config) -> Result<f64> {
             self.calls += 1;
-            Ok(0.1 + cost::iteration_flops(cfg) / 1e9 * self.per_gflop)
+            Ok(cost::CPU_OVERHEAD_S + (cost::iteration_flops(cfg) / 1e9).powf(self.power) * self.per_gflop)
         }
         fn window(&mut self, cfg: &Config) -> Result<f64> {
             Ok(cost::window_flops(cfg) / 1e9 * self.per_gflop)
@@ -914,7 +951,7 @@ mod tests {
 
     #[test]
     fn a_time_budget_sets_the_iterations_from_the_measured_time() {
-        let mut fake = Fake { per_gflop: 0.08, calls: 0 };
+        let mut fake = Fake::new(0.08);
         let plan = make(&la(), &request("cpu", 24.0, Some(0.5)), Some(&mut fake)).unwrap();
         let c = &plan.config;
         assert!(plan.iteration.source.starts_with("measured"));
@@ -933,7 +970,7 @@ mod tests {
         let bigger = fake.iteration(&shaped(c, 4, seq[i - 1])).unwrap();
         assert!((0.9 * 1800.0 - 5.0) / bigger < MIN_ITERATIONS as f64);
         // A generous budget: the recipe's 6000 at most, the memory's patch.
-        let long = make(&la(), &request("cpu", 24.0, Some(1000.0)), Some(&mut Fake { per_gflop: 0.08, calls: 0 }));
+        let long = make(&la(), &request("cpu", 24.0, Some(1000.0)), Some(&mut Fake::new(0.08)));
         let long = long.unwrap();
         assert_eq!(long.config.optim.iterations, 6000);
         assert_eq!(long.config.data.loader.patch, [192, 144, 96]);
@@ -944,13 +981,32 @@ mod tests {
 
     #[test]
     fn a_slow_machine_gets_fewer_iterations_and_says_so() {
-        let mut slow = Fake { per_gflop: 50.0, calls: 0 };
+        let mut slow = Fake::new(50.0);
         let plan = make(&la(), &request("cpu", 24.0, Some(0.5)), Some(&mut slow)).unwrap();
         assert!(plan.config.optim.iterations < MIN_ITERATIONS);
         assert_eq!(plan.config.data.loader.patch, [32, 32, 32]);
-        assert!(plan.notes.iter().any(|n| n.contains("undertrained")), "{:?}", plan.notes);
+        assert!(plan.notes.iter().any(|n| n.contains("undertrained") && n.contains("smallest")), "{:?}", plan.notes);
         assert!(plan.total_s <= 1800.0);
-        assert!(slow.calls <= 2);
+        assert!(slow.calls <= MAX_MEASUREMENTS);
+    }
+
+    #[test]
+    fn measurements_correct_a_model_that_scales_wrongly() {
+        // Time grows faster than the arithmetic: the model's first pick is too big, the
+        // measurements walk down to a patch that fits 2000 iterations, and never back up.
+        for (power, per_gflop) in [(1.4, 0.04), (0.7, 0.05)] {
+            let mut fake = Fake { per_gflop, calls: 0, power };
+            let plan = make(&la(), &request("cpu", 24.0, Some(0.5)), Some(&mut fake)).unwrap();
+            let c = &plan.config;
+            let t = fake.iteration(&c.clone()).unwrap();
+            assert_eq!(plan.iteration.seconds, t, "the plan uses the chosen patch's own measurement");
+            assert!(c.optim.iterations as f64 * t <= 0.9 * 1800.0 - 5.0);
+            assert!(c.optim.iterations >= MIN_ITERATIONS, "{power}: {} iterations", c.optim.iterations);
+            assert!(fake.calls <= MAX_MEASUREMENTS + 1, "{}", fake.calls);
+            // The uncalibrated model's first pick was wrong (too slow, or needlessly small), so it
+            // took more than one timing (the test's own call is the last).
+            assert!(fake.calls >= 3, "{power}: {} timings", fake.calls);
+        }
     }
 
     #[test]

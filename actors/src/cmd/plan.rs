@@ -73,9 +73,12 @@ pub struct Args {
     pub no_measure: bool,
 }
 
-/// Warm-up and timed iterations of a measurement.
+/// Warm-up iterations of a measurement, then timed ones for about `TIMED_S` seconds (at least
+/// `MIN_TIMED`, at most `MAX_TIMED`).
 const WARMUP: i64 = 1;
-const TIMED: i64 = 2;
+const TIMED_S: f64 = 3.0;
+const MIN_TIMED: i64 = 2;
+const MAX_TIMED: i64 = 10;
 
 /// Times the planned shapes on this machine: training iterations through the daemon's own
 /// pipeline on the dataset, evaluation windows through the sliding window.
@@ -100,16 +103,18 @@ impl Measure for Timer {
         c.telemetry.listen.clear();
         c.eval.every = 0;
         eprintln!(
-            "plan: timing {} iterations of a {} patch with {} filters on {:?}",
-            WARMUP + TIMED,
+            "plan: timing iterations of a {} patch with {} filters on {:?}",
             dims(c.data.loader.patch),
             c.model.n_filters,
             self.device
         );
-        let timed = || -> Result<f64> {
+        let mut timed = || -> Result<f64> {
             let warm = self.steps(&c, crate::setup::trainer(&c, false)?, WARMUP)?;
-            let out = self.steps(&c, warm.trainer, TIMED)?;
-            Ok(out.seconds / TIMED as f64)
+            let per = warm.seconds / WARMUP as f64;
+            let n = ((TIMED_S / per.max(1e-3)).ceil() as i64).clamp(MIN_TIMED, MAX_TIMED);
+            c.optim.iterations = c.optim.iterations.max(WARMUP + n);
+            let out = self.steps(&c, warm.trainer, n)?;
+            Ok(out.seconds / n as f64)
         };
         timed().map_err(|e| uamt::Error::invalid("plan", format!("timing the planned shapes failed: {e:#}")))
     }
@@ -129,7 +134,9 @@ impl Measure for Timer {
     }
 
     fn how(&self) -> String {
-        format!("{WARMUP} warm-up and {TIMED} timed iterations on this machine")
+        format!(
+            "{WARMUP} warm-up, then {MIN_TIMED} to {MAX_TIMED} timed iterations (about {TIMED_S} s) on this machine"
+        )
     }
 
     fn how_window(&self) -> String {
@@ -321,7 +328,19 @@ pub fn run(args: Args) -> Result<()> {
         (Some(t), false) => Some(t),
         _ => None,
     };
+    let measuring = measure.is_some();
+    let load = uamt::memory::load_average();
     let mut plan = plan::make(&fp, &request, measure)?;
+    match load {
+        // Other work on the cores makes libtorch's threads wait for each other: a timing taken
+        // then says little about the machine alone.
+        Some(l) if measuring && l > 0.5 * target.cores as f64 => plan.notes.push(format!(
+            "timed while this machine was busy (load average {l:.1} on {} cores before timing): the times hold \
+             only while it stays as busy; plan again when it is quiet, or give --no-measure for the stated estimate",
+            target.cores
+        )),
+        _ => {}
+    }
     if here.is_none() && !args.no_measure {
         plan.notes
             .push(format!("not measured: {} is not on this machine; the times are the stated estimate", target.device));
