@@ -319,7 +319,7 @@ pub fn make(fp: &Fingerprint, req: &Request, mut measure: Option<&mut dyn Measur
     }
     let time_seq = rules::shrinking(mem_patch, median, rules::TIME_MIN_SIDE);
     // Whether `seconds` per iteration leave room for MIN_ITERATIONS in the budget.
-    let enough = |seconds: f64| train_budget.map_or(true, |tb| tb / seconds >= MIN_ITERATIONS as f64);
+    let enough = |seconds: f64| !matches!(train_budget, Some(tb) if tb / seconds < MIN_ITERATIONS as f64);
     // The largest patch of the sequence the model says is fast enough (the smallest if none).
     let pick = |model: &TimeModel| -> usize {
         time_seq
