@@ -114,6 +114,17 @@ fn cases_smaller_than_the_smallest_patch_are_padded_and_said() {
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("patch") && text.contains("16x16x16") && text.contains("padded"), "{text}");
     assert!(text.contains("read from") && text.contains("fingerprint.json"), "the second plan reads the cache: {text}");
+    // A reader that goes away (`uamt plan | head`) is no reason to panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uamt"))
+        .args(["plan", "--dataset", s(&ds), "--device", "cpu", "--no-measure"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{:?}: {err}", out.status);
 }
 
 #[test]

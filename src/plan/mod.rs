@@ -496,13 +496,12 @@ pub fn make(fp: &Fingerprint, req: &Request, mut measure: Option<&mut dyn Measur
     if voxel.cases_at_it < voxel.training {
         let s = voxel.spacing.map(|v| (v * 1000.0).round() / 1000.0);
         notes.push(format!(
-            "{} of the {} training cases are stored at other voxel sizes: the patch is planned in voxels of {at}; \
-             re-import with `uamt import nifti ... --spacing {},{},{}` so that every case is at it",
+            "{} of the {} training cases are stored at voxel sizes more than a tenth off {at}, in whose voxels \
+             the patch is planned: re-import them at it (`uamt import nifti ... --spacing {x}`, `uamt import h5 ... \
+             --to-spacing {x}`)",
             voxel.training - voxel.cases_at_it,
             voxel.training,
-            s[0],
-            s[1],
-            s[2]
+            x = format!("{},{},{}", s[0], s[1], s[2])
         ));
     }
     decisions.push(Decision {

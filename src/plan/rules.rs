@@ -94,11 +94,15 @@ pub fn voxel_size(fp: &Fingerprint, resampled_to: Option<[f64; 3]>) -> Option<Vo
     choice(target, VoxelRule::Median)
 }
 
-/// Whether `case` is stored at the voxel size `spacing`: resampling it there would keep its shape
-/// (each side within half a voxel), as a case an import resampled to `spacing` is.
+/// Two voxel sizes this close (relative, per axis) need no resampling between them: an import's
+/// rounding to whole voxels moves a case's voxel size by a percent or two, and anatomy a tenth
+/// larger or smaller in voxels is within what the random crop and the cases' own variation show.
+pub const CLOSE_SPACING: f64 = 0.1;
+
+/// Whether `case` is stored at (close enough to) the voxel size `spacing`: every axis within
+/// [`CLOSE_SPACING`] of it.
 pub fn at_voxel_size(case: &CaseFingerprint, spacing: [f64; 3]) -> bool {
-    let s = shape_at(case, spacing);
-    (0..3).all(|a| (s[a] - case.shape[a] as f64).abs() < 0.5)
+    (0..3).all(|a| (case.spacing[a] - spacing[a]).abs() <= CLOSE_SPACING * spacing[a])
 }
 
 /// A case's shape at the voxel size `spacing` (its extent over the voxel size).
@@ -224,7 +228,8 @@ mod tests {
         assert_eq!(v.rule, VoxelRule::Anisotropic { axis: 2, median: 5.0 });
         // numpy: np.percentile([4, 4, 5, 5, 5, 5, 5, 5, 5, 5], 10) = 4.0
         assert_eq!(v.spacing, [1.0, 1.0, 4.0]);
-        assert_eq!((v.cases_at_it, v.training), (1, 10));
+        // At it: the 4 mm cases (0.9 mm in plane is within a tenth of 1), not the 5 mm ones.
+        assert_eq!((v.cases_at_it, v.training), (2, 10));
     }
 
     #[test]
@@ -262,7 +267,8 @@ mod tests {
         // An import to 3.7 mm keeps the field of view: 17 slices of 3.7059 mm for 63 mm.
         let c = case([24, 20, 17], [0.75, 0.75, 3.7059], Split::Labelled);
         assert!(at_voxel_size(&c, [0.75, 0.75, 3.7]));
-        assert!(!at_voxel_size(&c, [0.75, 0.75, 3.5]));
+        assert!(at_voxel_size(&c, [0.8, 0.7, 3.5]), "within a tenth on every axis");
+        assert!(!at_voxel_size(&c, [0.75, 0.75, 3.3]));
         assert!(!at_voxel_size(&case([24, 20, 14], [0.75, 0.75, 4.5], Split::Labelled), [0.75, 0.75, 3.7]));
     }
 

@@ -145,7 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             // --hours H to plan for a GPU or a time budget).
             let name = r.out.file_name().map_or("dataset".into(), |n| n.to_string_lossy().into_owned());
             let config = r.out.with_file_name(format!("{name}.toml"));
-            println!("next: uamt plan --dataset {} --out {}", r.out.display(), config.display());
+            super::plan::say(&format!("next: uamt plan --dataset {} --out {}\n", r.out.display(), config.display()));
             return Ok(());
         }
     };

@@ -74,11 +74,12 @@ pub struct Args {
 }
 
 /// Warm-up iterations of a measurement, then timed ones for about `TIMED_S` seconds (at least
-/// `MIN_TIMED`, at most `MAX_TIMED`).
-const WARMUP: i64 = 1;
+/// `MIN_TIMED`, at most `MAX_TIMED`), all in one run: a run's first steps start its threads and
+/// fill its caches (a fresh run for the timed steps measured several times too slow).
+const WARMUP: usize = 2;
 const TIMED_S: f64 = 3.0;
-const MIN_TIMED: i64 = 2;
-const MAX_TIMED: i64 = 10;
+const MIN_TIMED: usize = 3;
+const MAX_TIMED: usize = 20;
 
 /// Times the planned shapes on this machine: training iterations through the daemon's own
 /// pipeline on the dataset, evaluation windows through the sliding window.
@@ -87,13 +88,28 @@ struct Timer {
     device: tch::Device,
 }
 
-impl Timer {
-    fn steps(&self, cfg: &Config, trainer: uamt::train::Trainer, n: i64) -> Result<pipeline::Outcome> {
-        let loader = PatchLoader::new(self.dataset.clone(), cfg.loader())?;
-        let mut run = Run::new(cfg.clone(), self.device, loader, trainer);
-        run.max_steps = Some(n);
-        run.checkpoints = false;
-        pipeline::run(run)
+/// Records when each step's numbers arrive (every step reads back here, so each arrival follows
+/// the step's work on the device) and stops the run once enough steps are timed.
+struct StepClock {
+    stamps: Arc<std::sync::Mutex<Vec<Instant>>>,
+    controls: crate::control::Controls,
+}
+
+/// Seconds of the timed steps (each the time from the previous step's arrival to its own).
+fn timed_steps(stamps: &[Instant]) -> Vec<f64> {
+    stamps.windows(2).skip(WARMUP - 1).map(|w| (w[1] - w[0]).as_secs_f64()).collect()
+}
+
+impl crate::events::Sink for StepClock {
+    fn on(&mut self, event: &crate::events::Event<'_>) {
+        if let crate::events::Event::Step { .. } = event {
+            let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+            stamps.push(Instant::now());
+            let timed = timed_steps(&stamps);
+            if timed.len() >= MAX_TIMED || (timed.len() >= MIN_TIMED && timed.iter().sum::<f64>() >= TIMED_S) {
+                self.controls.request_stop("plan: timed");
+            }
+        }
     }
 }
 
@@ -101,20 +117,28 @@ impl Measure for Timer {
     fn iteration(&mut self, cfg: &Config) -> uamt::Result<f64> {
         let mut c = cfg.clone();
         c.telemetry.listen.clear();
+        c.telemetry.readback_every = 1;
         c.eval.every = 0;
+        let steps = (WARMUP + MAX_TIMED) as i64;
+        c.optim.iterations = c.optim.iterations.max(steps);
         eprintln!(
             "plan: timing iterations of a {} patch with {} filters on {:?}",
             dims(c.data.loader.patch),
             c.model.n_filters,
             self.device
         );
-        let mut timed = || -> Result<f64> {
-            let warm = self.steps(&c, crate::setup::trainer(&c, false)?, WARMUP)?;
-            let per = warm.seconds / WARMUP as f64;
-            let n = ((TIMED_S / per.max(1e-3)).ceil() as i64).clamp(MIN_TIMED, MAX_TIMED);
-            c.optim.iterations = c.optim.iterations.max(WARMUP + n);
-            let out = self.steps(&c, warm.trainer, n)?;
-            Ok(out.seconds / n as f64)
+        let timed = || -> Result<f64> {
+            let loader = PatchLoader::new(self.dataset.clone(), c.loader())?;
+            let mut run = Run::new(c.clone(), self.device, loader, crate::setup::trainer(&c, false)?);
+            let stamps = Arc::new(std::sync::Mutex::new(Vec::new()));
+            run.sinks.push(Box::new(StepClock { stamps: stamps.clone(), controls: run.controls.clone() }));
+            run.max_steps = Some(steps);
+            run.checkpoints = false;
+            pipeline::run(run)?;
+            let stamps = stamps.lock().unwrap_or_else(|e| e.into_inner());
+            let timed = timed_steps(&stamps);
+            anyhow::ensure!(!timed.is_empty(), "no step was timed ({} ran)", stamps.len());
+            Ok(timed.iter().sum::<f64>() / timed.len() as f64)
         };
         timed().map_err(|e| uamt::Error::invalid("plan", format!("timing the planned shapes failed: {e:#}")))
     }
@@ -238,6 +262,7 @@ fn table(plan: &Plan, fp: &Fingerprint, args: &Args, target: &Target, cache: &st
         let mut width = line.len();
         for word in d.why.split_whitespace() {
             if width + word.len() > indent + 80 && width > indent {
+                line.truncate(line.trim_end().len());
                 line.push('\n');
                 line.push_str(&" ".repeat(indent));
                 width = indent;
@@ -280,6 +305,12 @@ fn table(plan: &Plan, fp: &Fingerprint, args: &Args, target: &Target, cache: &st
         }
     }
     s
+}
+
+/// Writes to stdout; a reader that went away (`uamt plan | head`) is not an error worth a panic.
+pub fn say(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes()).and_then(|_| std::io::stdout().flush());
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -405,14 +436,16 @@ pub fn run(args: Args) -> Result<()> {
             "out": args.out,
             "config": text,
         });
-        println!("{v}");
+        say(&format!("{v}\n"));
     } else {
-        print!("{}", table(&plan, &fp, &args, &target, &cache));
+        say(&table(&plan, &fp, &args, &target, &cache));
         match &args.out {
-            Some(out) => {
-                println!("\nconfig written to {}; train with: uamt train --config {}", out.display(), out.display())
-            }
-            None => println!("\n{text}"),
+            Some(out) => say(&format!(
+                "\nconfig written to {}; train with: uamt train --config {}\n",
+                out.display(),
+                out.display()
+            )),
+            None => say(&format!("\n{text}")),
         }
     }
     Ok(())
