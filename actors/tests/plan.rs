@@ -172,6 +172,12 @@ fn a_raw_msd_folder_with_thick_rotated_lps_slices_is_planned_then_reimported_at_
     assert!(!notes(&v2).contains("re-import"), "{}", notes(&v2));
     let cfg2 = config(&v2);
     assert!(cfg2.data.loader.patch.iter().all(|s| s % 16 == 0));
+    // The planned folder (fingerprint.json and the marker's new entry in it) is still one that
+    // `import --force` replaces.
+    assert!(ds.join("fingerprint.json").is_file());
+    ok(&["import", "nifti", "--src", s(&raw), "--out", s(&ds), "--labelled", "2", "--force"]);
+    assert!(!ds.join("fingerprint.json").exists());
+    assert_eq!(plan(&["--dataset", s(&ds), "--device", "cpu", "--no-measure"])["fingerprint"]["counts"]["labelled"], 2);
 }
 
 #[test]

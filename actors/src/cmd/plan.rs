@@ -151,9 +151,17 @@ impl Measure for Timer {
         let mut model = uamt::model::VNet::new(&cfg.model, self.device)?;
         model.set_channels_last(cfg.device.channels_last(cfg.model.n_filters, self.device));
         let image = tch::Tensor::f_zeros(d, (tch::Kind::Float, self.device))?;
+        // Kernels run asynchronously on a GPU: the time counts once the device is done.
+        let sync = || {
+            if let tch::Device::Cuda(n) = self.device {
+                tch::Cuda::synchronize(n as i64);
+            }
+        };
         uamt::eval::infer::sliding_window(&model, &image, opts)?; // warm-up
+        sync();
         let t0 = Instant::now();
         uamt::eval::infer::sliding_window(&model, &image, opts)?;
+        sync();
         Ok(t0.elapsed().as_secs_f64() / b as f64)
     }
 
