@@ -11,6 +11,8 @@
 //!   its own stream wait for that work on the device (an event, not a device-wide or host
 //!   synchronisation) and tells the caching allocator that its stream uses the tensors.
 //!
+//! [`cuda_total_memory`]: a card's memory, for planning.
+//!
 //! Streams are used only once [`enable_streams`] is called (the pipeline does on CUDA); until then
 //! every function here is a no-op for streams and all work stays on libtorch's default stream.
 
@@ -34,6 +36,23 @@ extern "C" {
     fn uamt_event_block(event: *mut c_void, device: c_int, stream: i64) -> c_int;
     fn uamt_event_free(event: *mut c_void);
     fn uamt_tensor_record_stream(tensor: *mut c_void, device: c_int, stream: i64) -> c_int;
+    fn uamt_cuda_memory(device: c_int, free: *mut u64, total: *mut u64) -> c_int;
+}
+
+/// The total memory of CUDA device `index` in bytes (the card's, as the driver reports it). An
+/// error where libtorch sees no such device.
+pub fn cuda_total_memory(index: usize) -> Result<u64> {
+    let count = tch::Cuda::device_count().max(0) as usize;
+    if index >= count {
+        return Err(Error::invalid(
+            "device",
+            format!("cuda:{index} asked for, but libtorch sees {count} CUDA device(s)"),
+        ));
+    }
+    let (mut free, mut total) = (0u64, 0u64);
+    // SAFETY: plain out-parameters; the shim catches every C++ exception.
+    check(unsafe { uamt_cuda_memory(index as c_int, &mut free, &mut total) }, "reading the CUDA device's memory")?;
+    Ok(total)
 }
 
 /// Numeric precision of the forward and backward passes (`device.precision`).
@@ -239,5 +258,24 @@ impl Ready {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_card_s_memory_is_read_or_its_absence_reported() {
+        match tch::Cuda::device_count() {
+            0 => {
+                let err = cuda_total_memory(0).unwrap_err().to_string();
+                assert!(err.contains("sees 0 CUDA device"), "{err}");
+            }
+            n => {
+                assert!(cuda_total_memory(0).unwrap() > 1 << 30);
+                assert!(cuda_total_memory(n as usize).is_err());
+            }
+        }
     }
 }

@@ -22,6 +22,7 @@
 //! - [`eval`]: sliding-window inference, Monte-Carlo uncertainty maps, metrics and reports.
 //! - [`error`]: the library's typed errors; [`check`]: key-named value checks the configs share.
 //! - [`recipe`]: the recipe's numbers, which every default reads.
+//! - [`plan`]: `uamt plan`'s rules: from a dataset's fingerprint and a machine to a config.
 //! - [`gpu`]: bf16 autocast, TF32 and CUDA streams through a small C++ shim over libtorch.
 
 pub mod alloc;
@@ -39,6 +40,7 @@ pub mod gpu;
 pub mod memory;
 pub mod method;
 pub mod model;
+pub mod plan;
 pub mod recipe;
 pub mod rng;
 pub mod telemetry;

@@ -1,5 +1,6 @@
 //! How much memory this process may plan with, and the check every command makes before a big
-//! allocation: `MemAvailable`, the cgroup's limit and `UAMT_MAX_MEMORY`, whichever is smallest.
+//! allocation: `MemAvailable`, the cgroup's limit and `UAMT_MAX_MEMORY`, whichever is smallest;
+//! and how busy the machine is (the load average), for commands that time work on it.
 
 /// libtorch, its kernels' scratch, our threads, the mapped dataset's working set: a fixed allowance.
 /// The mapped library code alone counts 0.3-0.4 GiB of resident memory on a CPU run, more when
@@ -77,6 +78,13 @@ fn system_memory() -> Option<u64> {
     }
 }
 
+/// The 1-minute load average (`/proc/loadavg`): how busy the machine is, for a command that
+/// times work on it (`uamt plan`). `None` where it cannot be read.
+pub fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
 fn gib(b: u64) -> String {
     format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
 }
@@ -93,6 +101,12 @@ mod tests {
         assert_eq!(parse_bytes("100"), Some(100));
         assert_eq!(parse_bytes("-1G"), None);
         assert_eq!(parse_bytes("lots"), None);
+    }
+
+    #[test]
+    fn the_load_average_is_read_here() {
+        let l = load_average().expect("/proc/loadavg on Linux");
+        assert!(l.is_finite() && l >= 0.0, "{l}");
     }
 
     #[test]

@@ -31,6 +31,9 @@ enum Command {
     /// Import a dataset (UA-MT HDF5, the 2018 challenge's NRRD layout, or a raw MSD / nnU-Net
     /// NIfTI folder) into a dataset folder.
     Import(cmd::import::Args),
+    /// A training config planned from a dataset's fingerprint and this machine (or the one
+    /// named): voxel size, patch, filters, schedule, evaluation, each with its reason.
+    Plan(cmd::plan::Args),
     /// Generate a synthetic LA-like dataset.
     Synth(cmd::synth::Args),
     /// Segmentation metrics (Dice, Jaccard, 95% Hausdorff, ASD) between label volumes, or of a
@@ -74,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Command::Info(a) => cmd::info::run(a),
         Command::Import(a) => cmd::import::run(a),
         Command::Synth(a) => cmd::synth::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Predict(a) => cmd::predict::run(a),
         Command::Rank(a) => cmd::rank::run(a),

@@ -44,9 +44,17 @@ fn open_configured(cfg: &Config, generate: bool) -> Result<Dataset> {
     } else {
         cfg.data.dataset.clone()
     };
-    let opts = DatasetOptions { model_classes: Some(cfg.model.n_classes as usize), ..DatasetOptions::default() };
+    open_dataset_at(&root, cfg.model.n_classes as usize)
+}
+
+/// Opens the dataset folder `root` for a model of `model_classes` classes as training does:
+/// bad training cases skipped (logged and counted), the rest refused with the same errors
+/// (`uamt plan` opens datasets this way too).
+pub fn open_dataset_at(root: &std::path::Path, model_classes: usize) -> Result<Dataset> {
+    uamt::data::sigbus::install_handler();
+    let opts = DatasetOptions { model_classes: Some(model_classes), ..DatasetOptions::default() };
     let (dataset, skipped) =
-        Dataset::open_skipping_bad(&root, &opts).with_context(|| format!("opening dataset {}", root.display()))?;
+        Dataset::open_skipping_bad(root, &opts).with_context(|| format!("opening dataset {}", root.display()))?;
     for e in &skipped {
         crate::emit::skipped_case();
         tracing::warn!(error = %e, "case skipped");

@@ -22,11 +22,14 @@
 //! - [`sampler`]: labelled-first batches, seeded per iteration, as tensors for the trainer.
 //! - [`sigbus`]: the handler that ends the process with a clear message when a mapped file is
 //!   truncated under it.
+//! - [`fingerprint`]: what `uamt plan` decides from (shapes, voxel sizes, foreground, classes),
+//!   cached in the dataset folder.
 //! - [`stats`]: what `uamt info` prints. [`error`]: [`DataError`].
 
 pub mod augment;
 pub mod dataset;
 pub mod error;
+pub mod fingerprint;
 pub mod h5;
 pub mod import;
 pub mod import_h5;

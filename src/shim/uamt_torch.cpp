@@ -5,11 +5,13 @@
 // - TF32 for cuDNN convolutions and cuBLAS matmuls;
 // - CUDA streams from libtorch's pool, made current on the calling thread, events to order
 //   hand-offs between streams, and record_stream so the caching allocator does not reuse a
-//   tensor's memory while another stream may still read it.
+//   tensor's memory while another stream may still read it;
+// - a CUDA device's free and total memory, from the caching allocator's device-generic interface.
 //
 // Every function returns 0 on success and -1 on failure; uamt_last_error() then says why.
 
 #include <ATen/Context.h>
+#include <ATen/DeviceAccelerator.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Event.h>
@@ -144,6 +146,16 @@ void uamt_event_free(void* event) { delete static_cast<c10::Event*>(event); }
 // until the work queued on that stream so far has finished.
 int uamt_tensor_record_stream(void* tensor, int device, int64_t stream) {
   return guarded([&] { static_cast<at::Tensor*>(tensor)->record_stream(cuda_stream(device, stream)); });
+}
+
+// Free and total bytes of CUDA device `device`, as the caching allocator reads them from the
+// driver (cudaMemGetInfo). Fails cleanly where libtorch has no CUDA backend or no such device.
+int uamt_cuda_memory(int device, uint64_t* free_bytes, uint64_t* total_bytes) {
+  return guarded([&] {
+    auto info = at::getDeviceAllocator(c10::DeviceType::CUDA)->getMemoryInfo(static_cast<c10::DeviceIndex>(device));
+    *free_bytes = static_cast<uint64_t>(info.first);
+    *total_bytes = static_cast<uint64_t>(info.second);
+  });
 }
 
 }  // extern "C"

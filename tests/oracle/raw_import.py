@@ -3,7 +3,8 @@
 usage:
   raw_import.py make SRC [VARIANT]   writes an MSD-style raw folder with nibabel; VARIANT breaks it:
                                      missing_label, mismatch (label affine shifted), nnunet,
-                                     bad_suffix (nnU-Net layout with a `_abc` name)
+                                     bad_suffix (nnU-Net layout with a `_abc` name); anisotropic
+                                     changes it: thick slices (3.5-5 mm under 0.7-0.8 mm in plane)
   raw_import.py dump OUT FILE...     OUT/<i>.json: shape, affine, mean and std of each FILE
                                      (nibabel), and OUT/<i>.f32 its data (x fastest)
   raw_import.py logits WEIGHTS NF X.f32 SHAPE OUT.f32
@@ -52,6 +53,15 @@ def make(src, variant):
         ((1.0, 1.0, 1.5), (1, 2, 3), -0.3, True),
         ((1.2, 1.2, 1.2), (0, 0, 0), 0.0, False),
     ]
+    if variant == "anisotropic":
+        geoms = [
+            ((0.75, 0.75, 4.5), (0, 0, 0), 0.0, False),
+            ((0.8, 0.8, 5.0), (-10, 5, 3), 0.3, True),
+            ((0.7, 0.7, 4.0), (3, -2, 7), -0.4, False),
+            ((0.75, 0.75, 5.0), (20, 30, -5), 0.0, True),
+            ((0.8, 0.8, 3.5), (1, 2, 3), 0.2, True),
+            ((0.75, 0.75, 4.5), (0, 0, 0), 0.0, False),
+        ]
     training = []
     for i, (z, o, ang, lps) in enumerate(geoms):
         cid = f"la_{i:03d}"

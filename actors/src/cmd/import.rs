@@ -138,7 +138,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 &mut |d, t, id| bar.update(d, t, id),
             )?
         }
-        Source::Nifti(a) => super::import_raw::run_nifti(a, &mut |d, t, id| bar.update(d, t, id))?,
+        Source::Nifti(a) => {
+            let r = super::import_raw::run_nifti(a, &mut |d, t, id| bar.update(d, t, id))?;
+            log_report(&r);
+            // What to run next: the plan for this dataset (add --device cuda --memory GIB or
+            // --hours H to plan for a GPU or a time budget).
+            let name = r.out.file_name().map_or("dataset".into(), |n| n.to_string_lossy().into_owned());
+            let config = r.out.with_file_name(format!("{name}.toml"));
+            super::plan::say(&format!("next: uamt plan --dataset {} --out {}\n", r.out.display(), config.display()));
+            return Ok(());
+        }
     };
     log_report(&report);
     Ok(())

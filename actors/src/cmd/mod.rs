@@ -9,6 +9,7 @@ pub mod import_raw;
 pub mod info;
 pub mod net;
 pub mod parse;
+pub mod plan;
 pub mod predict;
 pub mod rank;
 pub mod synth;

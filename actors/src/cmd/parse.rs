@@ -24,3 +24,13 @@ pub fn size(s: &str) -> Result<[usize; 3], String> {
         _ => Err("give three positive integers X,Y,Z".into()),
     }
 }
+
+/// A finite number above 0 (`--hours`, `--memory`).
+pub fn positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("`{s}`: {e}"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a number above 0, got {s}"))
+    }
+}
