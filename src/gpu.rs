@@ -42,7 +42,7 @@ extern "C" {
 /// The total memory of CUDA device `index` in bytes (the card's, as the driver reports it). An
 /// error where libtorch sees no such device.
 pub fn cuda_total_memory(index: usize) -> Result<u64> {
-    let count = tch::Cuda::device_count().max(0) as usize;
+    let count = crate::cuda::cuda_device_count();
     if index >= count {
         return Err(Error::invalid(
             "device",
@@ -267,14 +267,14 @@ mod tests {
 
     #[test]
     fn a_card_s_memory_is_read_or_its_absence_reported() {
-        match tch::Cuda::device_count() {
+        match crate::cuda::cuda_device_count() {
             0 => {
                 let err = cuda_total_memory(0).unwrap_err().to_string();
                 assert!(err.contains("sees 0 CUDA device"), "{err}");
             }
             n => {
                 assert!(cuda_total_memory(0).unwrap() > 1 << 30);
-                assert!(cuda_total_memory(n as usize).is_err());
+                assert!(cuda_total_memory(n).is_err());
             }
         }
     }

@@ -29,6 +29,7 @@ pub mod alloc;
 pub mod check;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod dist;

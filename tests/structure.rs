@@ -243,3 +243,33 @@ fn evaluation_models_and_data_know_nothing_of_the_method_or_the_training_step() 
     }
     assert!(bad.is_empty(), "{bad:?}");
 }
+
+#[test]
+fn libtorch_is_asked_about_cuda_only_through_the_cuda_module() {
+    // libtorch's CUDA backend is loaded at run time (`uamt::device::cuda_backend`), and libtorch
+    // settles on "no CUDA" for good the first time it is asked before that. So the questions
+    // that come before a device is chosen (how many GPUs, is CUDA there) are asked in
+    // `src/cuda.rs` alone, which loads the backend first; the rest of the code asks it
+    // (`cuda_device_count`, `DeviceRequest::resolve`). Work on a chosen CUDA device
+    // (`tch::Cuda::synchronize`, cuDNN settings) comes after the backend is loaded, and may stay.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let asks = ["Cuda::device_count", "Cuda::is_available", "cuda_if_available", "Cuda::cudnn_is_available"];
+    let mut files = Vec::new();
+    for dir in ["src", "actors/src", "tests", "actors/tests", "benches"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    let mut bad = Vec::new();
+    for f in &files {
+        if f.ends_with("src/cuda.rs") || f.ends_with("tests/structure.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(f).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split("//").next().unwrap_or_default();
+            if asks.iter().any(|a| line.contains(a)) {
+                bad.push(format!("{}:{}: {}", f.strip_prefix(root).unwrap().display(), i + 1, line.trim()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "ask uamt::device::cuda_device_count instead:\n{}", bad.join("\n"));
+}

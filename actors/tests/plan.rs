@@ -248,7 +248,7 @@ fn the_fingerprint_cache_keeps_the_marker_rules() {
 fn a_gpu_this_machine_does_not_have_needs_its_memory_and_is_not_measured() {
     let t = TempDir::new("plan-cuda");
     let ds = synth(&t, "g", &["--cases", "3", "--labelled", "2", "--test", "1", "--size", "96,80,64"]);
-    if tch::Cuda::device_count() == 0 {
+    if uamt::device::cuda_device_count() == 0 {
         let out = uamt_in(None, &["plan", "--dataset", s(&ds), "--device", "cuda"]);
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("--memory"), "{}", String::from_utf8_lossy(&out.stderr));

@@ -179,7 +179,14 @@ impl Measure for Timer {
 /// The device to plan for and the memory to plan with.
 fn target(args: &Args) -> Result<(Target, Option<tch::Device>)> {
     let request = DeviceRequest::parse("--device", &args.device)?;
-    let count = tch::Cuda::device_count().max(0) as usize;
+    // Through `cuda_device_count`, which loads libtorch's CUDA backend first (libtorch asked
+    // before that would answer "no CUDA" for good); not at all for the CPU, nor for `auto`
+    // without an NVIDIA driver.
+    let count = match request {
+        DeviceRequest::Cpu => 0,
+        DeviceRequest::Auto if !uamt::device::driver_present() => 0,
+        _ => uamt::device::cuda_device_count(),
+    };
     let (name, cuda_index) = match request {
         DeviceRequest::Cpu => ("cpu".to_string(), None),
         DeviceRequest::Auto if count > 0 => ("cuda".to_string(), Some(0)),
