@@ -521,6 +521,17 @@ fn la_active_runs_the_round_at_tiny_scale_and_resumes() {
     }
     assert!(table.contains("| random draw 1 | 4 |") && table.contains("| random draw 2 | 4 |"), "{table}");
     assert!(table.contains("| random, 2 draws: mean ± sd"), "{table}");
+    // Every run of distinct cases trained and evaluated with both seeds; twins share theirs.
+    assert!(table.contains("teacher Dice % by seed (1, 2)") && table.contains("Training noise"), "{table}");
+    for run in ["base", "arm-bald_fg", "arm-entropy_fg", "arm-random-1", "arm-random-2"] {
+        for seed in ["", "seed-2/"] {
+            let report = work.join(format!("{run}/{seed}eval-teacher.json"));
+            assert!(report.exists(), "{}", report.display());
+        }
+        let toml = std::fs::read_to_string(work.join(format!("{run}/seed-2/run.toml"))).unwrap();
+        assert!(toml.contains("seed = 2") && toml.contains(&format!("{run}/data\"")), "{toml}");
+    }
+    assert!(log.contains("training arm-random-2 (seed 2)"), "{log}");
     // The ranking the arms came from, and what each added: the top 2 of the pool by its score.
     let ranking: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(work.join("base/rank/ranking.json")).unwrap()).unwrap();
