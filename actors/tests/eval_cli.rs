@@ -95,6 +95,7 @@ fn should_print_metrics_of_two_nifti_files_as_json() {
         assert!(case.get(key).is_none() && report["summary"].get(key).is_none(), "{key}: {report}");
     }
     assert!(report.get("reliability").is_none() && report.get("uncertainty").is_none(), "{report}");
+    assert!(report.get("inference").is_none(), "no model ran: {report}");
     assert_eq!(report["summary"]["dice"]["n"], 1);
     assert!((num(&report["summary"]["dice"]["mean"]) - 4.0 / 6.0).abs() < 1e-12);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -345,6 +346,14 @@ fn should_evaluate_a_pytorch_state_dict_with_gaussian_blending() {
         assert!((num(&g["brier"]) - brier).abs() < 1e-6, "{}: {} vs the library's {brier}", w.id, g["brier"]);
         let moved = (num(&g["brier"]) - num(&c["brier"])).abs();
         assert!(moved > 1e-5, "{}: the blend changed the Brier score by only {moved}", w.id);
+    }
+    // Each report says how its predictions were made, the default blend too.
+    for (report, blend) in [(&gaussian, "gaussian"), (&constant, "constant")] {
+        let inference = &report["inference"];
+        assert_eq!(inference["blend"], blend, "{report}");
+        assert_eq!(inference["patch"], serde_json::json!([32, 32, 16]));
+        assert_eq!(inference["stride"], serde_json::json!([8, 8, 4]));
+        assert!(inference["largest_component"].is_null() && inference["network_spacing"].is_null(), "{inference}");
     }
     let o = Command::new(uamt())
         .args(["predict", "--weights", weights.to_str().unwrap(), "--blend", "mean"])

@@ -39,7 +39,7 @@ pub use infer::{
 pub use metrics::{case_metrics, CaseMetrics, EmptyPolicy};
 pub use picture::{case_picture, reliability_picture, Picture, PictureOptions};
 pub use rank::{RankConfig, RankOptions, RankedCase, Ranking, Score};
-pub use report::{CaseEvent, CaseFailure, CaseResult, Report, Stat, Summary, RELIABILITY_PNG};
+pub use report::{CaseEvent, CaseFailure, CaseResult, Inference, Report, Stat, Summary, RELIABILITY_PNG};
 
 use crate::data::resample::{resample_case, resample_linear};
 use crate::data::{write_nifti, Case, Dataset, Volume};
@@ -234,6 +234,14 @@ pub fn evaluate_cases(
     let mut report = Report::new(source, results, failures);
     report.uncertainty = Some(uncertainty_source(opts, teacher.is_some()));
     report.reliability = pooled;
+    let infer = &opts.infer;
+    report.inference = Some(Inference {
+        patch: infer.patch,
+        stride: infer.stride,
+        blend: infer.blend,
+        largest_component: infer.largest_component,
+        network_spacing: opts.network_spacing,
+    });
     report
 }
 

@@ -1,7 +1,9 @@
 //! An evaluation's results: the metrics of every case, their mean and standard deviation, the
 //! cases that could not be evaluated; written as JSON and CSV (atomically) and as a table.
 
+use super::blend::Blend;
 use super::calibration::{Calibration, Reliability, UncertaintySource};
+use super::infer::Connectivity;
 use super::metrics::CaseMetrics;
 use super::picture::reliability_picture;
 use crate::fsutil::write_atomic;
@@ -127,6 +129,25 @@ pub struct Report {
     /// model was run); drawn as [`RELIABILITY_PNG`] by [`Report::write_to`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reliability: Option<Reliability>,
+    /// How the predictions were made (where a model was run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<Inference>,
+}
+
+/// How an evaluation's predictions were made: the settings two reports must share before their
+/// numbers compare. Every key is written, the defaults too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inference {
+    /// Sliding-window size `[X, Y, Z]`.
+    pub patch: [usize; 3],
+    /// Step between window starts `[X, Y, Z]`.
+    pub stride: [usize; 3],
+    /// How overlapping windows combined: `constant` or `gaussian`.
+    pub blend: Blend,
+    /// The connectivity of the largest-component filter; `null`: no filter.
+    pub largest_component: Option<Connectivity>,
+    /// The voxel size (mm) the network ran at; `null`: each image's own.
+    pub network_spacing: Option<[f64; 3]>,
 }
 
 /// The reliability diagram's file name, next to `report.json`.
@@ -158,7 +179,15 @@ impl Report {
     /// A report of `cases` (summary computed) and `failures`.
     pub fn new(source: impl Into<String>, cases: Vec<CaseResult>, failures: Vec<CaseFailure>) -> Self {
         let summary = Summary::of(&cases);
-        Report { source: source.into(), cases, summary, failures, uncertainty: None, reliability: None }
+        Report {
+            source: source.into(),
+            cases,
+            summary,
+            failures,
+            uncertainty: None,
+            reliability: None,
+            inference: None,
+        }
     }
 
     /// The calibration statistics, when the cases have them.
