@@ -532,6 +532,15 @@ fn la_active_runs_the_round_at_tiny_scale_and_resumes() {
         assert!(toml.contains("seed = 2") && toml.contains(&format!("{run}/data\"")), "{toml}");
     }
     assert!(log.contains("training arm-random-2 (seed 2)"), "{log}");
+    // The base teacher scored on the pool's labels, and each score's rank correlation with it.
+    let pool: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("base/pool-eval.json")).unwrap()).unwrap();
+    assert_eq!(pool["cases"].as_array().unwrap().len(), 4, "the 4 pool cases: {pool}");
+    assert!(table.contains("Does a score find the cases the base model gets wrong?"), "{table}");
+    for arm in ["bald_fg", "entropy_fg", "bald", "entropy"] {
+        let row = format!("| top 2 by {arm} | ");
+        assert!(table.lines().any(|l| l.starts_with(&row) && l.contains(" cases) | ")), "{arm}: {table}");
+    }
     // The ranking the arms came from, and what each added: the top 2 of the pool by its score.
     let ranking: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(work.join("base/rank/ranking.json")).unwrap()).unwrap();
