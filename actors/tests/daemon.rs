@@ -365,7 +365,7 @@ fn rank_every_n_ranks_the_unlabelled_cases_off_the_training_path() {
         .collect();
     assert_eq!(unlabelled.len(), 4);
     assert_eq!(r["cases"], 4, "{r}");
-    assert_eq!((r["score"].as_str(), r["model"].as_str()), (Some("bald_fg"), Some("teacher")), "{r}");
+    assert_eq!((r["score"].as_str(), r["model"].as_str()), (Some("entropy_fg"), Some("teacher")), "{r}");
     assert_eq!(r["iteration"].as_i64().unwrap() % 2, 0, "offered every 2 iterations: {r}");
     let top = r["top"].as_array().unwrap();
     assert_eq!(top.len(), 2, "rank.top entries: {r}");
@@ -546,9 +546,9 @@ fn la_active_runs_the_round_at_tiny_scale_and_resumes() {
         serde_json::from_str(&std::fs::read_to_string(work.join("base/rank/ranking.json")).unwrap()).unwrap();
     let cases = ranking["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 4);
-    let added = std::fs::read_to_string(work.join("arm-bald_fg/selection.list")).unwrap();
+    let added = std::fs::read_to_string(work.join("arm-entropy_fg/selection.list")).unwrap();
     let want: Vec<&str> = cases[..2].iter().map(|c| c["case"].as_str().unwrap()).collect();
-    assert_eq!(added.lines().collect::<Vec<_>>(), want, "bald_fg adds the ranking's top 2");
+    assert_eq!(added.lines().collect::<Vec<_>>(), want, "entropy_fg (the default) adds the ranking's top 2");
     let arm_ds: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(work.join("arm-random-1/data/dataset.json")).unwrap()).unwrap();
     let labelled = arm_ds["training"].as_array().unwrap().iter().filter(|c| c["labelled"] == true).count();

@@ -120,8 +120,8 @@ fn ranks_the_unlabelled_cases_of_a_dataset_most_informative_first() {
     let t = Setup::new("rank-dataset");
     let r = t.rank_json(&["--dataset", s(&t.data)]);
     assert_eq!(ids(&r).into_iter().collect::<BTreeSet<_>>(), t.unlabelled(), "every unlabelled case, once");
-    assert_eq!(r["score"], "bald_fg", "the default score");
-    assert_sorted(&r, "bald_fg");
+    assert_eq!(r["score"], "entropy_fg", "the default score");
+    assert_sorted(&r, "entropy_fg");
     assert_eq!(r["source"]["teacher"], true);
     assert_eq!(r["source"]["iteration"], 6);
     assert_eq!(r["source"]["mc_passes"], 4);

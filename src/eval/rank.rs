@@ -40,10 +40,11 @@ pub enum Score {
     Entropy,
     /// Mean BALD over the whole volume.
     Bald,
-    /// Mean predictive entropy over the predicted foreground and its boundary band.
-    EntropyFg,
-    /// Mean BALD over the predicted foreground and its boundary band (the default).
+    /// Mean predictive entropy over the predicted foreground and its boundary band (the default:
+    /// on LA it found the cases the model gets wrong, BALD the ones it gets right; README).
     #[default]
+    EntropyFg,
+    /// Mean BALD over the predicted foreground and its boundary band.
     BaldFg,
 }
 

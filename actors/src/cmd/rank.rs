@@ -45,8 +45,8 @@ pub struct Args {
     /// Seed of the passes' noise and dropout: the same seed, the same ranking.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The score the ranking follows: bald_fg (default), entropy_fg, bald or entropy.
-    #[arg(long, default_value = "bald_fg", value_parser = Score::parse)]
+    /// The score the ranking follows: entropy_fg (default), bald_fg, entropy or bald.
+    #[arg(long, default_value = "entropy_fg", value_parser = Score::parse)]
     pub score: Score,
     /// Width in voxels (of the network's grid) of the boundary band around the predicted
     /// foreground that the `_fg` scores cover.
